@@ -1,0 +1,56 @@
+# edge-ota: two commands do all set-up on a fresh Debian machine.
+#   make demo   create .venv, install, run the end-to-end demo on a simulated device
+#   make test   install what the tests need (Debian packages too when root), lint, type-check, test
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages the tests use: real tools we cross-check against or drive.
+APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
+	mosquitto systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
+APT_DEMO_PACKAGES := e2fsprogs
+
+.PHONY: demo test venv lint typecheck bench clean apt-test apt-demo bootscripts
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+apt-test:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=$$(for p in $(APT_TEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "apt: installing $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		fi; \
+	fi
+
+apt-demo:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v mkfs.ext4 >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_DEMO_PACKAGES) >/dev/null; \
+	fi
+
+bootscripts: venv
+	@command -v mkimage >/dev/null && $(MAKE) -s -C hw/scripts || echo "mkimage not found: U-Boot script image not built"
+
+lint: venv
+	$(BIN)/ruff check agent bundler hw tests bench
+	$(BIN)/mypy
+
+test: apt-test venv bootscripts lint
+	$(BIN)/python -m pytest tests
+
+demo: apt-demo venv
+	$(BIN)/python -m agent.demo
+
+bench: venv
+	$(BIN)/python bench/install_vs_dd.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
