@@ -29,7 +29,8 @@ def booted_from_cmdline(path: Path) -> str:
         key, _, value = word.partition("=")
         if key in CMDLINE_KEYS and value:
             return value
-    raise BootEnvError("cmdline", f"no {' or '.join(k + '=' for k in CMDLINE_KEYS)} on the kernel command line", path=str(path))
+    keys = " or ".join(k + "=" for k in CMDLINE_KEYS)
+    raise BootEnvError("cmdline", f"no {keys} on the kernel command line", path=str(path))
 
 
 class Bootloader:
@@ -70,4 +71,5 @@ class Bootloader:
     def _check(self, bootname: str) -> None:
         slots = self.env.load().slots
         if bootname not in slots:
-            raise BootEnvError("cmdline", f"booted slot {bootname!r} is not one of {', '.join(slots)}", path=str(self.cmdline))
+            known = ", ".join(slots)
+            raise BootEnvError("cmdline", f"booted slot {bootname!r} is not one of {known}", path=str(self.cmdline))
