@@ -47,7 +47,7 @@ class SlotBoot:
     def describe(self) -> str:
         if self.state is SlotBootState.TRIAL:
             return f"on trial, {self.tries_left} tries left"
-        return self.state.value
+        return str(self.state.value)
 
 
 @dataclass(frozen=True, slots=True)
