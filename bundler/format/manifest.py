@@ -1,0 +1,192 @@
+"""The manifest: what a bundle claims, as canonical JSON.
+
+Owns the manifest's fields, their validation, and the canonical encoding
+(UTF-8, sorted keys, no insignificant whitespace) that the signature covers.
+`Manifest` values come out of `parse()`; nothing here decides whether a device
+should *trust* one — that is `signing.verify()`, which yields `VerifiedBundle`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bundler.format.errors import FormatError
+from bundler.format.header import FORMAT_VERSION, MAX_PAYLOAD
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$")
+MAX_IMAGES = 16
+MAX_IMAGE_SIZE = 1 << 50
+MAX_SECURITY_VERSION = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEntry:
+    slot_class: str
+    size: int
+    sha256: str
+    op_first: int
+    op_count: int
+    base_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slot_class": self.slot_class,
+            "size": self.size,
+            "sha256": self.sha256,
+            "base_sha256": self.base_sha256,
+            "op_first": self.op_first,
+            "op_count": self.op_count,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    bundle_version: str
+    security_version: int
+    compatible: str
+    created: datetime
+    expires: datetime | None
+    images: tuple[ImageEntry, ...]
+    op_count: int
+    op_table_sha256: str
+    payload_length: int
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "bundle_version": self.bundle_version,
+            "security_version": self.security_version,
+            "compatible": self.compatible,
+            "created": format_time(self.created),
+            "expires": format_time(self.expires) if self.expires else None,
+            "images": [image.to_json() for image in self.images],
+            "op_table": {"count": self.op_count, "sha256": self.op_table_sha256},
+            "payload": {"length": self.payload_length},
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str, field: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise FormatError(f"{field}: {text!r} is not an ISO 8601 time", region="manifest") from None
+    if t.tzinfo is None:
+        raise FormatError(f"{field}: {text!r} has no time zone", region="manifest")
+    return t.astimezone(UTC)
+
+
+def parse(raw: bytes) -> Manifest:
+    """Decode and validate manifest bytes. Call only on bytes whose signature was checked."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"not valid UTF-8 JSON: {e}", region="manifest") from None
+    f = _Fields(doc, "manifest")
+    version = f.integer("format_version", 1, 1 << 16)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"format_version {version} is not {FORMAT_VERSION}", region="manifest")
+    expires = f.opt_string("expires")
+    images_raw = f.items("images", 1, MAX_IMAGES)
+    op_table = _Fields(f.obj("op_table"), "manifest.op_table")
+    payload = _Fields(f.obj("payload"), "manifest.payload")
+    images = tuple(_image(_Fields(item, f"manifest.images[{i}]")) for i, item in enumerate(images_raw))
+    return Manifest(
+        bundle_version=f.name("bundle_version"),
+        security_version=f.integer("security_version", 0, MAX_SECURITY_VERSION),
+        compatible=f.name("compatible"),
+        created=parse_time(f.string("created"), "created"),
+        expires=parse_time(expires, "expires") if expires is not None else None,
+        images=images,
+        op_count=op_table.integer("count", 1, 1 << 22),
+        op_table_sha256=op_table.digest("sha256"),
+        payload_length=payload.integer("length", 0, MAX_PAYLOAD),
+        format_version=version,
+    )
+
+
+def _image(f: _Fields) -> ImageEntry:
+    base = f.opt_string("base_sha256")
+    if base is not None and not HEX64.match(base):
+        raise FormatError(f"{f.where}.base_sha256 is not a SHA-256 hex digest", region="manifest")
+    return ImageEntry(
+        slot_class=f.name("slot_class"),
+        size=f.integer("size", 1, MAX_IMAGE_SIZE),
+        sha256=f.digest("sha256"),
+        op_first=f.integer("op_first", 0, 1 << 22),
+        op_count=f.integer("op_count", 1, 1 << 22),
+        base_sha256=base,
+    )
+
+
+class _Fields:
+    """Typed access to one JSON object, with errors naming the exact key."""
+
+    def __init__(self, doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where} is not an object", region="manifest")
+        self.doc: dict[str, Any] = doc
+        self.where = where
+
+    def _get(self, key: str) -> Any:
+        if key not in self.doc:
+            raise FormatError(f"{self.where}.{key} is missing", region="manifest")
+        return self.doc[key]
+
+    def _bad(self, key: str, what: str) -> FormatError:
+        return FormatError(f"{self.where}.{key} {what}", region="manifest")
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        v = self._get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self._bad(key, "is not an integer")
+        if not low <= v <= high:
+            raise self._bad(key, f"= {v} is outside [{low}, {high}]")
+        return v
+
+    def string(self, key: str) -> str:
+        v = self._get(key)
+        if not isinstance(v, str):
+            raise self._bad(key, "is not a string")
+        return v
+
+    def opt_string(self, key: str) -> str | None:
+        v = self.doc.get(key)
+        if v is not None and not isinstance(v, str):
+            raise self._bad(key, "is not a string or null")
+        return v
+
+    def name(self, key: str) -> str:
+        v = self.string(key)
+        if not NAME.match(v):
+            raise self._bad(key, f"= {v!r} is not a name (1-128 of A-Z a-z 0-9 . _ + : -)")
+        return v
+
+    def digest(self, key: str) -> str:
+        v = self.string(key)
+        if not HEX64.match(v):
+            raise self._bad(key, "is not a lowercase SHA-256 hex digest")
+        return v
+
+    def items(self, key: str, low: int, high: int) -> list[Any]:
+        v = self._get(key)
+        if not isinstance(v, list):
+            raise self._bad(key, "is not a list")
+        if not low <= len(v) <= high:
+            raise self._bad(key, f"has {len(v)} entries, allowed {low}..{high}")
+        return v
+
+    def obj(self, key: str) -> Any:
+        return self._get(key)

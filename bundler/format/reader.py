@@ -1,0 +1,93 @@
+"""Reading a bundle front to back from a byte stream (sans-IO: any object with
+``read(n)``; sources own sockets and files).
+
+Order of trust, matching DESIGN.md invariant 1:
+1. `read_head()` reads the header (bounds-checked lengths only), the manifest
+   and signature bytes → `UnverifiedBundle`;
+2. `signing.verify()` checks the signature, then parses the manifest;
+3. `read_op_table()` reads the op table, checks it against the manifest's hash,
+   then validates its structure;
+4. `iter_payload()` yields each op's payload only after its hash matched.
+Decompression and the produced-extent hash check are `ops.produce()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Protocol
+
+from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
+from bundler.format.header import HEADER_SIZE, Header
+from bundler.format.ops import Op, OpType, unpack_table, validate_image_ops
+from bundler.format.signing import UnverifiedBundle, VerifiedBundle
+
+READ_CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+class BundleReader:
+    def __init__(self, stream: Readable) -> None:
+        self._stream = stream
+        self.position = 0
+
+    def _read_exact(self, n: int, region: str) -> bytes:
+        parts = []
+        remaining = n
+        while remaining:
+            chunk = self._stream.read(min(remaining, READ_CHUNK))
+            if not chunk:
+                raise TruncatedError(region, n, n - remaining)
+            parts.append(chunk)
+            remaining -= len(chunk)
+        self.position += n
+        return b"".join(parts)
+
+    def read_head(self) -> UnverifiedBundle:
+        raw_header = self._read_exact(HEADER_SIZE, "header")
+        header = Header.unpack(raw_header)
+        manifest = self._read_exact(header.manifest_length, "manifest")
+        signatures = self._read_exact(header.signature_length, "signatures")
+        return UnverifiedBundle(header, raw_header, manifest, signatures)
+
+    def read_op_table(self, bundle: VerifiedBundle) -> list[Op]:
+        raw = self._read_exact(bundle.header.op_table_length, "op table")
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != bundle.manifest.op_table_sha256:
+            raise HashMismatchError("op table", bundle.manifest.op_table_sha256, actual)
+        ops = unpack_table(raw)
+        cursor = 0
+        next_op = 0
+        for i, image in enumerate(bundle.manifest.images):
+            if image.op_first != next_op:
+                raise FormatError(f"image {i} ops start at {image.op_first}, expected {next_op}", region="manifest")
+            end = image.op_first + image.op_count
+            cursor = validate_image_ops(ops[image.op_first : end], image.op_first, image.size, cursor)
+            next_op = end
+        if next_op != len(ops):
+            raise FormatError(f"images use {next_op} of {len(ops)} ops", region="manifest")
+        if cursor != bundle.manifest.payload_length:
+            raise FormatError(
+                f"ops reference {cursor} payload bytes, manifest says {bundle.manifest.payload_length}",
+                region="op table",
+            )
+        return ops
+
+    def iter_payload(self, ops: list[Op]) -> Iterator[tuple[int, Op, bytes | None]]:
+        """Yield (index, op, payload) in table order; payload is None for ZERO ops.
+        Each payload's SHA-256 is checked before it is yielded. After the last op
+        the stream must end."""
+        for index, op in enumerate(ops):
+            if op.type is OpType.ZERO:
+                yield index, op, None
+                continue
+            payload = self._read_exact(op.payload_length, f"payload of op {index}")
+            actual = hashlib.sha256(payload).digest()
+            if actual != op.payload_sha256:
+                raise HashMismatchError("payload", op.payload_sha256.hex(), actual.hex(), op_index=index)
+            yield index, op, payload
+        if self._stream.read(1):
+            raise FormatError("data after the end of the payload", region="trailer")

@@ -1,0 +1,52 @@
+"""Progress on the terminal: a redrawn bar when stderr is a TTY, otherwise a
+quiet line every 25 % so logs stay readable. Owns nothing else."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    def __init__(self, label: str, stream: TextIO | None = None, *, unit: str = "MiB") -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.unit = unit
+        self.start = time.monotonic()
+        self._last_draw = 0.0
+        self._last_quarter = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        frac = min(done / total, 1.0)
+        if self.tty:
+            now = time.monotonic()
+            if now - self._last_draw < 0.1 and done < total:
+                return
+            self._last_draw = now
+            width = 30
+            filled = int(frac * width)
+            bar = "#" * filled + "-" * (width - filled)
+            rate = done / max(now - self.start, 1e-6) / (1 << 20)
+            self.stream.write(
+                f"\r{self.label} [{bar}] {frac * 100:5.1f}% {done / (1 << 20):8.1f}/{total / (1 << 20):.1f} MiB"
+                f" {rate:6.1f} MiB/s"
+            )
+            if done >= total:
+                self.stream.write("\n")
+                self._last_draw = 0.0
+            self.stream.flush()
+        else:
+            quarter = int(frac * 4)
+            if quarter > self._last_quarter and quarter >= 1:
+                self._last_quarter = quarter
+                self.stream.write(f"{self.label}: {quarter * 25}%\n")
+                self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self._last_draw:
+            self.stream.write("\n")
+            self.stream.flush()
