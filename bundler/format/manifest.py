@@ -17,8 +17,8 @@ from typing import Any
 from bundler.format.errors import FormatError
 from bundler.format.header import FORMAT_VERSION, MAX_PAYLOAD
 
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$")
+HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: "$" would accept a trailing newline
+NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
 MAX_IMAGES = 16
 MAX_IMAGE_SIZE = 1 << 50
 MAX_SECURITY_VERSION = (1 << 63) - 1

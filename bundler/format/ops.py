@@ -127,12 +127,21 @@ def produce(op: Op, payload: bytes, index: int) -> bytes:
     against the op's pinned destination hash. Not for ZERO ops."""
     if op.type is not OpType.REPLACE:
         raise FormatError(f"op {index}: cannot produce {op.type.name} here", region="op table")
-    params = zstandard.get_frame_parameters(payload)
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"op {index}: payload is not a zstd frame: {e}", region="payload") from e
     if params.window_size > MAX_WINDOW:
         raise BoundsError("zstd window", params.window_size, 0, MAX_WINDOW, region=f"op {index}")
+    # A declared content size makes the decoder allocate that much whatever
+    # max_output_size says, so it must be checked before decompressing.
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, op.dst_length):
+        raise FormatError(
+            f"op {index}: zstd frame declares {params.content_size} bytes, op has {op.dst_length}", region="payload"
+        )
     try:
         data: bytes = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
-            payload, max_output_size=op.dst_length
+            payload, max_output_size=op.dst_length, allow_extra_data=False
         )
     except zstandard.ZstdError as e:
         raise FormatError(f"op {index}: zstd frame does not decode: {e}", region="payload") from e
