@@ -136,6 +136,9 @@ class BootEnv(Protocol):
 
     name: str
 
+    def create(self) -> None:
+        """Write a fresh environment equal to `BootState.initial(bootnames)`."""
+
     def load(self) -> BootState: ...
 
     def store(self, state: BootState) -> None: ...

@@ -1,0 +1,103 @@
+"""What the device runs after every boot (`ota-agent boot-check`).
+
+* Booted slot on trial: run the health checks within the deadline, then commit
+  (mark good, raise the committed security version) or mark the slot bad and
+  ask for a reboot into the other slot.
+* A trial was pending but the other slot booted: the bootloader fell back
+  (tries exhausted, or we marked it bad): record the rollback and its reason.
+* Otherwise nothing.
+
+Returns a `BootCheckOutcome`; performing the reboot is the caller's job.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, replace
+
+from agent.daemon import Device
+from agent.events import Event
+from agent.health import HealthResult, run_checks
+from hw.bootloader.model import SlotBootState
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    NOTHING = "nothing"
+    COMMITTED = "committed"
+    FAILED_REBOOT = "failed-reboot"
+    ROLLED_BACK = "rolled-back"
+
+
+class HealthOverride(enum.Enum):
+    OK = "ok"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class BootCheckOutcome:
+    outcome: Outcome
+    slot: str
+    reason: str
+
+    @property
+    def reboot(self) -> bool:
+        return self.outcome is Outcome.FAILED_REBOOT
+
+
+def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootCheckOutcome:
+    bl = device.bootloader
+    booted = bl.booted_slot()
+    boot_state = bl.state()
+    state = device.store.load()
+    trial = state.trial
+    slot_boot = boot_state.slots[booted]
+
+    if slot_boot.state is SlotBootState.TRIAL:
+        result = _health(device, health)
+        version = trial.bundle_version if trial and trial.slot == booted else None
+        txn = trial.txn if trial and trial.slot == booted else None
+        if result.ok:
+            bl.mark_good(booted)
+            floor = state.committed_security_version
+            if trial and trial.slot == booted:
+                floor = max(floor, trial.security_version)
+            state = replace(state, committed_security_version=floor, trial=None)
+            device.store.save(state)
+            reason = f"{result.reason}; committed (security version now {floor})"
+            device.record(Event("commit", "ok", reason, txn, version, booted))
+            return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
+        bl.mark_bad(booted)
+        if trial and trial.slot == booted:
+            device.store.save(replace(state, trial=replace(trial, failure=result.reason)))
+        reason = f"{result.reason}; rebooting into the previous slot"
+        device.record(Event("commit", "failed", reason, txn, version, booted))
+        return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, result.reason)
+
+    if trial is not None and trial.slot != booted:
+        failed = boot_state.slots[trial.slot]
+        if trial.failure:
+            reason = f"slot {trial.slot} failed its health checks: {trial.failure}"
+        elif failed.state is SlotBootState.TRIAL and failed.tries_left == 0:
+            reason = f"slot {trial.slot} did not commit within {device.config.tries} boot attempts"
+        else:
+            reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
+        if failed.state is not SlotBootState.BAD:
+            bl.mark_bad(trial.slot)
+        device.store.save(replace(state, trial=None))
+        reason = f"{reason}; running {booted} again"
+        device.record(Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot))
+        return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
+
+    return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is {slot_boot.describe()}; nothing to do")
+
+
+def _health(device: Device, override: HealthOverride | None) -> HealthResult:
+    if override is HealthOverride.OK:
+        return HealthResult(True, "health checks forced to pass")
+    if override is HealthOverride.FAIL:
+        return HealthResult(False, "health checks forced to fail")
+    return run_checks(device.config.health)
+

@@ -1,0 +1,184 @@
+"""The agent's TOML configuration, read into frozen dataclasses.
+
+Unknown keys, wrong types and out-of-range values are `ConfigError`s naming the
+file, table and key. Relative paths are resolved against the config file's
+directory (so a simulated device directory is self-contained). The field-by-field
+reference is docs/config.md.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from hw.bootloader import BACKENDS
+
+MAX_CONFIG = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SlotConfig:
+    bootname: str
+    slot_class: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    deadline: float = 300.0
+    commands: tuple[tuple[str, ...], ...] = ()
+    units: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    compatible: str
+    state_dir: Path
+    keyring: Path
+    cmdline: Path
+    bootloader: str
+    bootloader_path: Path
+    tries: int
+    reboot_command: tuple[str, ...]
+    slots: tuple[SlotConfig, ...]
+    health: HealthConfig
+
+    @property
+    def bootnames(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.bootname for s in self.slots))
+
+    def slot(self, slot_class: str, bootname: str) -> SlotConfig | None:
+        for s in self.slots:
+            if s.slot_class == slot_class and s.bootname == bootname:
+                return s
+        return None
+
+
+class _Table:
+    def __init__(self, file: Path, name: str, doc: Any, known: set[str]) -> None:
+        self.file = file
+        self.name = name
+        if not isinstance(doc, dict):
+            raise ConfigError(str(file), name, "must be a table")
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ConfigError(str(file), name, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        self.doc = doc
+
+    def err(self, key: str, message: str) -> ConfigError:
+        return ConfigError(str(self.file), f"[{self.name}] {key}", message)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        v = self.doc.get(key, default)
+        if v is None:
+            raise self.err(key, "is required")
+        if not isinstance(v, str) or not v:
+            raise self.err(key, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def path(self, key: str, default: str | None = None) -> Path:
+        p = Path(self.string(key, default))
+        return p if p.is_absolute() else (self.file.parent / p).resolve()
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        v = self.doc.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.err(key, f"must be an integer, got {v!r}")
+        if not low <= v <= high:
+            raise self.err(key, f"= {v} is outside {low}..{high}")
+        return v
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        v = self.doc.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise self.err(key, f"must be a number, got {v!r}")
+        if not low <= v <= high:
+            raise self.err(key, f"= {v} is outside {low}..{high}")
+        return float(v)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        v = self.doc.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise self.err(key, "must be a list of non-empty strings")
+        return tuple(v)
+
+    def commands(self, key: str) -> tuple[tuple[str, ...], ...]:
+        v = self.doc.get(key, [])
+        ok = isinstance(v, list) and all(
+            isinstance(c, list) and c and all(isinstance(x, str) for x in c) for c in v
+        )
+        if not ok:
+            example = '[["systemctl", "is-system-running"]]'
+            raise self.err(key, f"must be a list of commands, each a list of strings, e.g. {example}")
+        return tuple(tuple(c) for c in v)
+
+
+def load(path: Path) -> Config:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG + 1)
+    except OSError as e:
+        raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(str(path), "", f"larger than {MAX_CONFIG} bytes")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health"})
+    device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
+    boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
+    health = _Table(path, "health", doc.get("health", {}), {"deadline", "commands", "units"})
+    backend = boot.string("backend")
+    if backend not in BACKENDS:
+        raise boot.err("backend", f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raw_slots = top.doc.get("slots")
+    if not isinstance(raw_slots, list) or not raw_slots:
+        raise ConfigError(str(path), "[[slots]]", "at least two [[slots]] tables are required")
+    slots = []
+    for i, item in enumerate(raw_slots):
+        t = _Table(path, f"slots.{i}", item, {"bootname", "class", "path"})
+        slots.append(SlotConfig(t.string("bootname"), t.string("class", "rootfs"), t.path("path")))
+    _check_slots(path, slots)
+    reboot = boot.doc.get("reboot_command", ["systemctl", "reboot"])
+    if not isinstance(reboot, list) or not all(isinstance(x, str) for x in reboot):
+        raise boot.err("reboot_command", "must be a list of strings")
+    return Config(
+        path=path,
+        compatible=device.string("compatible"),
+        state_dir=device.path("state_dir", "/var/lib/edge-ota"),
+        keyring=device.path("keyring", "/etc/edge-ota/keys"),
+        cmdline=device.path("cmdline", "/proc/cmdline"),
+        bootloader=backend,
+        bootloader_path=boot.path("path"),
+        tries=boot.integer("tries", 3, 1, 15),
+        reboot_command=tuple(reboot),
+        slots=tuple(slots),
+        health=HealthConfig(
+            deadline=health.number("deadline", 300.0, 1.0, 86400.0),
+            commands=health.commands("commands"),
+            units=health.strings("units"),
+        ),
+    )
+
+
+def _check_slots(path: Path, slots: list[SlotConfig]) -> None:
+    seen: dict[tuple[str, str], Path] = {}
+    for s in slots:
+        key = (s.slot_class, s.bootname)
+        if key in seen:
+            message = f"two slots of class {s.slot_class!r} with bootname {s.bootname!r}"
+            raise ConfigError(str(path), "[[slots]]", message)
+        seen[key] = s.path
+    bootnames = {s.bootname for s in slots}
+    if len(bootnames) < 2:
+        raise ConfigError(str(path), "[[slots]]", "an A/B device needs slots with at least two bootnames")
+    for cls in {s.slot_class for s in slots}:
+        have = {s.bootname for s in slots if s.slot_class == cls}
+        if have != bootnames:
+            message = f"class {cls!r} has slots for {sorted(have)}, expected one per bootname {sorted(bootnames)}"
+            raise ConfigError(str(path), "[[slots]]", message)

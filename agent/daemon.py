@@ -1,0 +1,47 @@
+"""The composition root: builds a `Device` (config, bootloader, state, events,
+clock) from a config file. Everything else receives these objects; nothing
+else constructs backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent import config as config_mod
+from agent.config import Config
+from agent.events import Clock, Event, EventLog, utcnow
+from agent.state import StateStore
+from bundler.format.signing import Keyring
+from hw.bootloader import open_env
+from hw.bootloader.chooser import Bootloader
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    config: Config
+    bootloader: Bootloader
+    store: StateStore
+    events: EventLog
+    clock: Clock
+
+    def keyring(self) -> Keyring:
+        return Keyring.load(self.config.keyring)
+
+    def record(self, event: Event) -> Event:
+        """Emit an event to log and outbox, and keep it as the last result."""
+        event = self.events.emit(event)
+        state = self.store.load()
+        self.store.save(replace(state, last_result=event))
+        return event
+
+
+def build_device(config_path: Path, clock: Clock = utcnow) -> Device:
+    cfg = config_mod.load(config_path)
+    env = open_env(cfg.bootloader, cfg.bootloader_path, cfg.bootnames)
+    return Device(
+        config=cfg,
+        bootloader=Bootloader(env, cfg.cmdline),
+        store=StateStore(cfg.state_dir),
+        events=EventLog(cfg.state_dir, clock),
+        clock=clock,
+    )

@@ -1,0 +1,99 @@
+"""Structured events: one record feeds the log and the status outbox.
+
+Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
+`reason`, `time`). The outbox (`STATE_DIR/outbox.jsonl`) keeps every report
+until a transport has delivered it; each append is fsynced, so a power cut
+loses no report that was acknowledged to the caller. It is bounded: past
+`MAX_OUTBOX` records the oldest progress records are dropped first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hw.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+MAX_OUTBOX = 1000
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event: str
+    result: str
+    reason: str = ""
+    txn: str | None = None
+    bundle_version: str | None = None
+    slot: str | None = None
+    time: str = ""
+
+
+class EventLog:
+    def __init__(self, state_dir: Path, clock: Clock = utcnow) -> None:
+        self.path = state_dir / "outbox.jsonl"
+        self.clock = clock
+
+    def emit(self, event: Event) -> Event:
+        if not event.time:
+            event = Event(**{**asdict(event), "time": iso(self.clock())})
+        parts = [f"{event.event}: {event.result}"]
+        if event.bundle_version:
+            parts.append(f"version {event.bundle_version}")
+        if event.slot:
+            parts.append(f"slot {event.slot}")
+        if event.reason:
+            parts.append(f"- {event.reason}")
+        log.info("%s", " ".join(parts), extra={"ota_event": asdict(event)})
+        self._append(event)
+        return event
+
+    def _append(self, event: Event) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(asdict(event), sort_keys=True) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._trim()
+
+    def pending(self) -> list[Event]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(Event(**json.loads(line)))
+            except (ValueError, TypeError):
+                log.warning("outbox: skipping a corrupt record (torn write before a power cut?)")
+        return out
+
+    def _trim(self) -> None:
+        if self.path.stat().st_size < MAX_OUTBOX * 100:  # cheaper than counting on every append
+            return
+        events = self.pending()
+        if len(events) <= MAX_OUTBOX:
+            return
+        progress = [i for i, e in enumerate(events) if e.event == "progress"]
+        drop = set(progress[: len(events) - MAX_OUTBOX])
+        kept = [e for i, e in enumerate(events) if i not in drop][-MAX_OUTBOX:]
+        atomic_write(self.path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in kept).encode())

@@ -1,0 +1,138 @@
+"""Installing a bundle: connects the reader, the policy, the plan, the slot
+writer, the bootloader and the state. The only module that writes slots.
+
+Sequence (DESIGN.md invariants 1-5):
+  head -> signature -> policy -> op table -> plan      (nothing touched yet)
+  mark target slot bad in the bootloader               (before the first byte)
+  for each op: payload hash -> decode -> extent hash -> write
+  fsync -> read back the whole image -> compare SHA-256
+  record the slot's contents -> set target primary with N tries
+Any failure after the target was marked bad leaves it bad (never bootable with
+partial contents); the booted slot is never opened for writing. Every outcome,
+success or refusal, is recorded in the state and the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from agent import policy
+from agent.daemon import Device
+from agent.events import Event, iso
+from agent.plan import InstallPlan, make_plan
+from agent.state import SlotRecord, Trial
+from bundler.format.errors import HashMismatchError, OtaError
+from bundler.format.ops import Op, produce
+from bundler.format.reader import BundleReader, Readable
+from bundler.format.signing import verify
+from hw.slot import SlotWriter, read_back_sha256, slot_size
+from hw.tty import Progress
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOutcome:
+    txn: str
+    bundle_version: str
+    slot: str
+    security_version: int
+
+
+def install(
+    device: Device, stream: Readable, *, progress: ProgressFn | None = None, allow_downgrade: bool = False
+) -> InstallOutcome:
+    txn = uuid.uuid4().hex[:12]
+    version: str | None = None
+    target: str | None = None
+    try:
+        reader = BundleReader(stream)
+        bundle = verify(reader.read_head(), device.keyring())
+        version = bundle.manifest.bundle_version
+        state = device.store.load()
+        policy.check(
+            bundle,
+            compatible=device.config.compatible,
+            security_floor=state.committed_security_version,
+            now=device.clock(),
+            allow_downgrade=allow_downgrade,
+        )
+        ops = reader.read_op_table(bundle)
+        booted = device.bootloader.booted_slot()
+        capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
+        plan = make_plan(bundle, device.config.slots, booted, capacity)
+        target = plan.target
+        if state.trial is not None and state.trial.slot != booted and state.trial.failure is None:
+            log.info("replacing pending trial of version %s in slot %s", state.trial.bundle_version, state.trial.slot)
+        device.events.emit(Event("install", "started", "bundle verified", txn, version, target))
+        _write(device, reader, ops, plan, booted, progress=progress)
+    except OtaError as e:
+        device.record(Event("install", "failed", str(e), txn, version, target))
+        raise
+    m = bundle.manifest
+    image = m.images[0]
+    state = device.store.load()
+    now = iso(device.clock())
+    state = state.with_slot(target, SlotRecord(m.bundle_version, image.sha256, m.security_version, now))
+    state = replace(state, trial=Trial(target, txn, m.bundle_version, m.security_version))
+    device.store.save(state)
+    device.bootloader.set_primary(target, device.config.tries)
+    reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
+    device.record(Event("install", "ok", reason, txn, m.bundle_version, target))
+    return InstallOutcome(txn, m.bundle_version, target, m.security_version)
+
+
+def _write(
+    device: Device, reader: BundleReader, ops: list[Op], plan: InstallPlan, booted: str, *, progress: ProgressFn | None
+) -> None:
+    target = plan.target
+    # Invariant 3: unbootable before the first byte is written, and forget what it held.
+    device.bootloader.mark_bad(target)
+    state = device.store.load()
+    device.store.save(state.with_slot(target, SlotRecord()))
+    total = sum(ip.image.size for ip in plan.images) * 2  # write + read-back
+    done = 0
+    writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
+    try:
+        for index, op, payload in reader.iter_payload(ops):
+            ip = plan.image_for_op(index)
+            writer = writers[ip.image.slot_class]
+            if payload is None:
+                writer.write_zeros(op.dst_offset, op.dst_length)
+            else:
+                writer.write(op.dst_offset, produce(op, payload, index))
+            done += op.dst_length
+            if progress:
+                progress(done, total)
+        for w in writers.values():
+            w.sync()
+    finally:
+        for w in writers.values():
+            w.close()
+    for ip in plan.images:
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        actual = read_back_sha256(ip.slot.path, target, ip.image.size, tick)
+        if actual != ip.image.sha256:
+            raise HashMismatchError(f"slot {target} read-back", ip.image.sha256, actual)
+
+
+
+def install_from(device: Device, stream: Readable, *, show_progress: bool = True) -> InstallOutcome:
+    bar = Progress("installing") if show_progress else None
+    try:
+        return install(device, stream, progress=bar)
+    finally:
+        if bar:
+            bar.finish()
+

@@ -1,0 +1,141 @@
+"""The simulated device: two slot files, a bootloader state (the simulator's
+own JSON, or a real U-Boot environment, grubenv or BLS entry directory), the
+kernel command line as a file, and the agent's config — all in one directory.
+
+`init()` creates it; `power_on()` is one power-on: the simulated firmware
+applies the shared counting rules (hw.bootloader.model.choose) to the stored
+state, writes the command line the boot script would pass, then runs what the
+device runs at boot (boot-check), rebooting as long as boot-check asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.bootcheck import BootCheckOutcome, HealthOverride, boot_check
+from agent.daemon import build_device
+from agent.errors import InstallError
+from agent.state import AgentState, SlotRecord, StateStore
+from bundler.format.signing import Keyring
+from hw.bootloader import model, open_env
+from hw.fsutil import atomic_write
+
+BOOTNAMES = ("A", "B")
+MAX_BOOTS = 20
+ENV_PATHS = {"sim": "bootloader.json", "uboot": "fw_env.config", "grub": "grubenv", "bls": "boot"}
+UBOOT_ENV_SIZE = 0x4000
+
+
+@dataclass(frozen=True, slots=True)
+class SimSpec:
+    directory: Path
+    image: Path
+    keyring: Path
+    compatible: str
+    tries: int = 3
+    bootloader: str = "sim"
+    version: str = "factory"
+    slot_size: int = 0  # 0: twice the image, at least 64 MiB
+
+
+def config_path(directory: Path) -> Path:
+    return directory / "agent.toml"
+
+
+def init(spec: SimSpec) -> Path:
+    d = spec.directory
+    if config_path(d).exists():
+        raise InstallError(f"{d} already holds a simulated device (agent.toml exists)")
+    if spec.bootloader not in ENV_PATHS:
+        raise InstallError(f"unknown bootloader {spec.bootloader!r}; choose one of {', '.join(ENV_PATHS)}")
+    Keyring.load(spec.keyring)  # refuse a broken keyring now, not at first install
+    d.mkdir(parents=True, exist_ok=True)
+    keys = d / "keys"
+    keys.mkdir(exist_ok=True)
+    for pub in sorted(spec.keyring.glob("*.pub")) if spec.keyring.is_dir() else [spec.keyring]:
+        shutil.copyfile(pub, keys / pub.name)
+    image_size = spec.image.stat().st_size
+    size = spec.slot_size or max(2 * image_size, 64 << 20)
+    size = -(-size // (1 << 20)) * (1 << 20)
+    if size < image_size:
+        raise InstallError(f"slot size {size} is smaller than the image ({image_size} bytes)")
+    digest = hashlib.sha256()
+    with spec.image.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    for b in BOOTNAMES:
+        slot = d / f"slot-{b}.img"
+        shutil.copyfile(spec.image, slot)
+        with slot.open("r+b") as f:
+            f.truncate(size)
+    env_path = d / ENV_PATHS[spec.bootloader]
+    if spec.bootloader == "uboot":
+        _write_fw_env_config(d, env_path)
+    env = open_env(spec.bootloader, env_path, BOOTNAMES)
+    env.create()
+    atomic_write(d / "cmdline", b"ota.slot=A rauc.slot=A\n")
+    config_path(d).write_text(_config_text(spec, ENV_PATHS[spec.bootloader]))
+    records = {b: SlotRecord(spec.version, digest.hexdigest(), 0, None) for b in BOOTNAMES}
+    StateStore(d / "state").save(AgentState(slots=records))
+    return config_path(d)
+
+
+def _write_fw_env_config(d: Path, config: Path) -> None:
+    env_file = d / "uboot.env"
+    env_file.write_bytes(b"\xff" * (2 * UBOOT_ENV_SIZE))
+    config.write_text(
+        "# device offset size: two redundant copies in one file\n"
+        f"{env_file} 0x0000 {UBOOT_ENV_SIZE:#x}\n"
+        f"{env_file} {UBOOT_ENV_SIZE:#x} {UBOOT_ENV_SIZE:#x}\n"
+    )
+
+
+def _config_text(spec: SimSpec, env_path: str) -> str:
+    slots = "".join(f'\n[[slots]]\nbootname = "{b}"\nclass = "rootfs"\npath = "slot-{b}.img"\n' for b in BOOTNAMES)
+    return f"""# Simulated edge-ota device (ota-agent sim init). Paths are relative to this file.
+[device]
+compatible = "{spec.compatible}"
+state_dir = "state"
+keyring = "keys"
+cmdline = "cmdline"
+
+[bootloader]
+backend = "{spec.bootloader}"
+path = "{env_path}"
+tries = {spec.tries}
+reboot_command = []
+{slots}
+[health]
+deadline = 30
+commands = []
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BootRecord:
+    slot: str
+    reason: str
+    check: BootCheckOutcome
+
+
+def power_on(
+    directory: Path, *, health: HealthOverride | None = None, say: Callable[[str], None] = print
+) -> list[BootRecord]:
+    """Boot until the device settles (boot-check asks for no further reboot)."""
+    device = build_device(config_path(directory))
+    env = device.bootloader.env
+    boots: list[BootRecord] = []
+    for n in range(1, MAX_BOOTS + 1):
+        state, decision = model.choose(env.load())
+        env.store(state)
+        atomic_write(device.config.cmdline, f"ota.slot={decision.slot} rauc.slot={decision.slot}\n".encode())
+        outcome = boot_check(device, health=health)
+        boots.append(BootRecord(decision.slot, decision.reason, outcome))
+        say(f"boot {n}: slot {decision.slot} ({decision.reason}); boot-check: {outcome.reason}")
+        if not outcome.reboot:
+            return boots
+    raise InstallError(f"device did not settle within {MAX_BOOTS} boots")
