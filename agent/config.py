@@ -62,11 +62,12 @@ class _Table:
     def __init__(self, file: Path, name: str, doc: Any, known: set[str]) -> None:
         self.file = file
         self.name = name
+        where = f"[{name}]" if name else ""
         if not isinstance(doc, dict):
-            raise ConfigError(str(file), name, "must be a table")
+            raise ConfigError(str(file), where, "must be a table")
         unknown = sorted(set(doc) - known)
         if unknown:
-            raise ConfigError(str(file), name, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise ConfigError(str(file), where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
         self.doc = doc
 
     def err(self, key: str, message: str) -> ConfigError:
