@@ -1,0 +1,122 @@
+"""A slot: a block device or a regular file that holds one image.
+
+Owns positioned writes, durability (fsync), and the read-back hash that reads
+from the medium rather than the page cache (the written range is dropped from
+the cache with posix_fadvise before reading it back). Does not decide which
+slot may be written — the installer does, and `SlotWriter` refuses the booted
+slot as a last line of defence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from hw.errors import SlotError
+
+IO_CHUNK = 4 << 20
+_ZEROS = bytes(IO_CHUNK)
+
+
+def slot_size(path: Path, name: str) -> int:
+    """Capacity of a slot: the size of a block device, or of a regular file."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+    except OSError as e:
+        raise SlotError(name, f"{path}: {e.strerror}") from None
+    raise SlotError(name, f"{path} is neither a block device nor a regular file")
+
+
+class SlotWriter:
+    def __init__(self, path: Path, name: str, *, booted: str) -> None:
+        if name == booted:
+            raise SlotError(name, "refusing to open the booted slot for writing")
+        self.path = path
+        self.name = name
+        self.capacity = slot_size(path, name)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SlotError(name, f"cannot open {path} for writing: {e.strerror}") from None
+
+    def __enter__(self) -> SlotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.capacity:
+            raise SlotError(self.name, f"write of {length} bytes at {offset} exceeds slot size {self.capacity}")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_range(offset, len(data))
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise SlotError(self.name, f"write at {offset} failed: {e.strerror}") from None
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        self._check_range(offset, length)
+        end = offset + length
+        while offset < end:
+            n = min(IO_CHUNK, end - offset)
+            self.write(offset, _ZEROS[:n])
+            offset += n
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise SlotError(self.name, f"fsync failed: {e.strerror}") from None
+
+
+def read_back_sha256(path: Path, name: str, length: int, progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of the first `length` bytes as stored on the medium."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SlotError(name, f"cannot open {path} for read-back: {e.strerror}") from None
+    try:
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_SEQUENTIAL)
+        h = hashlib.sha256()
+        done = 0
+        while done < length:
+            chunk = os.pread(fd, min(IO_CHUNK, length - done), done)
+            if not chunk:
+                raise SlotError(name, f"read-back ended at {done} of {length} bytes")
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(len(chunk))
+        return h.hexdigest()
+    except OSError as e:
+        raise SlotError(name, f"read-back failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path, name: str, length: int | None = None) -> str:
+    size = slot_size(path, name) if length is None else length
+    return read_back_sha256(path, name, size)
