@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from agent import policy
 from agent.daemon import Device
+from agent.errors import InstallError
 from agent.events import Event, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import SlotRecord, Trial
@@ -28,6 +29,7 @@ from bundler.format.errors import HashMismatchError, OtaError
 from bundler.format.ops import Op, produce
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import verify
+from hw.bootloader.model import SlotBootState
 from hw.slot import SlotWriter, read_back_sha256, slot_size
 from hw.tty import Progress
 
@@ -47,10 +49,21 @@ class InstallOutcome:
 def install(
     device: Device, stream: Readable, *, progress: ProgressFn | None = None, allow_downgrade: bool = False
 ) -> InstallOutcome:
+    with device.store.lock():
+        return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade)
+
+
+def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool) -> InstallOutcome:
     txn = uuid.uuid4().hex[:12]
     version: str | None = None
     target: str | None = None
     try:
+        booted = device.bootloader.booted_slot()
+        booted_state = device.bootloader.state().slots[booted]
+        if booted_state.state is SlotBootState.TRIAL:
+            raise InstallError(
+                f"booted slot {booted} is on trial and not committed yet; run boot-check (or mark-good/mark-bad) first"
+            )
         reader = BundleReader(stream)
         bundle = verify(reader.read_head(), device.keyring())
         version = bundle.manifest.bundle_version
@@ -63,7 +76,6 @@ def install(
             allow_downgrade=allow_downgrade,
         )
         ops = reader.read_op_table(bundle)
-        booted = device.bootloader.booted_slot()
         capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
         plan = make_plan(bundle, device.config.slots, booted, capacity)
         target = plan.target

@@ -7,12 +7,16 @@ the last result. Does not own boot counting, which lives in the bootloader.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InstallError
 from agent.events import Event
 from hw.fsutil import atomic_write
 
@@ -82,6 +86,20 @@ class StateStore:
             )
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(str(self.path), "", f"agent state is corrupt: {e}") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock for changes that span several steps (an install)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InstallError(f"another install is in progress (lock held on {self.dir / 'lock'})") from None
+            yield
+        finally:
+            os.close(fd)
 
     def save(self, state: AgentState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
