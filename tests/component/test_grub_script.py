@@ -174,7 +174,7 @@ slot_boots = st.one_of(st.just(GOOD), st.just(BAD), st.integers(0, MAX_TRIES).ma
 
 @st.composite
 def boot_states(draw: st.DrawFn) -> BootState:
-    names = draw(st.sampled_from([AB, ("A", "B", "C"), ("system0", "system1")]))
+    names = draw(st.sampled_from([AB, ("A", "B", "C")]))
     return BootState(
         order=tuple(draw(st.permutations(names))),
         slots={n: draw(slot_boots) for n in names},
