@@ -105,8 +105,10 @@ def _write(
     target = plan.target
     # Invariant 3: unbootable before the first byte is written, and forget what it held.
     device.bootloader.mark_bad(target)
-    state = device.store.load()
-    device.store.save(state.with_slot(target, SlotRecord()))
+    state = device.store.load().with_slot(target, SlotRecord())
+    if state.trial is not None and state.trial.slot == target and state.trial.failure is None:
+        state = replace(state, trial=None)  # its slot is being overwritten; a failure report is kept
+    device.store.save(state)
     total = sum(ip.image.size for ip in plan.images) * 2  # write + read-back
     done = 0
     writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
