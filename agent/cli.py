@@ -32,9 +32,14 @@ def _device(args: argparse.Namespace) -> Device:
 
 def _install(args: argparse.Namespace) -> int:
     device = _device(args)
-    source = source_for(args.source)
+    try:
+        stream = source_for(args.source).open()
+    except OtaError as e:
+        # No bundle byte arrived, but the attempt still failed: report it like any other.
+        device.record(Event("install", "failed", str(e)))
+        raise
     bar = Progress("installing")
-    with source.open() as stream:
+    with stream:
         outcome = install(device, stream, progress=bar, allow_downgrade=args.allow_downgrade)
     bar.finish()
     print(f"installed version {outcome.bundle_version} into slot {outcome.slot}; reboot to try it")
