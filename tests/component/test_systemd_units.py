@@ -91,6 +91,7 @@ def test_agent_service_is_a_notify_service_with_a_watchdog() -> None:
     assert s["Service.WatchdogSec"] == ["60s"]
     assert s["Service.ProtectSystem"] == ["strict"]
     assert s["Service.StateDirectory"] == ["edge-ota"]
+    assert "ota-boot-check.service" in s["Unit.After"]  # never installs while a trial is assessed
     allowed = s["Service.DeviceAllow"]
     for dev in ("/dev/watchdog rw", "char-watchdog rw", "block-mmc rw", "block-blkext rw", "block-sd rw"):
         assert dev in allowed
