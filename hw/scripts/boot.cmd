@@ -39,15 +39,15 @@ fi
 
 ota_slot=-
 for ota_s in "${BOOT_ORDER}"; do
+  setenv ota_left
+  setenv ota_get "setenv ota_left \${BOOT_${ota_s}_LEFT}"
+  run ota_get
+  if test -z "${ota_left}"; then
+    setenv ota_left 3
+    setenv BOOT_${ota_s}_LEFT 3
+    setenv ota_save 1
+  fi
   if test "${ota_slot}" = -; then
-    setenv ota_left
-    setenv ota_get "setenv ota_left \${BOOT_${ota_s}_LEFT}"
-    run ota_get
-    if test -z "${ota_left}"; then
-      setenv ota_left 3
-      setenv BOOT_${ota_s}_LEFT 3
-      setenv ota_save 1
-    fi
     setexpr ota_left ${ota_left} + 0
     ota_trial=no
     for ota_t in "${OTA_TRIAL}"; do
