@@ -17,6 +17,7 @@ from agent.errors import ConfigError
 from hw.bootloader import BACKENDS
 
 MAX_CONFIG = 256 * 1024
+MAX_TRIES = 15  # boot attempts for a new slot: 1..MAX_TRIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,7 @@ def load(path: Path) -> Config:
         cmdline=device.path("cmdline", "/proc/cmdline"),
         bootloader=backend,
         bootloader_path=boot.path("path"),
-        tries=boot.integer("tries", 3, 1, 15),
+        tries=boot.integer("tries", 3, 1, MAX_TRIES),
         reboot_command=tuple(reboot),
         slots=tuple(slots),
         health=HealthConfig(

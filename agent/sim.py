@@ -11,12 +11,14 @@ device runs at boot (boot-check), rebooting as long as boot-check asks for it.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.bootcheck import BootCheckOutcome, HealthOverride, boot_check
+from agent.config import MAX_TRIES
 from agent.daemon import build_device
 from agent.errors import InstallError
 from agent.state import AgentState, SlotRecord, StateStore
@@ -50,6 +52,8 @@ def init(spec: SimSpec) -> Path:
     d = spec.directory
     if config_path(d).exists():
         raise InstallError(f"{d} already holds a simulated device (agent.toml exists)")
+    if not 1 <= spec.tries <= MAX_TRIES:
+        raise InstallError(f"tries {spec.tries} is outside 1..{MAX_TRIES}")
     if spec.bootloader not in ENV_PATHS:
         raise InstallError(f"unknown bootloader {spec.bootloader!r}; choose one of {', '.join(ENV_PATHS)}")
     Keyring.load(spec.keyring)  # refuse a broken keyring now, not at first install
@@ -95,10 +99,11 @@ def _write_fw_env_config(d: Path, config: Path) -> None:
 
 
 def _config_text(spec: SimSpec, env_path: str) -> str:
+    # json.dumps quotes the compatible string as a valid TOML basic string.
     slots = "".join(f'\n[[slots]]\nbootname = "{b}"\nclass = "rootfs"\npath = "slot-{b}.img"\n' for b in BOOTNAMES)
     return f"""# Simulated edge-ota device (ota-agent sim init). Paths are relative to this file.
 [device]
-compatible = "{spec.compatible}"
+compatible = {json.dumps(spec.compatible)}
 state_dir = "state"
 keyring = "keys"
 cmdline = "cmdline"
