@@ -4,6 +4,7 @@ traceback only with -v); `--json` where state is printed."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -14,13 +15,15 @@ from typing import Any
 
 from bundler.build import BundleSpec, build_full
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import OtaError, TruncatedError
+from bundler.format.errors import HashMismatchError, OtaError, TruncatedError
 from bundler.format.header import Header
 from bundler.format.manifest import Manifest, format_time, parse_time
 from bundler.format.ops import Op, OpType, produce, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, generate_key, verify
 from hw.tty import Progress
+
+_ZEROS = bytes(1 << 20)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -119,25 +122,37 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    """Check the signature, the op table, every payload and extent hash, and each
+    image's whole SHA-256 (zero runs included), without writing anything."""
     keyring = Keyring.load(Path(args.keyring))
     with open(args.bundle, "rb") as f:
         reader = BundleReader(f)
         verified = verify(reader.read_head(), keyring)
         ops = reader.read_op_table(verified)
+        images = verified.manifest.images
+        hashes = [hashlib.sha256() for _ in images]
+        owner = [i for i, image in enumerate(images) for _ in range(image.op_count)]
         total = sum(op.dst_length for op in ops)
         progress = Progress("verifying")
         done = 0
         for index, op, payload in reader.iter_payload(ops):
-            if payload is not None:
-                produce(op, payload, index)
+            h = hashes[owner[index]]
+            if payload is None:
+                for start in range(0, op.dst_length, len(_ZEROS)):
+                    h.update(_ZEROS[: min(len(_ZEROS), op.dst_length - start)])
+            else:
+                h.update(produce(op, payload, index))
             done += op.dst_length
             progress(done, total)
         progress.finish()
+    for image, h in zip(images, hashes, strict=True):
+        if h.hexdigest() != image.sha256:
+            raise HashMismatchError(f"image {image.slot_class}", image.sha256, h.hexdigest())
     m = verified.manifest
     expired = m.expires is not None and m.expires < datetime.now(UTC)
     print(
         f"{args.bundle}: OK - signed by key {verified.signer.hex()[:16]}, version {m.bundle_version}, "
-        f"{len(ops)} ops, every hash verified" + (" (note: expired)" if expired else "")
+        f"{len(ops)} ops and {len(images)} image hash(es) verified" + (" (note: expired)" if expired else "")
     )
     return 0
 

@@ -18,9 +18,9 @@ HEADER_SIZE = 64
 OP_RECORD_SIZE = 128
 
 MAX_MANIFEST = 1 << 20  # 1 MiB of canonical JSON
-MAX_SIGNATURE_BLOCK = 1 << 16  # 64 KiB
-MAX_OPS = 1 << 22  # 4 Mi ops * 128 B = 512 MiB table at most... bounded further below
-MAX_OP_TABLE = 64 << 20  # the op table may not exceed 64 MiB
+MAX_SIGNATURE_BLOCK = 2 + 16 * 100  # u16 count + at most 16 entries of 100 bytes
+MAX_OP_TABLE = 8 << 20  # 8 MiB: 65536 ops, e.g. 256 GiB of 4 MiB REPLACE ops
+MAX_OPS = MAX_OP_TABLE // OP_RECORD_SIZE
 MAX_PAYLOAD = (1 << 63) - 1
 
 _STRUCT = struct.Struct("<8sHHIIIQ32s")
@@ -75,7 +75,7 @@ class Header:
     def check(self) -> None:
         _bound("manifest_length", self.manifest_length, 2, MAX_MANIFEST)
         _bound("signature_length", self.signature_length, 2, MAX_SIGNATURE_BLOCK)
-        _bound("op_count", self.op_count, 1, min(MAX_OPS, MAX_OP_TABLE // OP_RECORD_SIZE))
+        _bound("op_count", self.op_count, 1, MAX_OPS)
         _bound("payload_length", self.payload_length, 0, MAX_PAYLOAD)
 
     @classmethod

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bundler.format.errors import FormatError
-from bundler.format.header import FORMAT_VERSION, MAX_PAYLOAD
+from bundler.format.header import FORMAT_VERSION, MAX_OPS, MAX_PAYLOAD
 
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: "$" would accept a trailing newline
 NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
@@ -91,9 +91,11 @@ def parse_time(text: str, field: str) -> datetime:
 def parse(raw: bytes) -> Manifest:
     """Decode and validate manifest bytes. Call only on bytes whose signature was checked."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"not valid UTF-8 JSON: {e}", region="manifest") from None
+    except RecursionError:
+        raise FormatError("JSON nested too deeply", region="manifest") from None
     f = _Fields(doc, "manifest")
     version = f.integer("format_version", 1, 1 << 16)
     if version != FORMAT_VERSION:
@@ -110,7 +112,7 @@ def parse(raw: bytes) -> Manifest:
         created=parse_time(f.string("created"), "created"),
         expires=parse_time(expires, "expires") if expires is not None else None,
         images=images,
-        op_count=op_table.integer("count", 1, 1 << 22),
+        op_count=op_table.integer("count", 1, MAX_OPS),
         op_table_sha256=op_table.digest("sha256"),
         payload_length=payload.integer("length", 0, MAX_PAYLOAD),
         format_version=version,
@@ -125,10 +127,30 @@ def _image(f: _Fields) -> ImageEntry:
         slot_class=f.name("slot_class"),
         size=f.integer("size", 1, MAX_IMAGE_SIZE),
         sha256=f.digest("sha256"),
-        op_first=f.integer("op_first", 0, 1 << 22),
-        op_count=f.integer("op_count", 1, 1 << 22),
+        op_first=f.integer("op_first", 0, MAX_OPS),
+        op_count=f.integer("op_count", 1, MAX_OPS),
         base_sha256=base,
     )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise FormatError(f"key {dup!r} appears twice in one object", region="manifest")
+    return doc
+
+
+KNOWN_KEYS = {
+    "manifest": {
+        "format_version", "bundle_version", "security_version", "compatible", "created", "expires",
+        "images", "op_table", "payload",
+    },
+    "manifest.op_table": {"count", "sha256"},
+    "manifest.payload": {"length"},
+    "image": {"slot_class", "size", "sha256", "base_sha256", "op_first", "op_count"},
+}
 
 
 class _Fields:
@@ -137,6 +159,10 @@ class _Fields:
     def __init__(self, doc: Any, where: str) -> None:
         if not isinstance(doc, dict):
             raise FormatError(f"{where} is not an object", region="manifest")
+        known = KNOWN_KEYS["image" if where.startswith("manifest.images[") else where]
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise FormatError(f"{where} has unknown key {unknown[0]!r}", region="manifest")
         self.doc: dict[str, Any] = doc
         self.where = where
 
