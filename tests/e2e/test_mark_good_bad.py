@@ -1,0 +1,82 @@
+"""Operator overrides: `mark-bad` / `mark-good` on `other`, `booted` or a
+bootname, each recorded; an unknown name is one clear error changing nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e._sim import SimDevice
+from tests.e2e.conftest import BundleFactory
+
+
+def test_mark_bad_other_makes_the_inactive_slot_unbootable(device: SimDevice) -> None:
+    a_before = device.snapshot().boot_doc()["slots"]["A"]
+    run = device.agent("mark-bad", "other")
+    assert run.rc == 0, run.err
+    assert run.out.strip() == "slot B: marked bad"
+    doc = device.status()
+    assert doc["slots"]["B"]["boot_state"] == "bad"
+    assert doc["slots"]["B"]["bootable"] is False
+    assert doc["primary"] == "A"
+    assert device.snapshot().boot_doc()["slots"]["A"] == a_before
+    last = doc["last_result"]
+    assert (last["event"], last["result"], last["slot"]) == ("mark-bad", "ok", "B")
+    # A power-on still boots A and never tries B.
+    assert device.boot().out.splitlines()[-1] == "settled on slot A after 1 boot(s)"
+
+
+def test_mark_good_other_makes_a_bad_slot_bootable_again(device: SimDevice) -> None:
+    device.agent("mark-bad", "other")
+    run = device.agent("mark-good", "other")
+    assert run.rc == 0, run.err
+    assert run.out.strip() == "slot B: marked good"
+    doc = device.status()
+    assert doc["slots"]["B"]["boot_state"] == "good"
+    assert doc["slots"]["B"]["bootable"] is True
+    assert doc["last_result"]["event"] == "mark-good"
+
+
+def test_mark_bad_by_bootname_cancels_a_pending_trial_before_it_boots(
+    device: SimDevice, make_bundle: BundleFactory
+) -> None:
+    device.install_ok(make_bundle("2.0"))
+    assert device.status()["primary"] == "B"
+    run = device.agent("mark-bad", "B")
+    assert run.rc == 0, run.err
+    doc = device.status()
+    assert doc["primary"] == "A"
+    assert doc["slots"]["B"]["boot_state"] == "bad"
+    assert device.boot().out.splitlines()[0].startswith("boot 1: slot A")
+    assert device.status()["booted"] == "A"
+
+
+def test_mark_good_by_bootname_commits_a_slot_without_a_trial(device: SimDevice, make_bundle: BundleFactory) -> None:
+    device.install_ok(make_bundle("2.0"))
+    run = device.agent("mark-good", "B")
+    assert run.rc == 0, run.err
+    doc = device.status()
+    assert doc["slots"]["B"]["boot_state"] == "good"
+    assert doc["primary"] == "B"  # install put it first in the order
+    assert device.boot().out.splitlines()[0].startswith("boot 1: slot B (committed slot)")
+
+
+def test_mark_good_without_argument_marks_the_booted_slot(device: SimDevice, make_bundle: BundleFactory) -> None:
+    device.install_ok(make_bundle("2.0"))
+    device.power_on_without_boot_check()  # B boots on trial, boot-check never ran
+    assert device.status()["booted"] == "B"
+    run = device.agent("mark-good")
+    assert run.rc == 0, run.err
+    assert run.out.strip() == "slot B: marked good"
+    assert device.status()["slots"]["B"]["boot_state"] == "good"
+
+
+@pytest.mark.parametrize("verb", ["mark-good", "mark-bad"])
+@pytest.mark.parametrize("name", ["C", "a", ""])
+def test_unknown_bootname_is_one_clear_error_and_changes_nothing(device: SimDevice, verb: str, name: str) -> None:
+    before = device.snapshot()
+    line = device.agent(verb, name).one_error_line()
+    assert f"unknown slot {name!r}" in line
+    assert "booted, other or one of A, B" in line
+    after = device.snapshot()
+    assert after.bootloader == before.bootloader
+    assert after.small == before.small
