@@ -7,6 +7,13 @@
   (tries exhausted, or we marked it bad): record the rollback and its reason.
 * Otherwise nothing.
 
+The hardware watchdog is armed for the whole trial assessment and fed by a
+background thread only until the health-check deadline: a system that hangs,
+or health checks that never finish, stop the feeding and the watchdog resets
+the board, after which the bootloader's counter takes over. A commit disarms
+it (magic close). When the bootloader fell back after such resets, the
+rollback report names the watchdog.
+
 Returns a `BootCheckOutcome`; performing the reboot is the caller's job.
 """
 
@@ -14,12 +21,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
+import time
 from dataclasses import dataclass, replace
 
 from agent.daemon import Device
 from agent.events import Event
 from agent.health import HealthResult, run_checks
 from hw.bootloader.model import SlotBootState
+from hw.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +39,41 @@ class Outcome(enum.Enum):
     COMMITTED = "committed"
     FAILED_REBOOT = "failed-reboot"
     ROLLED_BACK = "rolled-back"
+    HUNG = "hung"  # only with HealthOverride.HANG: the simulated system stopped here
 
 
 class HealthOverride(enum.Enum):
+    """Test seam for the simulated device: force the health checks' result."""
+
     OK = "ok"
     FAIL = "fail"
+    HANG = "hang"
+
+
+class _Feeder:
+    """Feeds the watchdog from a thread until `until` (monotonic) or until stopped."""
+
+    def __init__(self, watchdog: Watchdog, interval: float, until: float) -> None:
+        self.watchdog = watchdog
+        self.interval = interval
+        self.until = until
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog-feeder", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if time.monotonic() >= self.until:
+                log.warning("health-check deadline passed: no longer feeding the watchdog")
+                return
+            self.watchdog.keepalive()
+
+    def __enter__(self) -> _Feeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +96,18 @@ def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootC
     slot_boot = boot_state.slots[booted]
 
     if slot_boot.state is SlotBootState.TRIAL:
-        result = _health(device, health)
+        wd_cfg = device.config.watchdog
+        device.watchdog.start(wd_cfg.timeout)
+        if health is HealthOverride.HANG:
+            hung = "system hung during the health checks; nothing feeds the watchdog"
+            return BootCheckOutcome(Outcome.HUNG, booted, hung)
+        with _Feeder(device.watchdog, max(wd_cfg.timeout / 3, 0.5), time.monotonic() + device.config.health.deadline):
+            result = _health(device, health)
         version = trial.bundle_version if trial and trial.slot == booted else None
         txn = trial.txn if trial and trial.slot == booted else None
         if result.ok:
             bl.mark_good(booted)
+            device.watchdog.stop()
             floor = state.committed_security_version
             if trial and trial.slot == booted:
                 floor = max(floor, trial.security_version)
@@ -80,6 +127,11 @@ def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootC
         failed = boot_state.slots[trial.slot]
         if trial.failure:
             reason = f"slot {trial.slot} failed its health checks: {trial.failure}"
+        elif device.watchdog.last_reset_was_watchdog():
+            reason = (
+                f"slot {trial.slot} hung and was reset by the watchdog; "
+                f"it did not commit within {device.config.tries} boot attempts"
+            )
         elif failed.state is SlotBootState.TRIAL and failed.tries_left == 0:
             reason = f"slot {trial.slot} did not commit within {device.config.tries} boot attempts"
         else:

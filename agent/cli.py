@@ -61,6 +61,7 @@ def _boot_check(args: argparse.Namespace) -> int:
             print("boot-check: reboot needed (skipped: --no-reboot)")
         else:
             reboot(device.config.reboot_command)
+        return 1  # keeps boot-complete.target (and systemd-bless-boot's "good") from being reached
     return 0
 
 
@@ -153,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sim_init)
     p = simsub.add_parser("boot", help="power on the simulated device until it settles")
     p.add_argument("dir")
-    p.add_argument("--health", choices=[h.value for h in HealthOverride], help="force health checks to pass or fail")
+    p.add_argument(
+        "--health",
+        choices=[h.value for h in HealthOverride],
+        help="force health checks to pass, fail, or hang (then the simulated watchdog resets the board)",
+    )
     p.set_defaults(func=_sim_boot)
     return parser
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from hw.bootloader import BACKENDS
+from hw.watchdog import WATCHDOG_BACKENDS
 
 MAX_CONFIG = 256 * 1024
 MAX_TRIES = 15  # boot attempts for a new slot: 1..MAX_TRIES
@@ -35,6 +36,13 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchdogConfig:
+    backend: str = "none"  # dev | sim | none
+    path: Path = Path("/dev/watchdog")
+    timeout: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     compatible: str
@@ -47,6 +55,7 @@ class Config:
     reboot_command: tuple[str, ...]
     slots: tuple[SlotConfig, ...]
     health: HealthConfig
+    watchdog: WatchdogConfig
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -131,7 +140,8 @@ def load(path: Path) -> Config:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health"})
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog"})
+    wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
     health = _Table(path, "health", doc.get("health", {}), {"deadline", "commands", "units"})
@@ -146,6 +156,10 @@ def load(path: Path) -> Config:
         t = _Table(path, f"slots.{i}", item, {"bootname", "class", "path"})
         slots.append(SlotConfig(t.string("bootname"), t.string("class", "rootfs"), t.path("path")))
     _check_slots(path, slots)
+    wd_backend = wd.string("backend", "none")
+    if wd_backend not in WATCHDOG_BACKENDS:
+        choices = ", ".join(WATCHDOG_BACKENDS)
+        raise wd.err("backend", f"unknown watchdog backend {wd_backend!r}; choose one of {choices}")
     reboot = boot.doc.get("reboot_command", ["systemctl", "reboot"])
     if not isinstance(reboot, list) or not all(isinstance(x, str) for x in reboot):
         raise boot.err("reboot_command", "must be a list of strings")
@@ -165,6 +179,7 @@ def load(path: Path) -> Config:
             commands=health.commands("commands"),
             units=health.strings("units"),
         ),
+        watchdog=WatchdogConfig(wd_backend, wd.path("path", "/dev/watchdog"), wd.integer("timeout", 30, 1, 3600)),
     )
 
 

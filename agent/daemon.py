@@ -1,5 +1,5 @@
 """The composition root: builds a `Device` (config, bootloader, state, events,
-clock) from a config file. Everything else receives these objects; nothing
+clock, watchdog) from a config file. Everything else receives these objects; nothing
 else constructs backends."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from agent.state import StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
+from hw.watchdog import Watchdog, open_watchdog
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Device:
     store: StateStore
     events: EventLog
     clock: Clock
+    watchdog: Watchdog
 
     def keyring(self) -> Keyring:
         return Keyring.load(self.config.keyring)
@@ -44,4 +46,5 @@ def build_device(config_path: Path, clock: Clock = utcnow) -> Device:
         store=StateStore(cfg.state_dir),
         events=EventLog(cfg.state_dir, clock),
         clock=clock,
+        watchdog=open_watchdog(cfg.watchdog.backend, cfg.watchdog.path),
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.bootcheck import BootCheckOutcome, HealthOverride, boot_check
+from agent.bootcheck import BootCheckOutcome, HealthOverride, Outcome, boot_check
 from agent.config import MAX_TRIES
 from agent.daemon import build_device
 from agent.errors import InstallError
@@ -25,6 +25,7 @@ from agent.state import AgentState, SlotRecord, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import model, open_env
 from hw.fsutil import atomic_write
+from hw.watchdog import SimWatchdog
 
 BOOTNAMES = ("A", "B")
 MAX_BOOTS = 20
@@ -89,8 +90,7 @@ def init(spec: SimSpec) -> Path:
 
 
 def _write_fw_env_config(d: Path, config: Path) -> None:
-    env_file = d / "uboot.env"
-    env_file.write_bytes(b"\xff" * (2 * UBOOT_ENV_SIZE))
+    env_file = (d / "uboot.env").resolve()
     config.write_text(
         "# device offset size: two redundant copies in one file\n"
         f"{env_file} 0x0000 {UBOOT_ENV_SIZE:#x}\n"
@@ -117,6 +117,11 @@ reboot_command = []
 [health]
 deadline = 30
 commands = []
+
+[watchdog]
+backend = "sim"
+path = "."
+timeout = 30
 """
 
 
@@ -133,14 +138,26 @@ def power_on(
     """Boot until the device settles (boot-check asks for no further reboot)."""
     device = build_device(config_path(directory))
     env = device.bootloader.env
+    watchdog = device.watchdog if isinstance(device.watchdog, SimWatchdog) else None
+    if health is HealthOverride.HANG and watchdog is None:
+        raise InstallError("--health hang needs the simulated watchdog ([watchdog] backend = \"sim\")")
     boots: list[BootRecord] = []
+    hang_end: float | None = None
     for n in range(1, MAX_BOOTS + 1):
+        reset = watchdog.power_on(hang_end) if watchdog else False
+        hang_end = None
         state, decision = model.choose(env.load())
         env.store(state)
         atomic_write(device.config.cmdline, f"ota.slot={decision.slot} rauc.slot={decision.slot}\n".encode())
         outcome = boot_check(device, health=health)
         boots.append(BootRecord(decision.slot, decision.reason, outcome))
-        say(f"boot {n}: slot {decision.slot} ({decision.reason}); boot-check: {outcome.reason}")
+        after = ", after a watchdog reset" if reset else ""
+        say(f"boot {n}: slot {decision.slot} ({decision.reason}{after}); boot-check: {outcome.reason}")
+        if outcome.outcome is Outcome.HUNG and watchdog is not None:
+            deadline = watchdog.deadline()
+            hang_end = (deadline if deadline is not None else 0.0) + 1.0  # the board hangs until the watchdog fires
+            say(f"        the watchdog was not fed for {device.config.watchdog.timeout}s: it resets the board")
+            continue
         if not outcome.reboot:
             return boots
     raise InstallError(f"device did not settle within {MAX_BOOTS} boots")
