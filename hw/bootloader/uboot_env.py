@@ -6,7 +6,9 @@ for a redundant copy a flags byte follows; then ``name=value\\0...\\0\\0``
 padded to the env size), choosing the current copy exactly as U-Boot's
 ``env_import_redund`` and libubootenv's ``libuboot_load`` do, and writes that a
 power cut cannot turn into an invalid environment: the *inactive* copy is
-written whole with the flags counter incremented, then fsynced.
+written whole with the flags counter incremented, then fsynced. Like
+libubootenv it takes /var/lock/fw_printenv.lock and clears an eMMC boot
+partition's ``force_ro`` around a write.
 
 Does not own what the variables mean (`hw.bootloader.uboot` maps `BootState`
 onto them) and does not drive raw NOR/NAND flash or UBI volumes (``/dev/mtd*``,
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import stat
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,22 +280,50 @@ def _read_copy(loc: EnvLocation, redundant: bool) -> EnvCopy:
     return decode_copy(b"".join(chunks), redundant=redundant)
 
 
-def _write_in_place(loc: EnvLocation, blob: bytes) -> None:
+_BOOT_PARTITION = re.compile(r"/dev/(?:block/)?(mmcblk\d+boot\d+)")
+
+
+def force_ro_path(device: Path) -> Path | None:
+    """The sysfs switch that keeps an eMMC boot partition read-only, if ``device`` is one
+    (libubootenv clears it around a write and sets it again afterwards)."""
+    m = _BOOT_PARTITION.fullmatch(os.path.realpath(device))
+    return Path("/sys/class/block") / m.group(1) / "force_ro" if m else None
+
+
+@contextmanager
+def _writable(loc: EnvLocation) -> Iterator[None]:
+    switch = force_ro_path(loc.device)
+    if switch is None or not os.access(switch, os.W_OK):
+        yield
+        return
     try:
-        fd = os.open(loc.device, os.O_WRONLY | os.O_CLOEXEC)
+        switch.write_text("0")
     except OSError as e:
-        raise _os_error("open for writing", loc, e) from e
+        raise _os_error(f"clear {switch} for", loc, e) from e
     try:
-        offset = _resolve_offset(fd, loc)
-        view = memoryview(blob)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-        os.fsync(fd)
-    except OSError as e:
-        raise _os_error("write", loc, e) from e
+        yield
     finally:
-        os.close(fd)
+        with suppress(OSError):  # like libubootenv: the env is written; re-protecting is best effort
+            switch.write_text("1")
+
+
+def _write_in_place(loc: EnvLocation, blob: bytes) -> None:
+    with _writable(loc):
+        try:
+            fd = os.open(loc.device, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _os_error("open for writing", loc, e) from e
+        try:
+            offset = _resolve_offset(fd, loc)
+            view = memoryview(blob)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            os.fsync(fd)
+        except OSError as e:
+            raise _os_error("write", loc, e) from e
+        finally:
+            os.close(fd)
 
 
 def _whole_regular_file(loc: EnvLocation) -> os.stat_result | None:

@@ -17,6 +17,7 @@ from hw.bootloader.uboot_env import (
     FwEnvConfig,
     decode_copy,
     encode_copy,
+    force_ro_path,
     parse_fw_env_config,
     select_current,
 )
@@ -132,3 +133,17 @@ def test_the_flags_byte_is_outside_the_crc() -> None:
 def test_encoding_refuses_what_u_boot_could_not_read_back(variables: dict[str, str], message: str) -> None:
     with pytest.raises(BootEnvError, match=message):
         encode_copy(variables, 64, redundant=False)
+
+
+@pytest.mark.parametrize(
+    ("device", "switch"),
+    [
+        ("/dev/mmcblk0boot1", "/sys/class/block/mmcblk0boot1/force_ro"),
+        ("/dev/block/mmcblk2boot0", "/sys/class/block/mmcblk2boot0/force_ro"),
+        ("/dev/mmcblk0", None),
+        ("/dev/mmcblk0p1", None),
+        ("/boot/uboot.env", None),
+    ],
+)
+def test_emmc_boot_partitions_are_unlocked_for_writes_like_libubootenv(device: str, switch: str | None) -> None:
+    assert force_ro_path(Path(device)) == (Path(switch) if switch else None)
