@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import sim
+from agent import service, sim
 from agent.bootcheck import HealthOverride, boot_check
 from agent.daemon import Device, build_device
 from agent.events import Event
@@ -91,6 +91,10 @@ def _mark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    return service.run(_device(args))
+
+
 def _sim_init(args: argparse.Namespace) -> int:
     spec = sim.SimSpec(
         directory=Path(args.dir),
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("slot", nargs="?", default="booted", help="booted (default), other, or a bootname")
         p.set_defaults(func=_mark)
 
+    p = sub.add_parser("run", help="run as the device's service (systemd Type=notify, watchdog)")
+    p.set_defaults(func=_run)
+
     simp = sub.add_parser("sim", help="a simulated device in a directory")
     simsub = simp.add_subparsers(dest="sim_command", required=True)
     p = simsub.add_parser("init", help="create a simulated device")
@@ -163,12 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_failures(record: logging.LogRecord) -> bool:
+    """A failure event is printed as the CLI's one error line; don't log it twice."""
+    event = getattr(record, "ota_event", None)
+    return not (isinstance(event, dict) and event.get("result") == "failed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="ota-agent: %(message)s", force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_failures)
     try:
         rc: int = args.func(args)
     except OtaError as e:

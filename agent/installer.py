@@ -14,6 +14,7 @@ success or refusal, is recorded in the state and the outbox.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -49,8 +50,15 @@ class InstallOutcome:
 def install(
     device: Device, stream: Readable, *, progress: ProgressFn | None = None, allow_downgrade: bool = False
 ) -> InstallOutcome:
-    with device.store.lock():
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(device.store.lock())
+        except InstallError as e:
+            # Another install owns state.json: report through the append-only outbox only.
+            device.events.emit(Event("install", "failed", str(e)))
+            raise
         return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade)
+    raise AssertionError("unreachable")
 
 
 def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool) -> InstallOutcome:

@@ -39,6 +39,8 @@ class BundleStream:
             data = self._raw.read(n)
         except (OSError, http.client.HTTPException) as e:
             raise SourceError(self.name, f"read failed after {self.consumed} bytes: {e}") from None
+        if not data and n and self.length is not None and self.consumed < self.length:
+            raise SourceError(self.name, f"connection ended after {self.consumed} of {self.length} bytes")
         self.consumed += len(data)
         if self.consumed > self.cap:
             raise SourceError(self.name, f"more than {self.cap} bytes; refusing to read on", transient=False)
