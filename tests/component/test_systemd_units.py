@@ -85,7 +85,7 @@ def _settings(name: str) -> dict[str, list[str]]:
 
 def test_agent_service_is_a_notify_service_with_a_watchdog() -> None:
     s = _settings("ota-agent.service")
-    assert s["Service.ExecStart"] == ["/usr/bin/ota-agent -c /etc/ota/agent.toml run"]
+    assert s["Service.ExecStart"] == ["/usr/bin/ota-agent -c /etc/edge-ota/agent.toml run"]
     assert s["Service.Type"] == ["notify"]
     assert s["Service.Restart"] == ["on-failure"]
     assert s["Service.WatchdogSec"] == ["60s"]
@@ -99,7 +99,7 @@ def test_agent_service_is_a_notify_service_with_a_watchdog() -> None:
 
 def test_boot_check_gates_boot_complete_target() -> None:
     s = _settings("ota-boot-check.service")
-    assert s["Service.ExecStart"] == ["/usr/bin/ota-agent -c /etc/ota/agent.toml boot-check"]
+    assert s["Service.ExecStart"] == ["/usr/bin/ota-agent -c /etc/edge-ota/agent.toml boot-check"]
     assert s["Service.Type"] == ["oneshot"]
     assert s["Service.RemainAfterExit"] == ["yes"]
     assert "boot-complete.target" in s["Unit.Before"]
