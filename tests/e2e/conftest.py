@@ -138,10 +138,10 @@ DeviceFactory = Callable[..., SimDevice]
 def make_device(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, images: Images
 ) -> DeviceFactory:
-    """`make_device(tries=3, name="device") -> SimDevice`: a fresh simulated
+    """`make_device(tries=3, name="device", bootloader="sim") -> SimDevice`: a fresh simulated
     device (both slots hold the factory image, A booted and good)."""
 
-    def create(*, tries: int = 3, name: str = "device") -> SimDevice:
+    def create(*, tries: int = 3, name: str = "device", bootloader: str = "sim") -> SimDevice:
         directory = tmp_path / name
         spec = sim.SimSpec(
             directory=directory,
@@ -149,6 +149,7 @@ def make_device(
             keyring=signing_key.public,
             compatible=COMPATIBLE,
             tries=tries,
+            bootloader=bootloader,
             slot_size=SLOT_SIZE,
         )
         sim.init(spec)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from agent import sim
-from tests.e2e._sim import COMPATIBLE, SLOT_SIZE, SimDevice
-from tests.e2e.conftest import BundleFactory, Images, KeyPair
+from tests.e2e._sim import SimDevice
+from tests.e2e.conftest import BundleFactory, DeviceFactory, Images, KeyPair
 
 BACKENDS = ["sim", "uboot", "grub", "bls"]
 TOOLS = {"uboot": "fw_printenv", "grub": "grub-editenv"}
@@ -43,29 +41,12 @@ def bootloader_bytes(device: SimDevice, backend: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend_device(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    signing_key: KeyPair,
-    images: Images,
-) -> tuple[str, SimDevice]:
+def backend_device(request: pytest.FixtureRequest, make_device: DeviceFactory) -> tuple[str, SimDevice]:
     backend: str = request.param
     tool = TOOLS.get(backend)
     if tool and not shutil.which(tool):
         pytest.skip(f"{tool} not installed (make test installs it)")
-    directory = tmp_path / backend
-    sim.init(
-        sim.SimSpec(
-            directory=directory,
-            image=images.factory.path,
-            keyring=signing_key.public,
-            compatible=COMPATIBLE,
-            bootloader=backend,
-            slot_size=SLOT_SIZE,
-        )
-    )
-    return backend, SimDevice(directory, capsys)
+    return backend, make_device(name=backend, bootloader=backend)
 
 
 def test_install_commit_then_failed_trial_rolls_back_on_every_backend(
