@@ -18,6 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from agent import policy
@@ -120,17 +121,31 @@ def _write(
     total = sum(ip.image.size for ip in plan.images) * 2  # write + read-back
     done = 0
     writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
+
+    def write(index: int, op: Op, extent: Future[bytes] | None) -> None:
+        nonlocal done
+        writer = writers[plan.image_for_op(index).image.slot_class]
+        if extent is None:
+            writer.write_zeros(op.dst_offset, op.dst_length)
+        else:
+            writer.write(op.dst_offset, extent.result())
+        done += op.dst_length
+        if progress:
+            progress(done, total)
+
+    # Pipeline: while op i is written, op i+1 is decoded and its extent hash
+    # checked on a worker thread (zstd and hashlib release the GIL). Each extent
+    # is still written only after its own checks passed; at most two are in memory.
     try:
-        for index, op, payload in reader.iter_payload(ops):
-            ip = plan.image_for_op(index)
-            writer = writers[ip.image.slot_class]
-            if payload is None:
-                writer.write_zeros(op.dst_offset, op.dst_length)
-            else:
-                writer.write(op.dst_offset, produce(op, payload, index))
-            done += op.dst_length
-            if progress:
-                progress(done, total)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+            pending: tuple[int, Op, Future[bytes] | None] | None = None
+            for index, op, payload in reader.iter_payload(ops):
+                extent = decoder.submit(produce, op, payload, index) if payload is not None else None
+                if pending is not None:
+                    write(*pending)
+                pending = (index, op, extent)
+            if pending is not None:
+                write(*pending)
         for w in writers.values():
             w.sync()
     finally:

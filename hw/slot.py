@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from hw.errors import SlotError
@@ -102,14 +103,21 @@ def read_back_sha256(path: Path, name: str, length: int, progress: Callable[[int
         os.posix_fadvise(fd, 0, length, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
         done = 0
-        while done < length:
-            chunk = os.pread(fd, min(IO_CHUNK, length - done), done)
-            if not chunk:
-                raise SlotError(name, f"read-back ended at {done} of {length} bytes")
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(len(chunk))
+        # Hash chunk k on a worker while chunk k+1 is read (hashlib releases the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back") as hasher:
+            hashing: Future[None] | None = None
+            while done < length:
+                chunk = os.pread(fd, min(IO_CHUNK, length - done), done)
+                if not chunk:
+                    raise SlotError(name, f"read-back ended at {done} of {length} bytes")
+                if hashing is not None:
+                    hashing.result()
+                hashing = hasher.submit(h.update, chunk)
+                done += len(chunk)
+                if progress:
+                    progress(len(chunk))
+            if hashing is not None:
+                hashing.result()
         return h.hexdigest()
     except OSError as e:
         raise SlotError(name, f"read-back failed: {e.strerror}") from None
