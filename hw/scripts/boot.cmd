@@ -11,6 +11,7 @@
 # trial with attempts left boots after its counter is decremented and saved; a
 # slot with no attempts left is skipped. Nothing bootable: boot OTA_LAST_GOOD
 # (failing that the first slot of BOOT_ORDER) instead of looping on resets.
+# Unset variables get the defaults above, and those are saved.
 #
 # The board provides, per slot x, a command "ota_boot_<x>" that loads and boots
 # that slot's kernel, and optionally "ota_bootargs" (console=..., etc.). This
@@ -21,6 +22,8 @@
 # first; and since a local variable cannot be emptied again, "-" means "none".
 setenv ota_slot
 setenv ota_first
+setenv ota_s
+setenv ota_t
 setenv ota_trial
 setenv ota_why
 setenv ota_save
