@@ -25,9 +25,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from agent.crashpoint import crashpoint
 from agent.daemon import Device
+from agent.errors import InstallError
 from agent.events import Event
 from agent.health import HealthResult, run_checks
+from agent.state import SlotRecord
 from hw.bootloader.model import SlotBootState
 from hw.watchdog import Watchdog
 
@@ -88,6 +91,15 @@ class BootCheckOutcome:
 
 
 def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootCheckOutcome:
+    try:
+        with device.store.lock():
+            return _boot_check(device, health)
+    except InstallError:
+        booted = device.bootloader.booted_slot()
+        return BootCheckOutcome(Outcome.NOTHING, booted, "an install is in progress; nothing to assess")
+
+
+def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutcome:
     bl = device.bootloader
     booted = bl.booted_slot()
     boot_state = bl.state()
@@ -107,24 +119,33 @@ def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootC
         txn = trial.txn if trial and trial.slot == booted else None
         if result.ok:
             bl.mark_good(booted)
+            crashpoint("after-mark-good")
             device.watchdog.stop()
-            floor = state.committed_security_version
-            if trial and trial.slot == booted:
-                floor = max(floor, trial.security_version)
-            state = replace(state, committed_security_version=floor, trial=None)
-            device.store.save(state)
-            reason = f"{result.reason}; committed (security version now {floor})"
-            device.record(Event("commit", "ok", reason, txn, version, booted))
-            return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
+            return _commit(device, booted, result.reason)
         bl.mark_bad(booted)
+        crashpoint("after-mark-bad-trial")
         if trial and trial.slot == booted:
             device.store.save(replace(state, trial=replace(trial, failure=result.reason)))
         reason = f"{result.reason}; rebooting into the previous slot"
         device.record(Event("commit", "failed", reason, txn, version, booted))
         return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, result.reason)
 
+    if trial is not None and trial.slot == booted and slot_boot.state is SlotBootState.GOOD:
+        # Committed in the bootloader, then power was cut before the state was saved.
+        return _commit(device, booted, "commit completed after an interruption")
+
     if trial is not None and trial.slot != booted:
         failed = boot_state.slots[trial.slot]
+        if not trial.installed:
+            if failed.state is not SlotBootState.BAD:
+                bl.mark_bad(trial.slot)
+            device.store.save(replace(state.with_slot(trial.slot, SlotRecord()), trial=None))
+            reason = (
+                f"install of version {trial.bundle_version} into slot {trial.slot} was interrupted "
+                f"(power cut or crash); slot {trial.slot} stays unbootable, {booted} runs on"
+            )
+            device.record(Event("install", "failed", reason, trial.txn, trial.bundle_version, trial.slot))
+            return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if trial.failure:
             reason = f"slot {trial.slot} failed its health checks: {trial.failure}"
         elif device.watchdog.last_reset_was_watchdog():
@@ -144,6 +165,24 @@ def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootC
         return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
 
     return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is {slot_boot.describe()}; nothing to do")
+
+
+def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
+    """Record the commit of the booted slot (already marked good in the bootloader)."""
+    state = device.store.load()
+    trial = state.trial if state.trial is not None and state.trial.slot == booted else None
+    floor = state.committed_security_version
+    if trial is not None:
+        floor = max(floor, trial.security_version)
+        if not trial.installed:
+            # Power cut between "try this slot" and recording it: the trial record has what we need.
+            record = SlotRecord(trial.bundle_version, trial.sha256, trial.security_version, None)
+            state = state.with_slot(booted, record)
+    device.store.save(replace(state, committed_security_version=floor, trial=None))
+    reason = f"{why}; committed (security version now {floor})"
+    version = trial.bundle_version if trial else None
+    device.record(Event("commit", "ok", reason, trial.txn if trial else None, version, booted))
+    return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
 
 
 def _health(device: Device, override: HealthOverride | None) -> HealthResult:

@@ -4,9 +4,12 @@ writer, the bootloader and the state. The only module that writes slots.
 Sequence (DESIGN.md invariants 1-5):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
   mark target slot bad in the bootloader               (before the first byte)
+  record the update as in flight (state: trial, not installed)
   for each op: payload hash -> decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
-  record the slot's contents -> set target primary with N tries
+  set target primary with N tries -> record the slot's contents, trial installed
+A power cut at any point leaves the booted slot primary and untouched; boot-check
+on the next boot tells an interrupted install from a rollback by the trial record.
 Any failure after the target was marked bad leaves it bad (never bootable with
 partial contents); the booted slot is never opened for writing. Every outcome,
 success or refusal, is recorded in the state and the outbox.
@@ -22,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from agent import policy
+from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import InstallError
 from agent.events import Event, iso
@@ -73,6 +77,8 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
             raise InstallError(
                 f"booted slot {booted} is on trial and not committed yet; run boot-check (or mark-good/mark-bad) first"
             )
+        if booted_state.state is SlotBootState.BAD:
+            raise InstallError(f"booted slot {booted} is marked bad; reboot into the good slot before installing")
         reader = BundleReader(stream)
         bundle = verify(reader.read_head(), device.keyring())
         version = bundle.manifest.bundle_version
@@ -88,36 +94,47 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
         capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
         plan = make_plan(bundle, device.config.slots, booted, capacity)
         target = plan.target
-        if state.trial is not None and state.trial.slot != booted and state.trial.failure is None:
-            log.info("replacing pending trial of version %s in slot %s", state.trial.bundle_version, state.trial.slot)
         device.events.emit(Event("install", "started", "bundle verified", txn, version, target))
-        _write(device, reader, ops, plan, booted, progress=progress)
+        m = bundle.manifest
+        trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256)
+        _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
+        device.bootloader.set_primary(target, device.config.tries)
+        crashpoint("after-set-primary")
+        state = device.store.load().with_slot(
+            target, SlotRecord(m.bundle_version, trial.sha256, m.security_version, iso(device.clock()))
+        )
+        device.store.save(replace(state, trial=replace(trial, installed=True)))
     except OtaError as e:
+        state = device.store.load()
+        if state.trial is not None and state.trial.txn == txn:
+            device.store.save(replace(state, trial=None))  # reported here, not as an interrupted install
         device.record(Event("install", "failed", str(e), txn, version, target))
         raise
-    m = bundle.manifest
-    image = m.images[0]
-    state = device.store.load()
-    now = iso(device.clock())
-    state = state.with_slot(target, SlotRecord(m.bundle_version, image.sha256, m.security_version, now))
-    state = replace(state, trial=Trial(target, txn, m.bundle_version, m.security_version))
-    device.store.save(state)
-    device.bootloader.set_primary(target, device.config.tries)
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
     device.record(Event("install", "ok", reason, txn, m.bundle_version, target))
     return InstallOutcome(txn, m.bundle_version, target, m.security_version)
 
 
 def _write(
-    device: Device, reader: BundleReader, ops: list[Op], plan: InstallPlan, booted: str, *, progress: ProgressFn | None
+    device: Device,
+    reader: BundleReader,
+    ops: list[Op],
+    plan: InstallPlan,
+    booted: str,
+    *,
+    trial: Trial,
+    progress: ProgressFn | None,
 ) -> None:
     target = plan.target
-    # Invariant 3: unbootable before the first byte is written, and forget what it held.
-    device.bootloader.mark_bad(target)
+    # Record the update as in flight first, so a power cut anywhere below is
+    # reported as an interrupted install on the next boot.
     state = device.store.load().with_slot(target, SlotRecord())
-    if state.trial is not None and state.trial.slot == target and state.trial.failure is None:
-        state = replace(state, trial=None)  # its slot is being overwritten; a failure report is kept
-    device.store.save(state)
+    if state.trial is not None and state.trial.slot != booted:
+        log.info("replacing the pending update %s of slot %s", state.trial.bundle_version, state.trial.slot)
+    device.store.save(replace(state, trial=trial))
+    # Invariant 3: unbootable before the first byte is written.
+    device.bootloader.mark_bad(target)
+    crashpoint("after-mark-bad")
     total = sum(ip.image.size for ip in plan.images) * 2  # write + read-back
     done = 0
     writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
@@ -143,11 +160,13 @@ def _write(
                 extent = decoder.submit(produce, op, payload, index) if payload is not None else None
                 if pending is not None:
                     write(*pending)
+                    crashpoint("mid-payload")
                 pending = (index, op, extent)
             if pending is not None:
                 write(*pending)
         for w in writers.values():
             w.sync()
+        crashpoint("before-read-back")
     finally:
         for w in writers.values():
             w.close()

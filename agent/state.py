@@ -33,10 +33,16 @@ class SlotRecord:
 
 @dataclass(frozen=True, slots=True)
 class Trial:
+    """An update in flight: written while installing (``installed`` False), made
+    complete once the slot verified and the bootloader was told to try it, and
+    cleared by boot-check at commit or rollback."""
+
     slot: str
     txn: str
     bundle_version: str
     security_version: int
+    sha256: str | None = None
+    installed: bool = False
     failure: str | None = None  # set when boot-check gave up on it
 
 
