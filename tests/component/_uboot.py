@@ -159,14 +159,14 @@ class Boot:
     retries: int = 0  # power-ons that stalled in QEMU before the script (see UBootMachine.boot)
 
 
-def board_env(*, redundant: bool) -> dict[str, str]:
+def board_env(*, redundant: bool, bootnames: tuple[str, ...] = BOOTNAMES) -> dict[str, str]:
     """What the board itself keeps in its env: no autoboot delay, run boot.scr, and per
     slot a stand-in for "load and boot the kernel" that prints a marker."""
     env = {
         "bootdelay": "0",
         "bootcmd": f"load mmc 0:1 {SCRIPT_ADDR:#x} boot.scr && source {SCRIPT_ADDR:#x} || echo OTA-SCRIPT-FAILED",
     }
-    for b in BOOTNAMES:
+    for b in bootnames:
         env[f"ota_boot_{b}"] = f"echo OTA-KERNEL slot={b} bootargs=[${{bootargs}}]"
     if redundant:
         env["bootcmd"] = "run ota_redund_load; " + env["bootcmd"]
@@ -216,7 +216,8 @@ def _redundant_shim() -> dict[str, str]:
 class UBootMachine:
     """One orangepi-pc with an SD card; `env` is the agent's view of its U-Boot env."""
 
-    def __init__(self, workdir: Path, golden: Path, spl: Path, boot_scr: Path, *, redundant: bool = False) -> None:
+    def __init__(self, workdir: Path, golden: Path, spl: Path, boot_scr: Path, *, redundant: bool = False,
+                 bootnames: tuple[str, ...] = BOOTNAMES) -> None:
         self.workdir = workdir
         self.redundant = redundant
         self.image = workdir / "sd.img"
@@ -224,7 +225,7 @@ class UBootMachine:
         run_tool("mcopy", "-o", "-i", f"{self.image}@@{PART_OFFSET}", boot_scr, "::boot.scr")
         self.fat_env = workdir / "uboot.env"  # host copy of the FAT env (what saveenv writes)
         self.fat_config = write_config(workdir / "fw_env.config", (self.fat_env, 0), size=FAT_ENV_SIZE)
-        self.board = board_env(redundant=redundant)
+        self.board = board_env(redundant=redundant, bootnames=bootnames)
         if redundant:
             # The agent's env: two raw copies in the SD image itself, as on /dev/mmcblk0.
             copies = [(self.image, off) for off in RAW_ENV_OFFSETS]
@@ -235,7 +236,7 @@ class UBootMachine:
         else:
             self.config = self.fat_config
             UBootEnvStore(self.config).create(self.board)
-        self.env = UBootEnv(self.config, BOOTNAMES)
+        self.env = UBootEnv(self.config, bootnames)
 
     def _write_raw_blank(self) -> None:
         with self.image.open("r+b") as f:

@@ -151,6 +151,15 @@ def test_env_without_slot_variables_boots_a_and_saves_the_defaults(machine: UBoo
     assert machine.env.load() == BootState(("A", "B"), {b: SlotBoot(SlotBootState.GOOD) for b in BOOTNAMES})
 
 
+def test_any_bootnames_and_three_slots(rig: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    m = UBootMachine(tmp_path, *rig, bootnames=("sys.a", "sys-b", "rescue_1"))
+    m.env.create()
+    m.env.store(model.set_primary(model.mark_bad(m.env.load(), "sys-b"), "sys-b", 2))
+    m.env.store(model.mark_bad(m.env.load(), "sys.a"))
+    slots = [boot_as_the_model_says(m).slot for _ in range(3)]
+    assert slots == ["sys-b", "sys-b", "rescue_1"]
+
+
 def _tear(image: Path, offset: int, old: bytes, keep_new: int) -> None:
     """Power cut inside a copy's write: the first ``keep_new`` bytes are new, the rest old."""
     with image.open("r+b") as f:
