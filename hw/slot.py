@@ -9,9 +9,12 @@ slot as a last line of defence.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +23,24 @@ from hw.errors import SlotError
 
 IO_CHUNK = 4 << 20
 _ZEROS = bytes(IO_CHUNK)
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SECTOR = 512
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_fallocate()
 
 
 def slot_size(path: Path, name: str) -> int:
@@ -48,8 +69,10 @@ class SlotWriter:
         self.capacity = slot_size(path, name)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            self.block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         except OSError as e:
             raise SlotError(name, f"cannot open {path} for writing: {e.strerror}") from None
+        self._fast_zero = True
 
     def __enter__(self) -> SlotWriter:
         return self
@@ -78,8 +101,37 @@ class SlotWriter:
             raise SlotError(self.name, f"write at {offset} failed: {e.strerror}") from None
 
     def write_zeros(self, offset: int, length: int) -> None:
+        """Zero a range without sending zero bytes when the medium can: BLKZEROOUT
+        on a block device (the sector-aligned part), a punched hole in a file.
+        Falls back to writing zeros when the kernel or filesystem says no."""
         self._check_range(offset, length)
         end = offset + length
+        if self._fast_zero and length >= IO_CHUNK:
+            if self.block_device:
+                start, stop = -(-offset // SECTOR) * SECTOR, end // SECTOR * SECTOR
+                if stop > start and self._zero_out(start, stop - start):
+                    self._write_zero_bytes(offset, start)
+                    self._write_zero_bytes(stop, end)
+                    return
+            elif self._punch_hole(offset, length):
+                return
+        self._write_zero_bytes(offset, end)
+
+    def _zero_out(self, offset: int, length: int) -> bool:
+        try:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+        except OSError:
+            self._fast_zero = False
+            return False
+        return True
+
+    def _punch_hole(self, offset: int, length: int) -> bool:
+        if _fallocate is None or _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            self._fast_zero = False
+            return False
+        return True
+
+    def _write_zero_bytes(self, offset: int, end: int) -> None:
         while offset < end:
             n = min(IO_CHUNK, end - offset)
             self.write(offset, _ZEROS[:n])
