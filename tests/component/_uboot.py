@@ -258,9 +258,10 @@ class UBootMachine:
     def pull(self) -> None:
         run_tool("mcopy", "-o", "-i", f"{self.image}@@{PART_OFFSET}", "::uboot.env", self.fat_env)
 
-    def boot(self, *, cut_after: float | None = None, timeout: float = 30.0) -> Boot:
-        """Power on, let boot.scr choose, stop when the slot's boot command runs (or at
-        ``cut_after`` seconds: a power cut). The host env file is updated afterwards.
+    def boot(self, *, cut_after: float | None = None, cut_at: str | None = None, timeout: float = 30.0) -> Boot:
+        """Power on, let boot.scr choose, stop when the slot's boot command runs. A power
+        cut instead: ``cut_after`` seconds, or as soon as the console shows ``cut_at``.
+        The host env file is updated afterwards.
 
         Now and then (about 1 power-on in 80 on a loaded 2-core machine) QEMU stalls before
         U-Boot gets to the script: no output at all, or none after the SPL banner. Nothing
@@ -269,7 +270,7 @@ class UBootMachine:
         self.push()
         retries = 0
         while True:
-            buf, seconds, stalled = self._power_on(cut_after, timeout)
+            buf, seconds, stalled = self._power_on(cut_after, cut_at.encode() if cut_at else None, timeout)
             if not stalled:
                 break
             retries += 1
@@ -279,7 +280,7 @@ class UBootMachine:
         log = _text(buf)
         if "OTA-SCRIPT-FAILED" in log:
             raise AssertionError(f"boot.scr failed:\n{log[-3000:]}")
-        if cut_after is None and not _DONE.search(buf):
+        if cut_after is None and cut_at is None and not _DONE.search(buf):
             raise AssertionError(f"U-Boot did not reach a slot within {timeout}s:\n{log[-3000:]}")
         chosen, kernel, copy = _CHOSEN.search(log), _KERNEL.search(log), _COPY.search(log)
         return Boot(
@@ -293,9 +294,10 @@ class UBootMachine:
             retries=retries,
         )
 
-    def _power_on(self, cut_after: float | None, timeout: float) -> tuple[bytes, float, bool]:
+    def _power_on(self, cut_after: float | None, cut_at: bytes | None, timeout: float) -> tuple[bytes, float, bool]:
         """Run QEMU until the kernel marker, the cut, or the timeout. Returns the console
         output, the seconds it ran, and whether it stalled before the script started."""
+        cutting = cut_after is not None or cut_at is not None
         cmd = ["qemu-system-arm", "-M", "orangepi-pc", "-nographic", "-nic", "none", "-no-reboot",
                "-drive", f"if=sd,format=raw,file={self.image}"]
         start = time.monotonic()
@@ -310,11 +312,13 @@ class UBootMachine:
                 chunk = proc.stdout.read()
                 if chunk:
                     buf += chunk
-                    if cut_after is None and _DONE.search(buf):
+                    if cut_at is not None and cut_at in buf:
+                        break
+                    if not cutting and _DONE.search(buf):
                         break
                 elif proc.poll() is not None:
                     break
-                elif cut_after is None and now - start > STALL_SECONDS and _SCRIPT_STARTED not in buf:
+                elif not cutting and now - start > STALL_SECONDS and _SCRIPT_STARTED not in buf:
                     stalled = True
                     break
                 else:
