@@ -23,7 +23,7 @@ from bundler.format.errors import BoundsError, FormatError, HashMismatchError
 from bundler.format.header import OP_RECORD_SIZE
 
 BLOCK_SIZE = 4096
-MAX_OP_DST = 16 << 20  # produced bytes of one REPLACE/DELTA/SOURCE_COPY op
+MAX_OP_DST = 8 << 20  # produced bytes of one REPLACE/DELTA/SOURCE_COPY op: bounds install memory
 MAX_OP_PAYLOAD = MAX_OP_DST + (1 << 20)  # a zstd frame of incompressible data is slightly larger
 MAX_WINDOW = 1 << 27  # refuse zstd frames that would need a larger decoder window
 

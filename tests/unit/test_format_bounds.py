@@ -128,7 +128,7 @@ def test_header_rejects_each_length_one_past_its_bounds_naming_the_field(
 def test_documented_maxima_are_the_codes() -> None:
     assert (MAX_MANIFEST, MAX_SIGNATURE_BLOCK, MAX_OP_COUNT) == (1 << 20, 1602, 65536)
     assert MAX_PAYLOAD == 2**63 - 1
-    assert (MAX_OP_DST, MAX_OP_PAYLOAD, MAX_WINDOW) == (16 << 20, 17 << 20, 128 << 20)
+    assert (MAX_OP_DST, MAX_OP_PAYLOAD, MAX_WINDOW) == (8 << 20, 9 << 20, 128 << 20)
     assert (MAX_IMAGES, MAX_IMAGE_SIZE, MAX_SECURITY_VERSION, MAX_SIGNATURES) == (16, 2**50, 2**63 - 1, 16)
     assert (MAX_KEY_FILE, MAX_KEYRING_FILES) == (16 * 1024, 256)
 
