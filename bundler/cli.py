@@ -95,12 +95,13 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.keyring:
             verified = verify(head, Keyring.load(Path(args.keyring)))
             manifest, signer = verified.manifest, verified.signer.hex()
+            ops = reader.read_op_table(verified)
         else:
             manifest = manifest_mod.parse(head.manifest_bytes)
-        raw_table = f.read(head.header.op_table_length)
-        if len(raw_table) != head.header.op_table_length:
-            raise TruncatedError("op table", head.header.op_table_length, len(raw_table))
-        ops = unpack_table(raw_table)
+            raw_table = f.read(head.header.op_table_length)
+            if len(raw_table) != head.header.op_table_length:
+                raise TruncatedError("op table", head.header.op_table_length, len(raw_table))
+            ops = unpack_table(raw_table)
     info = _describe(head.header, manifest, ops, signer)
     if args.json:
         print(json.dumps(info, indent=2))
