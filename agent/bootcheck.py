@@ -164,6 +164,8 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         device.record(Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot))
         return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
 
+    if slot_boot.state is SlotBootState.GOOD and bl.refresh():
+        return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is good; boot counters restored")
     return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is {slot_boot.describe()}; nothing to do")
 
 

@@ -62,6 +62,16 @@ class Bootloader:
     def mark_bad(self, bootname: str) -> None:
         self._store(model.mark_bad(self.env.load(), bootname))
 
+    def refresh(self) -> bool:
+        """Rewrite the environment in its canonical form if a boot script other than
+        ours changed it (a device still booting RAUC's stock U-Boot script counts a
+        committed slot down on every boot). Returns whether it wrote anything."""
+        needs = getattr(self.env, "needs_refresh", None)
+        if needs is None or not needs():
+            return False
+        self._store(self.env.load())
+        return True
+
     def _store(self, state: BootState) -> None:
         self.env.store(state)
         # Read back: a write that "succeeded" but did not stick is a loud error.

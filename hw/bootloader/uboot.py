@@ -131,6 +131,16 @@ class UBootEnv:
                 raise BootEnvError(BACKEND, f"bootname {b!r} must match {_BOOTNAME.pattern}")
         self.storage = UBootEnvStore(path)
 
+    def needs_refresh(self) -> bool:
+        """True when the variables differ from what `store(load())` would write:
+        RAUC's stock script counts a committed slot down on every boot."""
+        variables = self.variables()
+        try:
+            wanted = encode_state(decode_state(variables, self.bootnames))
+        except ValueError as e:
+            raise BootEnvError(BACKEND, str(e), path=str(self.path)) from e
+        return any(variables.get(k) != v for k, v in wanted.items())
+
     def variables(self) -> dict[str, str]:
         """Every variable of the current copy (for diagnostics and tests)."""
         return dict(self.storage.read().variables)
