@@ -20,7 +20,7 @@ from agent.sources import source_for
 from agent.status import render, status
 from bundler.format.errors import OtaError
 from hw.power import reboot
-from hw.tty import Progress
+from hw.tty import Progress, run_reporting_errors
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
 log = logging.getLogger("ota-agent")
@@ -184,20 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_failures)
-    try:
-        rc: int = args.func(args)
-    except OtaError as e:
-        if args.verbose:
-            raise
-        print(f"ota-agent: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.verbose:
-            raise
-        print(f"ota-agent: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
-    return rc
-
+    return run_reporting_errors("ota-agent", lambda: int(args.func(args)), expected=(OtaError,), verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(main())

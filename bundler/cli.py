@@ -21,7 +21,7 @@ from bundler.format.manifest import Manifest, format_time, parse_time
 from bundler.format.ops import Op, OpType, produce, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, generate_key, verify
-from hw.tty import Progress
+from hw.tty import Progress, run_reporting_errors
 
 _ZEROS = bytes(1 << 20)
 
@@ -195,20 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        rc: int = args.func(args)
-    except (OtaError, ValueError) as e:
-        if args.verbose:
-            raise
-        print(f"ota-bundle: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.verbose:
-            raise
-        print(f"ota-bundle: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
-    return rc
-
+    expected = (OtaError, ValueError)
+    return run_reporting_errors("ota-bundle", lambda: int(args.func(args)), expected=expected, verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(main())

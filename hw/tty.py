@@ -1,10 +1,12 @@
-"""Progress on the terminal: a redrawn bar when stderr is a TTY, otherwise a
-quiet line every 25 % so logs stay readable. Owns nothing else."""
+"""The terminal side of the command-line tools: progress (a redrawn bar when
+stderr is a TTY, otherwise a quiet line every 25 % so logs stay readable) and
+the one-line error report every command ends with."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -50,3 +52,21 @@ class Progress:
         if self.tty and self._last_draw:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def run_reporting_errors(
+    prog: str, command: Callable[[], int], *, expected: tuple[type[Exception], ...], verbose: bool
+) -> int:
+    """Run a CLI command; an expected error becomes one `PROG: error: ...` line on
+    stderr and exit status 1 (a traceback only when `verbose`)."""
+    try:
+        return command()
+    except expected as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OSError as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+    return 1
