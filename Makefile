@@ -37,7 +37,8 @@ apt-demo:
 	fi
 
 bootscripts: venv
-	@command -v mkimage >/dev/null && $(MAKE) -s -C hw/scripts || echo "mkimage not found: U-Boot script image not built"
+	@if command -v mkimage >/dev/null; then $(MAKE) -s -C hw/scripts; \
+	else echo "mkimage not found (u-boot-tools): hw/scripts/boot.scr not built"; fi
 
 lint: venv
 	$(BIN)/ruff check agent bundler hw tests bench
