@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
-from agent.errors import InstallError
+from agent.errors import LockBusyError
 from agent.events import Event
 from agent.health import HealthResult, run_checks
 from agent.state import SlotRecord
@@ -94,7 +94,7 @@ def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootC
     try:
         with device.store.lock():
             return _boot_check(device, health)
-    except InstallError:
+    except LockBusyError:
         booted = device.bootloader.booted_slot()
         return BootCheckOutcome(Outcome.NOTHING, booted, "an install is in progress; nothing to assess")
 

@@ -10,6 +10,7 @@ bundler.format.errors and hw.errors; all share the root `OtaError`).
     +-- PlanError             the bundle's images do not fit this device's slots
     +-- SourceError           fetching bytes failed (transient: may be retried)
     +-- InstallError          refusing or aborting an install for a local reason
+        +-- LockBusyError     another install or boot-check holds the state lock
 """
 
 from __future__ import annotations
@@ -64,3 +65,7 @@ class SourceError(OtaError):
 
 class InstallError(OtaError):
     """An install refused or aborted for a local reason (busy, slot too small, ...)."""
+
+
+class LockBusyError(InstallError):
+    """Another agent process holds the state lock."""

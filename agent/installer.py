@@ -3,8 +3,8 @@ writer, the bootloader and the state. The only module that writes slots.
 
 Sequence (DESIGN.md invariants 1-5):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
-  mark target slot bad in the bootloader               (before the first byte)
   record the update as in flight (state: trial, not installed)
+  mark target slot bad in the bootloader               (before the first byte)
   for each op: payload hash -> decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
   set target primary with N tries -> record the slot's contents, trial installed
@@ -17,7 +17,6 @@ success or refusal, is recorded in the state and the outbox.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from dataclasses import dataclass, replace
 from agent import policy
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
-from agent.errors import InstallError
+from agent.errors import InstallError, LockBusyError
 from agent.events import Event, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import SlotRecord, Trial
@@ -37,7 +36,6 @@ from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import verify
 from hw.bootloader.model import SlotBootState
 from hw.slot import SlotWriter, read_back_sha256, slot_size
-from hw.tty import Progress
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +53,13 @@ class InstallOutcome:
 def install(
     device: Device, stream: Readable, *, progress: ProgressFn | None = None, allow_downgrade: bool = False
 ) -> InstallOutcome:
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(device.store.lock())
-        except InstallError as e:
-            # Another install owns state.json: report through the append-only outbox only.
-            device.events.emit(Event("install", "failed", str(e)))
-            raise
-        return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade)
-    raise AssertionError("unreachable")
+    try:
+        with device.store.lock():
+            return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade)
+    except LockBusyError as e:
+        # Another install owns state.json: report through the append-only outbox only.
+        device.events.emit(Event("install", "failed", str(e)))
+        raise
 
 
 def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool) -> InstallOutcome:
@@ -181,14 +177,3 @@ def _write(
         actual = read_back_sha256(ip.slot.path, target, ip.image.size, tick)
         if actual != ip.image.sha256:
             raise HashMismatchError(f"slot {target} read-back", ip.image.sha256, actual)
-
-
-
-def install_from(device: Device, stream: Readable, *, show_progress: bool = True) -> InstallOutcome:
-    bar = Progress("installing") if show_progress else None
-    try:
-        return install(device, stream, progress=bar)
-    finally:
-        if bar:
-            bar.finish()
-

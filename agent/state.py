@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, InstallError
+from agent.errors import ConfigError, LockBusyError
 from agent.events import Event
 from hw.fsutil import atomic_write
 
@@ -95,14 +95,15 @@ class StateStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive lock for changes that span several steps (an install)."""
+        """Exclusive lock for changes that span several steps (an install, a boot-check);
+        raises LockBusyError at once when another process holds it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise InstallError(f"another install is in progress (lock held on {self.dir / 'lock'})") from None
+                raise LockBusyError(f"another install is in progress (lock held on {self.dir / 'lock'})") from None
             yield
         finally:
             os.close(fd)
