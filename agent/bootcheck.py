@@ -125,9 +125,9 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         bl.mark_bad(booted)
         crashpoint("after-mark-bad-trial")
         if trial and trial.slot == booted:
-            device.store.save(replace(state, trial=replace(trial, failure=result.reason)))
+            state = replace(state, trial=replace(trial, failure=result.reason))
         reason = f"{result.reason}; rebooting into the previous slot"
-        device.record(Event("commit", "failed", reason, txn, version, booted))
+        device.record(Event("commit", "failed", reason, txn, version, booted), state)
         return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, result.reason)
 
     if trial is not None and trial.slot == booted and slot_boot.state is SlotBootState.GOOD:
@@ -139,12 +139,12 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         if not trial.installed:
             if failed.state is not SlotBootState.BAD:
                 bl.mark_bad(trial.slot)
-            device.store.save(replace(state.with_slot(trial.slot, SlotRecord()), trial=None))
+            state = replace(state.with_slot(trial.slot, SlotRecord()), trial=None)
             reason = (
                 f"install of version {trial.bundle_version} into slot {trial.slot} was interrupted "
                 f"(power cut or crash); slot {trial.slot} stays unbootable, {booted} runs on"
             )
-            device.record(Event("install", "failed", reason, trial.txn, trial.bundle_version, trial.slot))
+            device.record(Event("install", "failed", reason, trial.txn, trial.bundle_version, trial.slot), state)
             return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if trial.failure:
             reason = f"slot {trial.slot} failed its health checks: {trial.failure}"
@@ -159,9 +159,9 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
         if failed.state is not SlotBootState.BAD:
             bl.mark_bad(trial.slot)
-        device.store.save(replace(state, trial=None))
         reason = f"{reason}; running {booted} again"
-        device.record(Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot))
+        event = Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot)
+        device.record(event, replace(state, trial=None))
         return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
 
     if slot_boot.state is SlotBootState.GOOD and bl.refresh():
@@ -180,10 +180,10 @@ def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
             # Power cut between "try this slot" and recording it: the trial record has what we need.
             record = SlotRecord(trial.bundle_version, trial.sha256, trial.security_version, None)
             state = state.with_slot(booted, record)
-    device.store.save(replace(state, committed_security_version=floor, trial=None))
     reason = f"{why}; committed (security version now {floor})"
     version = trial.bundle_version if trial else None
-    device.record(Event("commit", "ok", reason, trial.txn if trial else None, version, booted))
+    event = Event("commit", "ok", reason, trial.txn if trial else None, version, booted)
+    device.record(event, replace(state, committed_security_version=floor, trial=None))
     return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
 
 

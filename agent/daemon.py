@@ -10,7 +10,7 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.config import Config
 from agent.events import Clock, Event, EventLog, utcnow
-from agent.state import StateStore
+from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
@@ -29,11 +29,11 @@ class Device:
     def keyring(self) -> Keyring:
         return Keyring.load(self.config.keyring)
 
-    def record(self, event: Event) -> Event:
-        """Emit an event to log and outbox, and keep it as the last result."""
+    def record(self, event: Event, state: AgentState | None = None) -> Event:
+        """Emit an event to log and outbox, and save it as the last result, together
+        with `state` when the caller changed the state too (one atomic write)."""
         event = self.events.emit(event)
-        state = self.store.load()
-        self.store.save(replace(state, last_result=event))
+        self.store.save(replace(state or self.store.load(), last_result=event))
         return event
 
 

@@ -99,15 +99,15 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
         state = device.store.load().with_slot(
             target, SlotRecord(m.bundle_version, trial.sha256, m.security_version, iso(device.clock()))
         )
-        device.store.save(replace(state, trial=replace(trial, installed=True)))
+        state = replace(state, trial=replace(trial, installed=True))
     except OtaError as e:
         state = device.store.load()
         if state.trial is not None and state.trial.txn == txn:
-            device.store.save(replace(state, trial=None))  # reported here, not as an interrupted install
-        device.record(Event("install", "failed", str(e), txn, version, target))
+            state = replace(state, trial=None)  # reported here, not as an interrupted install
+        device.record(Event("install", "failed", str(e), txn, version, target), state)
         raise
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
-    device.record(Event("install", "ok", reason, txn, m.bundle_version, target))
+    device.record(Event("install", "ok", reason, txn, m.bundle_version, target), state)
     return InstallOutcome(txn, m.bundle_version, target, m.security_version)
 
 
