@@ -3,8 +3,10 @@
 Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
 `reason`, `time`). The outbox (`STATE_DIR/outbox.jsonl`) keeps every report
 until a transport has delivered it; each append is fsynced, so a power cut
-loses no report that was acknowledged to the caller. It is bounded: past
-`MAX_OUTBOX` records the oldest progress records are dropped first.
+loses no report that was acknowledged to the caller. It is bounded: when the
+file passes `MAX_OUTBOX_BYTES` it is cut to half that, dropping progress
+records first, then the oldest. Appends only stat the file; the file is read
+and rewritten only when a cut is due.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hw.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-MAX_OUTBOX = 1000
+MAX_OUTBOX_BYTES = 256 * 1024
 Clock = Callable[[], datetime]
 
 
@@ -88,12 +90,16 @@ class EventLog:
         return out
 
     def _trim(self) -> None:
-        if self.path.stat().st_size < MAX_OUTBOX * 100:  # cheaper than counting on every append
+        if self.path.stat().st_size <= MAX_OUTBOX_BYTES:
             return
-        events = self.pending()
-        if len(events) <= MAX_OUTBOX:
-            return
-        progress = [i for i, e in enumerate(events) if e.event == "progress"]
-        drop = set(progress[: len(events) - MAX_OUTBOX])
-        kept = [e for i, e in enumerate(events) if i not in drop][-MAX_OUTBOX:]
-        atomic_write(self.path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in kept).encode())
+        lines = [json.dumps(asdict(e), sort_keys=True) + "\n" for e in self.pending()]
+        excess = sum(len(line) for line in lines) - MAX_OUTBOX_BYTES // 2
+        keep = [True] * len(lines)
+        for progress_first in (True, False):
+            for i, line in enumerate(lines):
+                if excess <= 0:
+                    break
+                if keep[i] and (not progress_first or '"event": "progress"' in line):
+                    keep[i] = False
+                    excess -= len(line)
+        atomic_write(self.path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
