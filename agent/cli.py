@@ -23,7 +23,6 @@ from hw.power import reboot
 from hw.tty import Progress, run_reporting_errors
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
-log = logging.getLogger("ota-agent")
 
 
 def _device(args: argparse.Namespace) -> Device:
@@ -185,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_failures)
     return run_reporting_errors("ota-agent", lambda: int(args.func(args)), expected=(OtaError,), verbose=args.verbose)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,6 @@ device runs at boot (boot-check), rebooting as long as boot-check asks for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from agent.state import AgentState, SlotRecord, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import model, open_env
 from hw.fsutil import atomic_write
+from hw.slot import file_sha256
 from hw.watchdog import SimWatchdog
 
 BOOTNAMES = ("A", "B")
@@ -68,10 +68,7 @@ def init(spec: SimSpec) -> Path:
     size = -(-size // (1 << 20)) * (1 << 20)
     if size < image_size:
         raise InstallError(f"slot size {size} is smaller than the image ({image_size} bytes)")
-    digest = hashlib.sha256()
-    with spec.image.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    digest = file_sha256(spec.image, "image")
     for b in BOOTNAMES:
         slot = d / f"slot-{b}.img"
         shutil.copyfile(spec.image, slot)
@@ -82,11 +79,16 @@ def init(spec: SimSpec) -> Path:
         _write_fw_env_config(d, env_path)
     env = open_env(spec.bootloader, env_path, BOOTNAMES)
     env.create()
-    atomic_write(d / "cmdline", b"ota.slot=A rauc.slot=A\n")
+    _set_cmdline(d / "cmdline", BOOTNAMES[0])
     config_path(d).write_text(_config_text(spec, ENV_PATHS[spec.bootloader]))
-    records = {b: SlotRecord(spec.version, digest.hexdigest(), 0, None) for b in BOOTNAMES}
+    records = {b: SlotRecord(spec.version, digest, 0, None) for b in BOOTNAMES}
     StateStore(d / "state").save(AgentState(slots=records))
     return config_path(d)
+
+
+def _set_cmdline(path: Path, slot: str) -> None:
+    """What the shipped boot scripts put on the kernel command line."""
+    atomic_write(path, f"ota.slot={slot} rauc.slot={slot}\n".encode())
 
 
 def _write_fw_env_config(d: Path, config: Path) -> None:
@@ -148,7 +150,7 @@ def power_on(
         hang_end = None
         state, decision = model.choose(env.load())
         env.store(state)
-        atomic_write(device.config.cmdline, f"ota.slot={decision.slot} rauc.slot={decision.slot}\n".encode())
+        _set_cmdline(device.config.cmdline, decision.slot)
         outcome = boot_check(device, health=health)
         boots.append(BootRecord(decision.slot, decision.reason, outcome))
         after = ", after a watchdog reset" if reset else ""

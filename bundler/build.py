@@ -107,6 +107,12 @@ def build_full(spec: BundleSpec, out: Path, progress: Progress | None = None) ->
         chunk = bytearray()
         chunk_start = 0
         offset = 0
+
+        def submit_chunk() -> None:
+            nonlocal chunk
+            pending.append((chunk_start, len(chunk), pool.submit(_compress, bytes(chunk), spec.level)))
+            chunk = bytearray()
+
         while True:
             segment = image.read(SEGMENT)
             if not segment:
@@ -114,22 +120,20 @@ def build_full(spec: BundleSpec, out: Path, progress: Progress | None = None) ->
             image_hash.update(segment)
             if segment == _ZERO_SEGMENT[: len(segment)]:
                 if chunk:
-                    pending.append((chunk_start, len(chunk), pool.submit(_compress, bytes(chunk), spec.level)))
-                    chunk = bytearray()
+                    submit_chunk()
                 add_zero(offset, len(segment))
             else:
                 if not chunk:
                     chunk_start = offset
                 chunk += segment
                 if len(chunk) >= CHUNK:
-                    pending.append((chunk_start, len(chunk), pool.submit(_compress, bytes(chunk), spec.level)))
-                    chunk = bytearray()
+                    submit_chunk()
                     drain(2 * threads)
             offset += len(segment)
             if progress:
                 progress(offset, size)
         if chunk:
-            pending.append((chunk_start, len(chunk), pool.submit(_compress, bytes(chunk), spec.level)))
+            submit_chunk()
         drain(0)
         if offset != size:
             raise ValueError(f"{spec.image}: read {offset} bytes, expected {size} (file changed while reading?)")
