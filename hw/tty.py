@@ -4,10 +4,13 @@ the one-line error report every command ends with."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+from bundler.format.text import ERROR_LIMIT, clean
 
 
 class Progress:
@@ -55,18 +58,32 @@ class Progress:
 
 
 def run_reporting_errors(
-    prog: str, command: Callable[[], int], *, expected: tuple[type[Exception], ...], verbose: bool
+    prog: str,
+    command: Callable[[], int],
+    *,
+    expected: tuple[type[Exception], ...],
+    verbose: bool,
+    json_errors: bool = False,
 ) -> int:
     """Run a CLI command; an expected error becomes one `PROG: error: ...` line on
-    stderr and exit status 1 (a traceback only when `verbose`)."""
+    stderr and exit status 1 (a traceback only when `verbose`). With `json_errors`
+    the line is one JSON object instead: {"error": {"type": ..., "message": ...}}."""
     try:
         return command()
     except expected as e:
         if verbose:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _report(prog, type(e).__name__, str(e), json_errors)
     except OSError as e:
         if verbose:
             raise
-        print(f"{prog}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        _report(prog, type(e).__name__, f"{e.filename or ''}: {e.strerror}", json_errors)
     return 1
+
+
+def _report(prog: str, kind: str, message: str, as_json: bool) -> None:
+    message = clean(message, ERROR_LIMIT)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message}, "program": prog}), file=sys.stderr)
+    else:
+        print(f"{prog}: error: {message}", file=sys.stderr)
