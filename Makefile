@@ -16,9 +16,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The demo needs only the package; the tests add the test and lint toolchain.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed-run
 
 venv: $(VENV)/.installed
 
@@ -47,7 +52,7 @@ lint: venv
 test: apt-test venv bootscripts lint
 	$(BIN)/python -m pytest tests
 
-demo: apt-demo venv
+demo: apt-demo $(VENV)/.installed-run
 	$(BIN)/python -m agent.demo
 
 bench: venv

@@ -1,7 +1,7 @@
 """Installing a bundle: connects the reader, the policy, the plan, the slot
 writer, the bootloader and the state. The only module that writes slots.
 
-Sequence (DESIGN.md invariants 1-5):
+Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
   record the update as in flight (state: trial, not installed)
   mark target slot bad in the bootloader               (before the first byte)

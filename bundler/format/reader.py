@@ -1,7 +1,7 @@
 """Reading a bundle front to back from a byte stream (sans-IO: any object with
 ``read(n)``; sources own sockets and files).
 
-Order of trust, matching DESIGN.md invariant 1:
+Order of trust, matching invariant 1 of docs/architecture.md:
 1. `read_head()` reads the header (bounds-checked lengths only), the manifest
    and signature bytes → `UnverifiedBundle`;
 2. `signing.verify()` checks the signature, then parses the manifest;
