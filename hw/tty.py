@@ -4,6 +4,7 @@ the one-line error report every command ends with."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 import time
@@ -55,6 +56,15 @@ class Progress:
         if self.tty and self._last_draw:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def version_string(prog: str) -> str:
+    """`PROG VERSION` for `--version`, from the installed package's metadata."""
+    try:
+        version = importlib.metadata.version("edge-ota")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed as a package)"
+    return f"{prog} {version}"
 
 
 def run_reporting_errors(
