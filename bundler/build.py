@@ -1,46 +1,97 @@
-"""Building a full bundle from an image file.
+"""Building a full bundle from one or more image files.
 
-Owns the choice of ops for a full image: runs of all-zero 1 MiB segments
-become ZERO ops (no payload), everything else REPLACE ops of up to 4 MiB, each
-one zstd frame compressed on a pool of threads. The payload is spooled to a
-temporary file beside the output because the header and op table, which come
-first, pin hashes only known at the end; memory stays bounded by the number of
-chunks in flight.
+Owns three things:
+- checking a `BundleSpec` before anything is written: every value that goes
+  into the manifest is judged by the bundle reader's own parser
+  (`bundler.format.manifest.parse`), so `create` can never sign what a device
+  rejects; errors name the `ota-bundle create` option the value came from;
+- the choice of ops for a full image: runs of all-zero 1 MiB segments become
+  ZERO ops (no payload), everything else REPLACE ops of up to 4 MiB, each one
+  zstd frame compressed on a pool of threads. Several images (one per slot
+  class) follow each other in the op table and payload, each a contiguous range;
+- the build's temporary data: the payload is spooled to an anonymous file
+  beside the output (the header and op table, which come first, pin hashes only
+  known at the end); memory stays bounded by the number of chunks in flight.
+  The finished file is read back by the reader before it replaces the output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any
 
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler.format.header import Header
-from bundler.format.manifest import ImageEntry, Manifest
+from bundler.format import manifest as manifest_mod
+from bundler.format.errors import OtaError
+from bundler.format.header import MAX_OPS, Header
+from bundler.format.manifest import (
+    MAX_IMAGE_SIZE,
+    MAX_IMAGES,
+    MAX_SECURITY_VERSION,
+    NAME_RULE,
+    ImageEntry,
+    Manifest,
+    format_time,
+)
 from bundler.format.ops import Op, OpType
-from bundler.format.signing import load_private_key
+from bundler.format.reader import BundleReader
+from bundler.format.signing import MAX_SIGNATURES, Keyring, key_id, load_private_key, verify
+from bundler.format.text import clean
 from bundler.format.writer import op_table_digest, write_bundle_file
 
 SEGMENT = 1 << 20
 CHUNK = 4 << 20
 DEFAULT_LEVEL = 10
+MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
 _ZERO_SEGMENT = bytes(SEGMENT)
+_SHOWN = 80  # characters of a rejected value shown in an error
 
 Progress = Callable[[int, int], None]
+Warn = Callable[[str], None]
+
+
+class BuildError(OtaError):
+    """The bundle cannot be built as asked: an input is unusable or the output cannot be written."""
+
+
+class OptionError(BuildError, ValueError):
+    """A value given to `ota-bundle create` (a `BundleSpec` field) is refused; names the option."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    """One image of a bundle: the slot class it is for and the file holding it.
+    `class_option` is the option that named the class, for errors."""
+
+    slot_class: str
+    path: Path
+    class_option: str = "--image"
 
 
 @dataclass(frozen=True, slots=True)
 class BundleSpec:
-    image: Path
-    key: Path
+    """What `ota-bundle create` was asked for. `image` is one path (an image for
+    `slot_class`) or several `ImageSource`s; `key` one private key or several
+    (each signs; a device trusting any one of them accepts the bundle)."""
+
+    image: Path | tuple[ImageSource, ...]
+    key: Path | tuple[Path, ...]
     version: str
     security_version: int
     compatible: str
@@ -49,15 +100,166 @@ class BundleSpec:
     level: int = DEFAULT_LEVEL
     threads: int = 0  # 0: one per CPU
 
+    @property
+    def sources(self) -> tuple[ImageSource, ...]:
+        if isinstance(self.image, Path):
+            return (ImageSource(self.slot_class, self.image, "--slot-class"),)
+        return self.image
+
+    @property
+    def keys(self) -> tuple[Path, ...]:
+        return (self.key,) if isinstance(self.key, Path) else self.key
+
 
 @dataclass(frozen=True, slots=True)
 class BuildResult:
     header: Header
     manifest: Manifest
     ops: int
-    image_size: int
+    image_size: int  # all images together
     bundle_size: int
+    signers: tuple[bytes, ...] = ()  # key ids, in signature block order
+    warnings: tuple[str, ...] = ()
 
+
+@dataclass(frozen=True, slots=True)
+class CheckedSpec:
+    """A spec that passed `check()`: the loaded keys, each image's size, and warnings."""
+
+    keys: tuple[Ed25519PrivateKey, ...]
+    sizes: tuple[int, ...]
+    warnings: tuple[str, ...]
+
+
+# --- checking a spec with the reader's rules --------------------------------
+
+_ZERO_DIGEST = "0" * 64
+_PROBE = Manifest(
+    bundle_version="0",
+    security_version=0,
+    compatible="probe",
+    created=datetime(2000, 1, 1, tzinfo=UTC),
+    expires=None,
+    images=(ImageEntry("probe", 1, _ZERO_DIGEST, 0, 1),),
+    op_count=1,
+    op_table_sha256=_ZERO_DIGEST,
+    payload_length=0,
+)
+
+
+def _reader_accepts(**fields: Any) -> bool:
+    """Whether the bundle reader's manifest parser accepts a known-good manifest
+    with only `fields` changed: the one definition of what a value may be."""
+    try:
+        manifest_mod.parse(replace(_PROBE, **fields).encode())
+    except (OtaError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _show(value: object) -> str:
+    return clean(repr(value), _SHOWN)
+
+
+def check(spec: BundleSpec, out: Path, *, overwrite: bool = False, now: datetime | None = None) -> CheckedSpec:
+    """Check every option before anything is written; raise `OptionError` for the first bad one."""
+    if not _reader_accepts(bundle_version=spec.version):
+        raise OptionError("--version", f"{_show(spec.version)} is not a valid version ({NAME_RULE})")
+    if not _reader_accepts(security_version=spec.security_version):
+        raise OptionError(
+            "--security-version",
+            f"{_show(spec.security_version)} is not a valid security version (0 to {MAX_SECURITY_VERSION})",
+        )
+    if not _reader_accepts(compatible=spec.compatible):
+        raise OptionError("--compatible", f"{_show(spec.compatible)} is not a valid compatible string ({NAME_RULE})")
+    warnings: list[str] = []
+    if spec.expires is not None:
+        if spec.expires.tzinfo is None or not _reader_accepts(expires=spec.expires):
+            shown = _show(spec.expires.isoformat())
+            raise OptionError("--expires", f"{shown} is not a time a bundle can carry (UTC, years 1000 to 9999)")
+        now = now or datetime.now(UTC)
+        if spec.expires <= now:
+            warnings.append(
+                f"--expires {format_time(spec.expires)} is already past: every device will refuse this bundle"
+            )
+    if not 1 <= spec.level <= MAX_LEVEL:
+        raise OptionError("--level", f"{_show(spec.level)} is not a zstd level (1 to {MAX_LEVEL})")
+    sizes = _check_images(spec.sources)
+    keys = _check_keys(spec.keys)
+    _check_output(out, overwrite, [s.path for s in spec.sources] + list(spec.keys))
+    return CheckedSpec(keys, sizes, tuple(warnings))
+
+
+def _check_images(sources: tuple[ImageSource, ...]) -> tuple[int, ...]:
+    if not 1 <= len(sources) <= MAX_IMAGES:
+        raise OptionError("--image", f"{len(sources)} images given; a bundle holds 1 to {MAX_IMAGES}")
+    seen: set[str] = set()
+    sizes = []
+    for source in sources:
+        cls = source.slot_class
+        if not _reader_accepts(images=(replace(_PROBE.images[0], slot_class=cls),)):
+            raise OptionError(source.class_option, f"{_show(cls)} is not a valid slot class ({NAME_RULE})")
+        if cls in seen:
+            raise OptionError("--image", f"two images for slot class {cls!r}; a device installs one per class")
+        seen.add(cls)
+        try:
+            st = source.path.stat()
+        except OSError as e:
+            raise OptionError("--image", f"{source.path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise OptionError("--image", f"{source.path}: not a regular file")
+        if st.st_size == 0:
+            raise OptionError("--image", f"{source.path}: image is empty")
+        if st.st_size > MAX_IMAGE_SIZE:
+            limit = f"a bundle image holds at most {MAX_IMAGE_SIZE}"
+            raise OptionError("--image", f"{source.path}: {st.st_size} bytes, {limit}")
+        sizes.append(st.st_size)
+    return tuple(sizes)
+
+
+def _check_keys(paths: tuple[Path, ...]) -> tuple[Ed25519PrivateKey, ...]:
+    if not 1 <= len(paths) <= MAX_SIGNATURES:
+        raise OptionError("--key", f"{len(paths)} keys given; a bundle carries 1 to {MAX_SIGNATURES} signatures")
+    keys: list[Ed25519PrivateKey] = []
+    first: dict[bytes, Path] = {}
+    for path in paths:
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read
+                raise OptionError("--key", f"{path}: not a regular file")
+        except OSError as e:
+            raise OptionError("--key", f"{path}: {e.strerror}") from None
+        try:
+            key = load_private_key(path)
+        except OtaError as e:
+            raise OptionError("--key", str(e)) from None
+        kid = key_id(key.public_key())
+        if kid in first:
+            raise OptionError("--key", f"{path} is the same key as {first[kid]}")
+        first[kid] = path
+        keys.append(key)
+    return tuple(keys)
+
+
+def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    parent = out.parent
+    if not parent.is_dir():
+        raise OptionError("-o", f"{out}: directory {parent} does not exist")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir():
+        raise OptionError("-o", f"{out} is a directory")
+    for path in inputs:
+        try:
+            same = out.samefile(path)
+        except OSError:
+            continue
+        if same:
+            raise OptionError("-o", f"{out} is also an input ({path}); refusing to overwrite it")
+    if not overwrite:
+        raise OptionError("-o", f"{out} exists (use --force to replace it)")
+
+
+# --- building ----------------------------------------------------------------
 
 _local = threading.local()
 
@@ -71,83 +273,176 @@ def _compress(data: bytes, level: int) -> tuple[bytes, bytes, bytes]:
     return frame, hashlib.sha256(frame).digest(), hashlib.sha256(data).digest()
 
 
-def build_full(spec: BundleSpec, out: Path, progress: Progress | None = None) -> BuildResult:
-    key = load_private_key(spec.key)
-    size = spec.image.stat().st_size
-    if size == 0:
-        raise ValueError(f"{spec.image}: image is empty")
-    threads = spec.threads or os.cpu_count() or 1
+class _Payload:
+    """The payload spool, an anonymous temporary file beside the output: it has
+    no name to leave behind or to show in an error. Write errors name the output."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        try:
+            self.file: IO[bytes] = tempfile.TemporaryFile(dir=out.parent)  # noqa: SIM115 (closed by build_full)
+        except OSError as e:
+            raise BuildError(f"{out}: cannot write the bundle: {e.strerror}") from None
+        self.length = 0
+
+    def write(self, data: bytes) -> int:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise BuildError(f"{self.out}: cannot write the bundle: {e.strerror}") from None
+        offset = self.length
+        self.length += len(data)
+        return offset
+
+    def rewind(self) -> IO[bytes]:
+        try:
+            self.file.flush()
+            self.file.seek(0)
+        except OSError as e:
+            raise BuildError(f"{self.out}: cannot write the bundle: {e.strerror}") from None
+        return self.file
+
+
+@dataclass(frozen=True, slots=True)
+class _Compression:
+    pool: ThreadPoolExecutor
+    level: int
+    in_flight: int  # chunks queued beyond those being compressed
+
+
+def _read_image(
+    source: ImageSource, size: int, spool: _Payload, zstd: _Compression, tick: Callable[[int], None]
+) -> tuple[list[Op], str]:
+    """One image's ops (destination offsets from 0, payload offsets in the spool) and its SHA-256."""
     ops: list[Op] = []
     image_hash = hashlib.sha256()
-    payload_len = 0
-    with (
-        tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".payload") as spool,
-        spec.image.open("rb") as image,
-        ThreadPoolExecutor(max_workers=threads) as pool,
-    ):
-        pending: deque[tuple[int, int, Future[tuple[bytes, bytes, bytes]]]] = deque()
+    pending: deque[tuple[int, int, Future[tuple[bytes, bytes, bytes]]]] = deque()
 
-        def drain(limit: int) -> None:
-            nonlocal payload_len
-            while len(pending) > limit:
-                offset, length, fut = pending.popleft()
-                frame, frame_hash, dst_hash = fut.result()
-                spool.write(frame)
-                ops.append(Op(OpType.REPLACE, offset, length, payload_len, len(frame), frame_hash, dst_hash))
-                payload_len += len(frame)
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            offset, length, fut = pending.popleft()
+            frame, frame_hash, dst_hash = fut.result()
+            at = spool.write(frame)
+            ops.append(Op(OpType.REPLACE, offset, length, at, len(frame), frame_hash, dst_hash))
 
-        def add_zero(offset: int, length: int) -> None:
-            drain(0)  # keep ops in destination order
-            last = ops[-1] if ops else None
-            if last is not None and last.type is OpType.ZERO and last.dst_offset + last.dst_length == offset:
-                ops[-1] = Op(OpType.ZERO, last.dst_offset, last.dst_length + length)
-            else:
-                ops.append(Op(OpType.ZERO, offset, length))
+    def add_zero(offset: int, length: int) -> None:
+        drain(0)  # keep ops in destination order
+        last = ops[-1] if ops else None
+        if last is not None and last.type is OpType.ZERO and last.dst_offset + last.dst_length == offset:
+            ops[-1] = Op(OpType.ZERO, last.dst_offset, last.dst_length + length)
+        else:
+            ops.append(Op(OpType.ZERO, offset, length))
 
+    chunk = bytearray()
+    chunk_start = 0
+    offset = 0
+
+    def submit_chunk() -> None:
+        nonlocal chunk
+        pending.append((chunk_start, len(chunk), zstd.pool.submit(_compress, bytes(chunk), zstd.level)))
         chunk = bytearray()
-        chunk_start = 0
-        offset = 0
 
-        def submit_chunk() -> None:
-            nonlocal chunk
-            pending.append((chunk_start, len(chunk), pool.submit(_compress, bytes(chunk), spec.level)))
-            chunk = bytearray()
-
-        while True:
-            segment = image.read(SEGMENT)
-            if not segment:
-                break
-            image_hash.update(segment)
-            if segment == _ZERO_SEGMENT[: len(segment)]:
-                if chunk:
-                    submit_chunk()
-                add_zero(offset, len(segment))
-            else:
-                if not chunk:
-                    chunk_start = offset
-                chunk += segment
-                if len(chunk) >= CHUNK:
-                    submit_chunk()
-                    drain(2 * threads)
-            offset += len(segment)
-            if progress:
-                progress(offset, size)
+    try:
+        with source.path.open("rb") as image:
+            while True:
+                try:
+                    segment = image.read(SEGMENT)
+                except OSError as e:
+                    raise BuildError(f"{source.path}: cannot read the image: {e.strerror}") from None
+                if not segment:
+                    break
+                image_hash.update(segment)
+                if segment == _ZERO_SEGMENT[: len(segment)]:
+                    if chunk:
+                        submit_chunk()
+                    add_zero(offset, len(segment))
+                else:
+                    if not chunk:
+                        chunk_start = offset
+                    chunk += segment
+                    if len(chunk) >= CHUNK:
+                        submit_chunk()
+                        drain(zstd.in_flight)
+                offset += len(segment)
+                tick(len(segment))
+                if offset > size:
+                    break
         if chunk:
             submit_chunk()
         drain(0)
-        if offset != size:
-            raise ValueError(f"{spec.image}: read {offset} bytes, expected {size} (file changed while reading?)")
-        spool.flush()
+    except BaseException:
+        for _, _, fut in pending:
+            fut.cancel()  # an interrupt or error does not wait for queued compressions
+        raise
+    if offset != size:
+        raise BuildError(f"{source.path}: read {offset} bytes, expected {size} (file changed while reading?)")
+    return ops, image_hash.hexdigest()
+
+
+def build_full(
+    spec: BundleSpec,
+    out: Path,
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+    warn: Warn | None = None,
+) -> BuildResult:
+    """Check `spec`, build the bundle, read it back, and only then publish it as `out`.
+    Nothing is left beside `out` on any failure (KeyboardInterrupt included)."""
+    checked = check(spec, out, overwrite=overwrite)
+    for message in checked.warnings:
+        if warn is not None:
+            warn(message)
+    threads = spec.threads or os.cpu_count() or 1
+    total = sum(checked.sizes)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    ops: list[Op] = []
+    entries: list[ImageEntry] = []
+    spool = _Payload(out)
+    with spool.file, ThreadPoolExecutor(max_workers=threads) as pool:
+        zstd = _Compression(pool, spec.level, 2 * threads)
+        for source, size in zip(spec.sources, checked.sizes, strict=True):
+            image_ops, digest = _read_image(source, size, spool, zstd, tick)
+            entries.append(ImageEntry(source.slot_class, size, digest, len(ops), len(image_ops)))
+            ops += image_ops
+        if len(ops) > MAX_OPS:
+            raise BuildError(f"the images need {len(ops)} ops; a bundle holds at most {MAX_OPS}")
         manifest = Manifest(
             bundle_version=spec.version,
             security_version=spec.security_version,
             compatible=spec.compatible,
             created=datetime.now(UTC).replace(microsecond=0),
             expires=spec.expires,
-            images=(ImageEntry(spec.slot_class, size, image_hash.hexdigest(), 0, len(ops)),),
+            images=tuple(entries),
             op_count=len(ops),
             op_table_sha256=op_table_digest(ops),
-            payload_length=payload_len,
+            payload_length=spool.length,
         )
-        header = write_bundle_file(out, manifest, ops, Path(spool.name), [key])
-    return BuildResult(header, manifest, len(ops), size, header.total_length)
+        keyring = Keyring({key_id(k.public_key()): k.public_key() for k in checked.keys}, "the signing keys")
+
+        def read_back(path: Path) -> None:
+            """The reader's own checks up to the payload: header, signatures, manifest, op table."""
+            try:
+                with path.open("rb") as f:
+                    reader = BundleReader(f)
+                    reader.read_op_table(verify(reader.read_head(), keyring))
+            except OtaError as e:
+                raise BuildError(f"{out}: the bundle reader refuses the result ({e}); nothing written") from None
+
+        try:
+            header = write_bundle_file(
+                out, manifest, ops, spool.rewind(), checked.keys, overwrite=overwrite, check=read_back
+            )
+        except FileExistsError:
+            raise OptionError("-o", f"{out} appeared while building (use --force to replace it)") from None
+        except OSError as e:
+            raise BuildError(f"{out}: cannot write the bundle: {e.strerror}") from None
+    signers = tuple(key_id(k.public_key()) for k in checked.keys)
+    return BuildResult(header, manifest, len(ops), total, header.total_length, signers, checked.warnings)

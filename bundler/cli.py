@@ -1,29 +1,52 @@
 """`ota-bundle`: keygen, create, inspect, verify. One line per error (a
-traceback only with -v); `--json` where state is printed."""
+traceback only with -v); `--json` on every command that reports (one JSON
+object on stdout, and errors as one JSON object on stderr)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from bundler.build import BundleSpec, build_full
+from bundler.build import BuildResult, BundleSpec, ImageSource, OptionError, build_full
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import HashMismatchError, OtaError, TruncatedError
+from bundler.format.errors import FormatError, HashMismatchError, OtaError, TruncatedError
 from bundler.format.header import Header
 from bundler.format.manifest import Manifest, format_time, parse_time
 from bundler.format.ops import Op, OpType, produce, unpack_table
 from bundler.format.reader import BundleReader
-from bundler.format.signing import Keyring, generate_key, verify
+from bundler.format.signing import Keyring, Signature, generate_key, unpack_signatures, verify
+from bundler.format.text import clean
 from hw.tty import Progress, run_reporting_errors
 
+PROG = "ota-bundle"
 _ZEROS = bytes(1 << 20)
+
+
+class Interrupted(OtaError):
+    """Ctrl-C: the command stopped; whatever it was writing was removed."""
+
+
+def program_version() -> str:
+    try:
+        return importlib.metadata.version("edge-ota")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+def _warn(message: str, as_json: bool) -> None:
+    message = clean(message, 600)
+    if as_json:
+        print(json.dumps({"warning": {"message": message}, "program": PROG}), file=sys.stderr)
+    else:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -32,30 +55,107 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_sources(values: list[str], slot_class: str | None) -> tuple[ImageSource, ...]:
+    """`--image CLASS=PATH` (repeatable), or a plain `--image PATH` for `--slot-class`
+    (default rootfs). A value is CLASS=PATH when it has a `=` with no `/` before it;
+    a path containing `=` can be written with a directory (./a=b.img)."""
+    sources = []
+    plain = False
+    for value in values:
+        cls, sep, path = value.partition("=")
+        if sep and "/" not in cls:
+            sources.append(ImageSource(cls, Path(path), "--image"))
+        else:
+            plain = True
+            sources.append(ImageSource(slot_class or "rootfs", Path(value), "--slot-class"))
+    if slot_class is not None and not plain:
+        raise OptionError("--slot-class", "applies only to a plain --image PATH; every image here is CLASS=PATH")
+    return tuple(sources)
+
+
 def _create(args: argparse.Namespace) -> int:
-    expires = parse_time(args.expires, "--expires") if args.expires else None
+    expires = None
+    if args.expires:
+        try:
+            expires = parse_time(args.expires, "--expires")
+        except (FormatError, ValueError, OverflowError):
+            example = "e.g. 2027-01-01T00:00:00Z"
+            shown = clean(repr(args.expires), 80)
+            raise OptionError("--expires", f"{shown} is not an ISO 8601 time with a zone, {example}") from None
     spec = BundleSpec(
-        image=Path(args.image),
-        key=Path(args.key),
+        image=_image_sources(args.image, args.slot_class),
+        key=tuple(Path(k) for k in args.key),
         version=args.version,
         security_version=args.security_version,
         compatible=args.compatible,
         expires=expires,
-        slot_class=args.slot_class,
         level=args.level,
     )
-    progress = Progress("bundling")
-    result = build_full(spec, Path(args.output), progress)
-    progress.finish()
+    progress = None if args.json else Progress("bundling")
+    out = Path(args.output)
+    result = build_full(spec, out, progress, overwrite=args.force, warn=lambda m: _warn(m, args.json))
+    if progress:
+        progress.finish()
+    if args.json:
+        print(json.dumps(_created(out, result), indent=2))
+        return 0
+    m = result.manifest
     ratio = result.bundle_size / result.image_size
+    if len(m.images) == 1:
+        images = f"image {result.image_size} bytes"
+    else:
+        images = f"{len(m.images)} images (" + ", ".join(f"{i.slot_class} {i.size}" for i in m.images) + " bytes)"
+    signers = "" if len(result.signers) == 1 else f", signed by {len(result.signers)} keys"
     print(
-        f"wrote {args.output}: version {args.version}, {result.ops} ops, image {result.image_size} bytes, "
-        f"bundle {result.bundle_size} bytes ({ratio:.1%})"
+        f"wrote {out}: version {m.bundle_version}, {result.ops} ops, {images}, "
+        f"bundle {result.bundle_size} bytes ({ratio:.1%}){signers}"
     )
     return 0
 
 
-def _describe(header: Header, manifest: Manifest, ops: Sequence[Op], signer: str | None) -> dict[str, Any]:
+def _created(out: Path, result: BuildResult) -> dict[str, Any]:
+    m = result.manifest
+    return {
+        "output": str(out),
+        "bundle_version": m.bundle_version,
+        "security_version": m.security_version,
+        "compatible": m.compatible,
+        "created": format_time(m.created),
+        "expires": format_time(m.expires) if m.expires else None,
+        "images": [image.to_json() for image in m.images],
+        "ops": result.ops,
+        "image_size": result.image_size,
+        "bundle_size": result.bundle_size,
+        "signers": [kid.hex() for kid in result.signers],
+        "warnings": list(result.warnings),
+    }
+
+
+def _signatures(raw: bytes, keyring: Keyring | None) -> list[dict[str, Any]]:
+    """Every entry of the signature block: key id, algorithm, and whether the keyring holds the key."""
+    entries: list[Signature] = unpack_signatures(raw)
+    return [
+        {
+            "key_id": s.key_id.hex(),
+            "algorithm": s.algorithm,
+            "in_keyring": None if keyring is None else s.key_id in keyring.keys,
+        }
+        for s in entries
+    ]
+
+
+def _signers_line(signatures: list[dict[str, Any]]) -> str:
+    def one(s: dict[str, Any]) -> str:
+        mark = {True: " (in keyring)", False: " (not in keyring)", None: ""}[s["in_keyring"]]
+        return f"{s['key_id'][:16]}{mark}"
+
+    n = len(signatures)
+    return f"{n} key{'s' if n != 1 else ''}: " + ", ".join(one(s) for s in signatures)
+
+
+def _describe(
+    header: Header, manifest: Manifest, ops: Sequence[Op], signer: str | None, signatures: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "format_version": header.format_version,
         "bundle_version": manifest.bundle_version,
@@ -64,6 +164,7 @@ def _describe(header: Header, manifest: Manifest, ops: Sequence[Op], signer: str
         "created": format_time(manifest.created),
         "expires": format_time(manifest.expires) if manifest.expires else None,
         "signer": signer,
+        "signatures": signatures,
         "images": [image.to_json() for image in manifest.images],
         "manifest_offset": header.manifest_offset,
         "signature_offset": header.signature_offset,
@@ -88,12 +189,14 @@ def _describe(header: Header, manifest: Manifest, ops: Sequence[Op], signer: str
 def _inspect(args: argparse.Namespace) -> int:
     """Show a bundle's manifest and layout. The signature is checked when a
     keyring is given; without one the contents are shown as *unverified*."""
+    keyring = Keyring.load(Path(args.keyring)) if args.keyring else None
     with open(args.bundle, "rb") as f:
         reader = BundleReader(f)
         head = reader.read_head()
+        signatures = _signatures(head.signature_bytes, keyring)
         signer = None
-        if args.keyring:
-            verified = verify(head, Keyring.load(Path(args.keyring)))
+        if keyring is not None:
+            verified = verify(head, keyring)
             manifest, signer = verified.manifest, verified.signer.hex()
             ops = reader.read_op_table(verified)
         else:
@@ -102,7 +205,7 @@ def _inspect(args: argparse.Namespace) -> int:
             if len(raw_table) != head.header.op_table_length:
                 raise TruncatedError("op table", head.header.op_table_length, len(raw_table))
             ops = unpack_table(raw_table)
-    info = _describe(head.header, manifest, ops, signer)
+    info = _describe(head.header, manifest, ops, signer, signatures)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -111,6 +214,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"compatible      {info['compatible']}")
     print(f"created         {info['created']}" + (f", expires {info['expires']}" if info["expires"] else ""))
     print(f"signature       {'verified, key ' + signer[:16] if signer else 'not checked (no --keyring)'}")
+    print(f"signed by       {_signers_line(signatures)}")
     for image in manifest.images:
         print(f"image           {image.slot_class}: {image.size} bytes, sha256 {image.sha256}")
     counts = {t.name: sum(1 for op in ops if op.type is t) for t in OpType}
@@ -128,13 +232,15 @@ def _verify(args: argparse.Namespace) -> int:
     keyring = Keyring.load(Path(args.keyring))
     with open(args.bundle, "rb") as f:
         reader = BundleReader(f)
-        verified = verify(reader.read_head(), keyring)
+        head = reader.read_head()
+        signatures = _signatures(head.signature_bytes, keyring)
+        verified = verify(head, keyring)
         ops = reader.read_op_table(verified)
         images = verified.manifest.images
         hashes = [hashlib.sha256() for _ in images]
         owner = [i for i, image in enumerate(images) for _ in range(image.op_count)]
         total = sum(op.dst_length for op in ops)
-        progress = Progress("verifying")
+        progress = None if args.json else Progress("verifying")
         done = 0
         for index, op, payload in reader.iter_payload(ops):
             h = hashes[owner[index]]
@@ -144,22 +250,56 @@ def _verify(args: argparse.Namespace) -> int:
             else:
                 h.update(produce(op, payload, index))
             done += op.dst_length
-            progress(done, total)
-        progress.finish()
+            if progress:
+                progress(done, total)
+        if progress:
+            progress.finish()
     for image, h in zip(images, hashes, strict=True):
         if h.hexdigest() != image.sha256:
             raise HashMismatchError(f"image {image.slot_class}", image.sha256, h.hexdigest())
     m = verified.manifest
     expired = m.expires is not None and m.expires < datetime.now(UTC)
+    if args.json:
+        doc = {
+            "bundle": args.bundle,
+            "ok": True,
+            "signer": verified.signer.hex(),
+            "signatures": signatures,
+            "bundle_version": m.bundle_version,
+            "security_version": m.security_version,
+            "compatible": m.compatible,
+            "created": format_time(m.created),
+            "expires": format_time(m.expires) if m.expires else None,
+            "expired": expired,
+            "ops": len(ops),
+            "images": [{"slot_class": i.slot_class, "size": i.size, "sha256": i.sha256} for i in images],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    others = f"; signed by {_signers_line(signatures)}" if len(signatures) > 1 else ""
     print(
         f"{args.bundle}: OK - signed by key {verified.signer.hex()[:16]}, version {m.bundle_version}, "
-        f"{len(ops)} ops and {len(images)} image hash(es) verified" + (" (note: expired)" if expired else "")
+        f"{len(ops)} ops and {len(images)} image hash(es) verified" + (" (note: expired)" if expired else "") + others
     )
     return 0
 
 
+class UsageError(Exception):
+    """A command line argparse refuses; carries the usage of the (sub)command."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.format_usage(), message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ota-bundle", description="Build and check edge-ota bundles.")
+    parser = _Parser(prog=PROG, description="Build and check edge-ota bundles.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {program_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -167,16 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="directory for signing.key and signing.pub")
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("create", help="build a signed full bundle from an image")
-    p.add_argument("--image", required=True, help="filesystem image (ext4, squashfs, erofs, ...)")
-    p.add_argument("--key", required=True, help="PEM Ed25519 private key")
-    p.add_argument("--version", required=True, help="bundle version string")
+    p = sub.add_parser("create", help="build a signed full bundle from one or more images")
+    p.add_argument(
+        "--image",
+        required=True,
+        action="append",
+        metavar="[CLASS=]PATH",
+        help="filesystem image (ext4, squashfs, erofs, ...) for slot class CLASS; repeat for several classes."
+        " A plain PATH is the image for --slot-class",
+    )
+    p.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        help="PEM Ed25519 private key; repeat to sign with several keys (key rotation, up to 16)",
+    )
+    p.add_argument("--version", required=True, help="bundle version string (1-128 of A-Z a-z 0-9 . _ + : -)")
     p.add_argument("--security-version", required=True, type=int, help="monotonic security version (integer)")
     p.add_argument("--compatible", required=True, help="device compatible string")
     p.add_argument("--expires", help="ISO 8601 expiry time, e.g. 2027-01-01T00:00:00Z")
-    p.add_argument("--slot-class", default="rootfs", help="slot class the image is for (default rootfs)")
+    p.add_argument("--slot-class", help="slot class of a plain --image PATH (default rootfs)")
     p.add_argument("--level", type=int, default=10, help="zstd level 1..22 (default 10)")
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="report the bundle as one JSON object")
     p.set_defaults(func=_create)
 
     p = sub.add_parser("inspect", help="show a bundle's manifest and layout")
@@ -188,15 +342,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check the signature and every hash")
     p.add_argument("bundle")
     p.add_argument("--keyring", required=True, help=".pub file or directory of .pub files")
+    p.add_argument("--json", action="store_true", help="report the result as one JSON object")
     p.set_defaults(func=_verify)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        if "--json" in argv:
+            error = {"type": "UsageError", "message": clean(str(e), 600)}
+            print(json.dumps({"error": error, "program": PROG}), file=sys.stderr)
+        else:
+            print(f"{e.usage}{PROG}: error: {clean(str(e), 600)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    expected = (OtaError, ValueError)
-    return run_reporting_errors("ota-bundle", lambda: int(args.func(args)), expected=expected, verbose=args.verbose)
+    interrupted = False
+
+    def command() -> int:
+        nonlocal interrupted
+        try:
+            return int(args.func(args))
+        except KeyboardInterrupt:
+            interrupted = True
+            raise Interrupted("interrupted; nothing was written") from None
+
+    rc = run_reporting_errors(
+        PROG,
+        command,
+        expected=(OtaError, ValueError),
+        verbose=args.verbose,
+        json_errors=getattr(args, "json", False),
+    )
+    return 130 if interrupted else rc
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ from bundler.format.header import FORMAT_VERSION, MAX_OPS, MAX_PAYLOAD
 
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: "$" would accept a trailing newline
 NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
+NAME_RULE = "1-128 of A-Z a-z 0-9 . _ + : -"  # NAME in words, for error messages
 MAX_IMAGES = 16
 MAX_IMAGE_SIZE = 1 << 50
 MAX_SECURITY_VERSION = (1 << 63) - 1
@@ -197,7 +198,7 @@ class _Fields:
     def name(self, key: str) -> str:
         v = self.string(key)
         if not NAME.match(v):
-            raise self._bad(key, f"= {v!r} is not a name (1-128 of A-Z a-z 0-9 . _ + : -)")
+            raise self._bad(key, f"= {v!r} is not a name ({NAME_RULE})")
         return v
 
     def digest(self, key: str) -> str:
