@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import logging
 import sys
@@ -24,7 +23,7 @@ from bundler.format.ops import Op, OpType, produce, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, Signature, generate_key, unpack_signatures, verify
 from bundler.format.text import clean
-from hw.tty import Progress, run_reporting_errors
+from hw.tty import Progress, run_reporting_errors, version_string
 
 PROG = "ota-bundle"
 _ZEROS = bytes(1 << 20)
@@ -32,13 +31,6 @@ _ZEROS = bytes(1 << 20)
 
 class Interrupted(OtaError):
     """Ctrl-C: the command stopped; whatever it was writing was removed."""
-
-
-def program_version() -> str:
-    try:
-        return importlib.metadata.version("edge-ota")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed as a package)"
 
 
 def _warn(message: str, as_json: bool) -> None:
@@ -299,7 +291,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Build and check edge-ota bundles.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {program_version()}")
+    parser.add_argument("--version", action="version", version=version_string(PROG))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
