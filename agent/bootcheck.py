@@ -3,9 +3,15 @@
 * Booted slot on trial: run the health checks within the deadline, then commit
   (mark good, raise the committed security version) or mark the slot bad and
   ask for a reboot into the other slot.
+* A trial is pending in another slot that the next power-on boots (installed,
+  not tried yet: boot-check run by hand before the reboot): left alone.
 * A trial was pending but the other slot booted: the bootloader fell back
   (tries exhausted, or we marked it bad): record the rollback and its reason.
 * Otherwise nothing.
+
+Whatever happened, the outcome says whether the booted slot is good (committed)
+at the end; when it is not, `ota-agent boot-check` exits non-zero so that
+boot-complete.target (and systemd-bless-boot's "good") is not reached.
 
 The hardware watchdog is armed for the whole trial assessment and fed by a
 background thread only until the health-check deadline: a system that hangs,
@@ -15,6 +21,8 @@ it (magic close). When the bootloader fell back after such resets, the
 rollback report names the watchdog.
 
 Returns a `BootCheckOutcome`; performing the reboot is the caller's job.
+`commit()` is the one commit path: boot-check's success and the operator's
+mark-good of the booted slot both end in `_commit`.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from agent.daemon import Device
 from agent.errors import LockBusyError
 from agent.events import Event
 from agent.health import HealthResult, run_checks
-from agent.state import SlotRecord
-from hw.bootloader.model import SlotBootState
+from agent.state import AgentState, SlotRecord, Trial
+from hw.bootloader import model
+from hw.bootloader.model import BootState, SlotBootState
 from hw.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,9 @@ class Outcome(enum.Enum):
     COMMITTED = "committed"
     FAILED_REBOOT = "failed-reboot"
     ROLLED_BACK = "rolled-back"
+    PENDING = "pending"  # an installed update waits in the other slot for the next boot
+    NOT_GOOD = "not-good"  # the booted slot is bad (or otherwise not committed) and nothing was assessed
+    BUSY = "busy"  # another command holds the state lock
     HUNG = "hung"  # only with HealthOverride.HANG: the simulated system stopped here
 
 
@@ -84,19 +96,43 @@ class BootCheckOutcome:
     outcome: Outcome
     slot: str
     reason: str
+    booted_good: bool = True  # the booted slot is committed once boot-check is done
 
     @property
     def reboot(self) -> bool:
         return self.outcome is Outcome.FAILED_REBOOT
 
 
+def pending_trial(state: AgentState, boot: BootState, booted: str) -> Trial | None:
+    """The installed update waiting in another slot that the next power-on boots
+    (not tried yet, or marked good by the operator before its first boot), if any."""
+    trial = state.trial
+    if trial is None or trial.slot == booted or not trial.installed or trial.failure:
+        return None
+    return trial if model.next_boot(boot) == trial.slot else None
+
+
 def boot_check(device: Device, *, health: HealthOverride | None = None) -> BootCheckOutcome:
     try:
         with device.store.lock():
-            return _boot_check(device, health)
+            outcome = _boot_check(device, health)
     except LockBusyError:
         booted = device.bootloader.booted_slot()
-        return BootCheckOutcome(Outcome.NOTHING, booted, "an install is in progress; nothing to assess")
+        outcome = BootCheckOutcome(
+            Outcome.BUSY, booted, "another ota-agent command (an install?) holds the state lock; nothing assessed"
+        )
+    return _with_booted_state(device, outcome)
+
+
+def _with_booted_state(device: Device, outcome: BootCheckOutcome) -> BootCheckOutcome:
+    """Say whether the booted slot is good now; name it in the reason when it is not."""
+    slot_boot = device.bootloader.state().slots[outcome.slot]
+    if slot_boot.state is SlotBootState.GOOD:
+        return outcome
+    reason = outcome.reason
+    if outcome.outcome not in (Outcome.NOT_GOOD, Outcome.FAILED_REBOOT, Outcome.HUNG):
+        reason = f"{reason}; booted slot {outcome.slot} is {slot_boot.describe()}, not committed"
+    return replace(outcome, reason=reason, booted_good=False)
 
 
 def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutcome:
@@ -136,6 +172,12 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
 
     if trial is not None and trial.slot != booted:
         failed = boot_state.slots[trial.slot]
+        if pending_trial(state, boot_state, booted) is not None:
+            reason = (
+                f"version {trial.bundle_version} is installed in slot {trial.slot} and has not been booted yet "
+                f"({failed.describe()}); left alone: reboot to try it"
+            )
+            return BootCheckOutcome(Outcome.PENDING, booted, reason)
         if not trial.installed:
             if failed.state is not SlotBootState.BAD:
                 bl.mark_bad(trial.slot)
@@ -166,7 +208,21 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
 
     if slot_boot.state is SlotBootState.GOOD and bl.refresh():
         return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is good; boot counters restored")
-    return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is {slot_boot.describe()}; nothing to do")
+    if slot_boot.state is SlotBootState.GOOD:
+        return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is good; nothing to do")
+    reason = (
+        f"booted slot {booted} is {slot_boot.describe()}, not committed: not reaching boot-complete; "
+        "reboot into a good slot, or ota-agent mark-good if you know this one is good"
+    )
+    return BootCheckOutcome(Outcome.NOT_GOOD, booted, reason)
+
+
+def commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
+    """Commit the booted slot: mark it good in the bootloader, then `_commit`. The
+    operator's mark-good of the booted slot comes here; boot-check's own success runs
+    the same two steps with its crash point and the watchdog's disarm between them."""
+    device.bootloader.mark_good(booted)
+    return _commit(device, booted, why)
 
 
 def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:

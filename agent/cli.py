@@ -1,21 +1,27 @@
 """`ota-agent`: install, status, boot-check, mark-good/mark-bad, and the
 simulated device (`sim init`, `sim boot`). `main(argv) -> int`; one line per
-error (a traceback only with -v); `--json` where state is printed."""
+error (a traceback only with -v). `--json` on every command that reports
+(install, status, boot-check, mark-good, mark-bad): one JSON object with the
+result on stdout, an error as one JSON object on stderr, and no log lines.
+`-c`/`-v` work before or after the device commands' name."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import service, sim
 from agent.bootcheck import HealthOverride, boot_check
 from agent.daemon import Device, build_device
 from agent.events import Event
-from agent.installer import install
+from agent.installer import InstallResult, Phase, install
+from agent.marking import Verdict, mark
 from agent.sources import source_for
 from agent.status import render, status
 from bundler.format.errors import OtaError
@@ -25,8 +31,41 @@ from hw.tty import Progress, run_reporting_errors
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("edge-ota")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (edge-ota package metadata not found)"
+
+
 def _device(args: argparse.Namespace) -> Device:
     return build_device(Path(args.config))
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, sort_keys=True))
+
+
+class _PhasedProgress:
+    """One progress display per install phase ("writing", "verifying read-back"),
+    each counting up to the image size; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.phase: Phase | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, phase: Phase, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase is not self.phase or self.bar is None:
+            self.finish()
+            self.phase, self.bar = phase, Progress(phase.value)
+        self.bar(done, total)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.finish()
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -37,11 +76,29 @@ def _install(args: argparse.Namespace) -> int:
         # No bundle byte arrived, but the attempt still failed: report it like any other.
         device.record(Event("install", "failed", str(e)))
         raise
-    bar = Progress("installing")
+    progress = _PhasedProgress(enabled=not args.json or sys.stderr.isatty())
     with stream:
-        outcome = install(device, stream, progress=bar, allow_downgrade=args.allow_downgrade)
-    bar.finish()
-    print(f"installed version {outcome.bundle_version} into slot {outcome.slot}; reboot to try it")
+        outcome = install(
+            device, stream, progress=progress, allow_downgrade=args.allow_downgrade, reinstall=args.reinstall
+        )
+    progress.finish()
+    already = outcome.result is InstallResult.ALREADY_INSTALLED
+    if args.json:
+        _print_json(
+            {
+                "result": outcome.result.value,
+                "txn": outcome.txn,
+                "bundle_version": outcome.bundle_version,
+                "slot": outcome.slot,
+                "security_version": outcome.security_version,
+                "reason": outcome.reason,
+                "reboot_to_try": not already,
+            }
+        )
+    elif already:
+        print(outcome.reason)
+    else:
+        print(f"installed version {outcome.bundle_version} into slot {outcome.slot}; reboot to try it")
     return 0
 
 
@@ -54,39 +111,47 @@ def _status(args: argparse.Namespace) -> int:
 def _boot_check(args: argparse.Namespace) -> int:
     device = _device(args)
     outcome = boot_check(device)
-    print(f"boot-check: {outcome.outcome.value}: {outcome.reason}")
-    if outcome.reboot:
-        if args.no_reboot:
+    rebooting = outcome.reboot and not args.no_reboot
+    if args.json:
+        _print_json(
+            {
+                "outcome": outcome.outcome.value,
+                "slot": outcome.slot,
+                "reason": outcome.reason,
+                "booted_good": outcome.booted_good,
+                "reboot_needed": outcome.reboot,
+                "rebooting": rebooting,
+            }
+        )
+    else:
+        print(f"boot-check: {outcome.outcome.value}: {outcome.reason}")
+        if outcome.reboot and not rebooting:
             print("boot-check: reboot needed (skipped: --no-reboot)")
-        else:
-            reboot(device.config.reboot_command)
-        return 1  # keeps boot-complete.target (and systemd-bless-boot's "good") from being reached
-    return 0
-
-
-def _resolve(device: Device, which: str) -> str:
-    booted = device.bootloader.booted_slot()
-    names = device.config.bootnames
-    if which == "booted":
-        return booted
-    if which == "other":
-        others = [b for b in names if b != booted]
-        return others[0]
-    if which not in names:
-        raise OtaError(f"unknown slot {which!r}: use booted, other or one of {', '.join(names)}")
-    return which
+    if rebooting:
+        sys.stdout.flush()
+        reboot(device.config.reboot_command)
+    # Non-zero whenever the booted slot is not good: keeps boot-complete.target
+    # (and systemd-bless-boot's "good") from being reached.
+    return 1 if outcome.reboot or not outcome.booted_good else 0
 
 
 def _mark(args: argparse.Namespace) -> int:
-    device = _device(args)
-    slot = _resolve(device, args.slot)
-    if args.command == "mark-good":
-        device.bootloader.mark_good(slot)
+    verdict = Verdict(args.command.removeprefix("mark-"))
+    outcome = mark(_device(args), args.slot, verdict, force=getattr(args, "force", False))
+    if args.json:
+        _print_json(
+            {
+                "slot": outcome.slot,
+                "verdict": outcome.verdict.value,
+                "committed": outcome.committed,
+                "committed_security_version": outcome.security_version,
+                "reason": outcome.reason,
+            }
+        )
+    elif outcome.committed:
+        print(f"slot {outcome.slot}: marked good; committed (security version now {outcome.security_version})")
     else:
-        device.bootloader.mark_bad(slot)
-    verdict = args.command.removeprefix("mark-")
-    device.record(Event(args.command, "ok", f"slot {slot} marked {verdict} by operator", slot=slot))
-    print(f"slot {slot}: marked {verdict}")
+        print(f"slot {outcome.slot}: marked {verdict.value}")
     return 0
 
 
@@ -118,32 +183,49 @@ def _sim_boot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = f"agent config (default {DEFAULT_CONFIG})"
     parser = argparse.ArgumentParser(prog="ota-agent", description="edge-ota device agent")
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"agent config (default {DEFAULT_CONFIG})")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=config_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"ota-agent {_version()}")
+    parser.set_defaults(json=False)
+    # The same options after a device command's name; SUPPRESS keeps the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    reporting = argparse.ArgumentParser(add_help=False, parents=[common])
+    reporting.add_argument("--json", action="store_true", help="the result as one JSON object (errors on stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("install", help="install a bundle into the inactive slot")
+    p = sub.add_parser("install", parents=[reporting], help="install a bundle into the inactive slot")
     p.add_argument("source", help="bundle file, - for stdin, or an http(s) URL")
     p.add_argument(
         "--allow-downgrade", action="store_true", help="accept a security version below the committed one (dangerous)"
     )
+    p.add_argument(
+        "--reinstall", action="store_true", help="write the bundle even when a slot already holds it (booted/pending)"
+    )
     p.set_defaults(func=_install)
 
-    p = sub.add_parser("status", help="show slots, boot state and the last result")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", parents=[reporting], help="show slots, boot state and the last result")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("boot-check", help="after boot: commit a trial slot or roll back")
+    p = sub.add_parser("boot-check", parents=[reporting], help="after boot: commit a trial slot or roll back")
     p.add_argument("--no-reboot", action="store_true", help="report a needed reboot instead of rebooting")
     p.set_defaults(func=_boot_check)
 
     for verb in ("mark-good", "mark-bad"):
-        p = sub.add_parser(verb, help=f"{verb.replace('-', ' ')} a slot")
+        p = sub.add_parser(verb, parents=[reporting], help=f"{verb.replace('-', ' ')} a slot")
         p.add_argument("slot", nargs="?", default="booted", help="booted (default), other, or a bootname")
+        if verb == "mark-good":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="mark good a slot whose content is not known complete and verified (dangerous)",
+            )
         p.set_defaults(func=_mark)
 
-    p = sub.add_parser("run", help="run as the device's service (systemd Type=notify, watchdog)")
+    p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
 
     simp = sub.add_parser("sim", help="a simulated device in a directory")
@@ -178,12 +260,15 @@ def _not_failures(record: logging.LogRecord) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="ota-agent: %(message)s", force=True
-    )
+    as_json = bool(args.json)
+    # Under --json stderr carries only an error object: no INFO lines beside it.
+    level = logging.DEBUG if args.verbose else logging.WARNING if as_json else logging.INFO
+    logging.basicConfig(level=level, format="ota-agent: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_failures)
-    return run_reporting_errors("ota-agent", lambda: int(args.func(args)), expected=(OtaError,), verbose=args.verbose)
+    return run_reporting_errors(
+        "ota-agent", lambda: int(args.func(args)), expected=(OtaError,), verbose=args.verbose, json_errors=as_json
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ bundler.format.errors and hw.errors; all share the root `OtaError`).
     +-- PlanError             the bundle's images do not fit this device's slots
     +-- SourceError           fetching bytes failed (transient: may be retried)
     +-- InstallError          refusing or aborting an install for a local reason
-        +-- LockBusyError     another install or boot-check holds the state lock
+    |   +-- LockBusyError     another install, boot-check or mark holds the state lock
+    +-- MarkError             an operator's mark-good/mark-bad refused (unknown slot, unknown content)
 """
 
 from __future__ import annotations
@@ -69,3 +70,7 @@ class InstallError(OtaError):
 
 class LockBusyError(InstallError):
     """Another agent process holds the state lock."""
+
+
+class MarkError(OtaError):
+    """mark-good / mark-bad refused: an unknown slot, or content not known to be complete."""

@@ -8,6 +8,9 @@ Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   for each op: payload hash -> decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
   set target primary with N tries -> record the slot's contents, trial installed
+A bundle whose every image the booted slot already holds, or the other slot holds
+as the pending update, is answered "already installed" after the policy check:
+recorded, nothing written (`reinstall=True` writes it anyway).
 A power cut at any point leaves the booted slot primary and untouched; boot-check
 on the next boot tells an interrupted install from a rollback by the trial record.
 Any failure after the target was marked bad leaves it bad (never bootable with
@@ -17,6 +20,7 @@ success or refusal, is recorded in the state and the outbox.
 
 from __future__ import annotations
 
+import enum
 import logging
 import uuid
 from collections.abc import Callable
@@ -24,45 +28,68 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from agent import policy
+from agent.bootcheck import pending_trial
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import InstallError, LockBusyError
 from agent.events import Event, iso
 from agent.plan import InstallPlan, make_plan
-from agent.state import SlotRecord, Trial
+from agent.state import AgentState, SlotRecord, Trial
 from bundler.format.errors import HashMismatchError, OtaError
 from bundler.format.ops import Op, produce
 from bundler.format.reader import BundleReader, Readable
-from bundler.format.signing import verify
+from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.model import SlotBootState
 from hw.slot import SlotWriter, read_back_sha256, slot_size
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
+
+class Phase(enum.Enum):
+    """What an install's progress counts: each phase runs from 0 to the images' total size."""
+
+    WRITE = "writing"
+    VERIFY = "verifying read-back"
+
+
+ProgressFn = Callable[[Phase, int, int], None]  # (phase, bytes done, bytes total)
+
+
+class InstallResult(enum.Enum):
+    INSTALLED = "ok"
+    ALREADY_INSTALLED = "already-installed"  # also the event's result value
 
 
 @dataclass(frozen=True, slots=True)
 class InstallOutcome:
     txn: str
     bundle_version: str
-    slot: str
+    slot: str  # the slot written, or the slot that already holds the bundle
     security_version: int
+    result: InstallResult = InstallResult.INSTALLED
+    reason: str = ""
 
 
 def install(
-    device: Device, stream: Readable, *, progress: ProgressFn | None = None, allow_downgrade: bool = False
+    device: Device,
+    stream: Readable,
+    *,
+    progress: ProgressFn | None = None,
+    allow_downgrade: bool = False,
+    reinstall: bool = False,
 ) -> InstallOutcome:
     try:
         with device.store.lock():
-            return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade)
+            return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade, reinstall=reinstall)
     except LockBusyError as e:
         # Another install owns state.json: report through the append-only outbox only.
         device.events.emit(Event("install", "failed", str(e)))
         raise
 
 
-def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool) -> InstallOutcome:
+def _install(
+    device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool, reinstall: bool
+) -> InstallOutcome:
     txn = uuid.uuid4().hex[:12]
     version: str | None = None
     target: str | None = None
@@ -90,14 +117,21 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
         capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
         plan = make_plan(bundle, device.config.slots, booted, capacity)
         target = plan.target
-        device.events.emit(Event("install", "started", "bundle verified", txn, version, target))
         m = bundle.manifest
-        trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256)
+        holder = None if reinstall else _already_installed(device, bundle, booted, state)
+        if holder is not None:
+            slot, reason = holder
+            already = InstallResult.ALREADY_INSTALLED
+            device.record(Event("install", already.value, reason, txn, version, slot))
+            return InstallOutcome(txn, m.bundle_version, slot, m.security_version, already, reason)
+        device.events.emit(Event("install", "started", "bundle verified", txn, version, target))
+        images = {im.slot_class: im.sha256 for im in m.images}
+        trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
         state = device.store.load().with_slot(
-            target, SlotRecord(m.bundle_version, trial.sha256, m.security_version, iso(device.clock()))
+            target, SlotRecord(m.bundle_version, trial.sha256, m.security_version, iso(device.clock()), images)
         )
         state = replace(state, trial=replace(trial, installed=True))
     except OtaError as e:
@@ -107,8 +141,45 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
         device.record(Event("install", "failed", str(e), txn, version, target), state)
         raise
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
-    device.record(Event("install", "ok", reason, txn, m.bundle_version, target), state)
-    return InstallOutcome(txn, m.bundle_version, target, m.security_version)
+    device.record(Event("install", InstallResult.INSTALLED.value, reason, txn, m.bundle_version, target), state)
+    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason)
+
+
+def _already_installed(
+    device: Device, bundle: VerifiedBundle, booted: str, state: AgentState
+) -> tuple[str, str] | None:
+    """The slot that already holds every image of the bundle, compared per slot class
+    with the slot records: the booted slot, or the other slot holding it as the pending
+    (not yet booted) update. Returns (slot, reason) or None."""
+    wanted = {im.slot_class: im.sha256 for im in bundle.manifest.images}
+    classes = {s.slot_class for s in device.config.slots}
+
+    def holds(bootname: str) -> bool:
+        record = state.slots.get(bootname)
+        if record is None:
+            return False
+        images = record.images
+        if images is None:
+            # A record from before per-class hashes names one image: only unambiguous with one class.
+            if record.sha256 is None or len(classes) != 1:
+                return False
+            images = {next(iter(classes)): record.sha256}
+        return all(images.get(cls) == digest for cls, digest in wanted.items())
+
+    version = bundle.manifest.bundle_version
+    if holds(booted):
+        held = state.slots[booted].version or "unknown"
+        return booted, (
+            f"already installed: the booted slot {booted} holds these images (version {held}); "
+            "nothing written (--reinstall writes the other slot anyway)"
+        )
+    pending = pending_trial(state, device.bootloader.state(), booted)
+    if pending is not None and holds(pending.slot):
+        return pending.slot, (
+            f"already installed: version {version} is pending in slot {pending.slot} and will be tried "
+            "on next boot; nothing written (--reinstall writes it again)"
+        )
+    return None
 
 
 def _write(
@@ -131,7 +202,7 @@ def _write(
     # Invariant 3: unbootable before the first byte is written.
     device.bootloader.mark_bad(target)
     crashpoint("after-mark-bad")
-    total = sum(ip.image.size for ip in plan.images) * 2  # write + read-back
+    total = sum(ip.image.size for ip in plan.images)  # per phase: write, then read-back
     done = 0
     writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
 
@@ -144,7 +215,7 @@ def _write(
             writer.write(op.dst_offset, extent.result())
         done += op.dst_length
         if progress:
-            progress(done, total)
+            progress(Phase.WRITE, done, total)
 
     # Pipeline: while op i is written, op i+1 is decoded and its extent hash
     # checked on a worker thread (zstd and hashlib release the GIL). Each extent
@@ -166,13 +237,14 @@ def _write(
     finally:
         for w in writers.values():
             w.close()
+    done = 0
     for ip in plan.images:
 
         def tick(n: int) -> None:
             nonlocal done
             done += n
             if progress:
-                progress(done, total)
+                progress(Phase.VERIFY, done, total)
 
         actual = read_back_sha256(ip.slot.path, target, ip.image.size, tick)
         if actual != ip.image.sha256:

@@ -35,8 +35,8 @@ def run(device: Device, notify: SdNotify | None = None, stop: threading.Event | 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    doc = status(device)  # fails loudly now rather than after READY
-    booted = doc["booted"]
+    booted = device.bootloader.booted_slot()  # fails loudly now rather than after READY
+    doc = status(device)
     line = f"booted {booted}, version {doc['slots'][booted]['version'] or 'unknown'}; idle"
     notify.ready(line)
     log.info("agent running: %s", line)

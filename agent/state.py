@@ -29,6 +29,7 @@ class SlotRecord:
     sha256: str | None = None
     security_version: int | None = None
     installed: str | None = None  # ISO time
+    images: dict[str, str] | None = None  # slot class -> SHA-256 of every image written (None: older record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class Trial:
     sha256: str | None = None
     installed: bool = False
     failure: str | None = None  # set when boot-check gave up on it
+    images: dict[str, str] | None = None  # slot class -> SHA-256, every image of the bundle
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,10 @@ class StateStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LockBusyError(f"another install is in progress (lock held on {self.dir / 'lock'})") from None
+                raise LockBusyError(
+                    f"busy: another ota-agent command (an install, boot-check or mark) is in progress "
+                    f"(it holds the state lock {self.dir / 'lock'}); try again when it has finished"
+                ) from None
             yield
         finally:
             os.close(fd)

@@ -1,6 +1,11 @@
 """The device's status as one document: booted and primary slot, per slot its
 boot state and contents, the committed security version, the pending trial
-and the last result. Read-only."""
+and the last result. Read-only.
+
+A status that cannot tell the booted slot (no `ota.slot=` on the kernel command
+line, or a name the bootloader does not know) still reports everything else:
+`booted` is None and `problems` says what is wrong and how to fix it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,23 @@ from typing import Any
 
 from agent.daemon import Device
 from hw.bootloader import model
+from hw.errors import BootEnvError
 
 
 def status(device: Device) -> dict[str, Any]:
     cfg = device.config
     boot = device.bootloader.state()
     state = device.store.load()
+    problems: list[str] = []
+    booted: str | None
+    try:
+        booted = device.bootloader.booted_slot()
+    except BootEnvError as e:
+        booted = None
+        problems.append(
+            f"booted slot unknown: {e}; the boot script must put ota.slot=<bootname> "
+            f"(one of {', '.join(cfg.bootnames)}) on the kernel command line"
+        )
     slots: dict[str, Any] = {}
     for bootname in cfg.bootnames:
         sb = boot.slots[bootname]
@@ -34,20 +50,21 @@ def status(device: Device) -> dict[str, Any]:
     return {
         "compatible": cfg.compatible,
         "bootloader": device.bootloader.name,
-        "booted": device.bootloader.booted_slot(),
+        "booted": booted,
         "primary": model.next_boot(boot),
         "order": list(boot.order),
         "committed_security_version": state.committed_security_version,
         "slots": slots,
         "trial": asdict(state.trial) if state.trial else None,
         "last_result": asdict(state.last_result) if state.last_result else None,
+        "problems": problems,
     }
 
 
 def render(doc: dict[str, Any]) -> str:
     lines = [
         f"compatible  {doc['compatible']}  (bootloader: {doc['bootloader']})",
-        f"booted      {doc['booted']}",
+        f"booted      {doc['booted'] or 'unknown (see problem below)'}",
         f"primary     {doc['primary']}  (next boot)",
         f"security    committed security version {doc['committed_security_version']}",
     ]
@@ -62,4 +79,5 @@ def render(doc: dict[str, Any]) -> str:
         what = f"{last['event']} {last['result']}"
         version = f" version {last['bundle_version']}" if last["bundle_version"] else ""
         lines.append(f"last        {what}{version} at {last['time']}: {last['reason']}")
+    lines += [f"problem     {p}" for p in doc["problems"]]
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """Operator overrides: `mark-bad` / `mark-good` on `other`, `booted` or a
-bootname, each recorded; an unknown name is one clear error changing nothing."""
+bootname, each recorded; an unknown name is one clear error changing nothing.
+mark-bad of a slot with a pending update cancels the update (or, on the booted
+trial slot, has the next boot report its rollback with the operator's reason)."""
 
 from __future__ import annotations
 
@@ -66,8 +68,36 @@ def test_mark_good_without_argument_marks_the_booted_slot(device: SimDevice, mak
     assert device.status()["booted"] == "B"
     run = device.agent("mark-good")
     assert run.rc == 0, run.err
-    assert run.out.strip() == "slot B: marked good"
+    assert run.out.strip() == "slot B: marked good; committed (security version now 1)"
     assert device.status()["slots"]["B"]["boot_state"] == "good"
+
+
+def test_mark_bad_of_a_pending_update_cancels_it_and_the_next_boot_reports_no_rollback(
+    device: SimDevice, make_bundle: BundleFactory
+) -> None:
+    device.install_ok(make_bundle("2.0"))
+    run = device.agent("mark-bad", "other")
+    assert run.rc == 0, run.err
+    doc = device.status()
+    assert doc["trial"] is None
+    assert "pending update to version 2.0 is cancelled" in doc["last_result"]["reason"]
+    outbox_before = len(device.outbox())
+    assert device.boot().out.splitlines()[-1] == "settled on slot A after 1 boot(s)"
+    assert device.outbox()[outbox_before:] == []  # nothing to roll back: it never booted
+
+
+def test_mark_bad_of_the_booted_trial_slot_is_reported_as_its_rollback_with_the_operators_reason(
+    device: SimDevice, make_bundle: BundleFactory
+) -> None:
+    device.install_ok(make_bundle("2.0"))
+    device.power_on_without_boot_check()  # B runs on trial
+    run = device.agent("mark-bad")
+    assert run.rc == 0, run.err
+    assert device.status()["committed_security_version"] == 0
+    assert device.boot().out.splitlines()[-1] == "settled on slot A after 1 boot(s)"
+    last = device.status()["last_result"]
+    assert (last["event"], last["result"], last["slot"]) == ("rollback", "rolled-back", "B")
+    assert "marked bad by operator" in last["reason"]
 
 
 @pytest.mark.parametrize("verb", ["mark-good", "mark-bad"])
