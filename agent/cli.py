@@ -8,7 +8,6 @@ result on stdout, an error as one JSON object on stderr, and no log lines.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import sys
@@ -26,16 +25,9 @@ from agent.sources import source_for
 from agent.status import render, status
 from bundler.format.errors import OtaError
 from hw.power import reboot
-from hw.tty import Progress, run_reporting_errors
+from hw.tty import Progress, run_reporting_errors, version_string
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("edge-ota")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (edge-ota package metadata not found)"
 
 
 def _device(args: argparse.Namespace) -> Device:
@@ -187,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ota-agent", description="edge-ota device agent")
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=config_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    parser.add_argument("--version", action="version", version=f"ota-agent {_version()}")
+    parser.add_argument("--version", action="version", version=version_string("ota-agent"))
     parser.set_defaults(json=False)
     # The same options after a device command's name; SUPPRESS keeps the value given before it.
     common = argparse.ArgumentParser(add_help=False)
