@@ -9,7 +9,8 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent.config import Config
-from agent.events import Clock, Event, EventLog, utcnow
+from agent.events import Clock, Event, utcnow
+from agent.outbox import EventLog
 from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
