@@ -16,6 +16,7 @@ from agent.bootcheck import HealthOverride, boot_check
 from agent.daemon import Device, build_device
 from agent.events import Event
 from agent.installer import install
+from agent.logsetup import use_clean_lines
 from agent.sources import source_for
 from agent.status import render, status
 from bundler.format.errors import OtaError
@@ -181,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="ota-agent: %(message)s", force=True
     )
+    use_clean_lines("ota-agent: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_failures)
     return run_reporting_errors("ota-agent", lambda: int(args.func(args)), expected=(OtaError,), verbose=args.verbose)
