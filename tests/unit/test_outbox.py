@@ -288,10 +288,18 @@ def test_a_corrupt_ack_marker_means_redelivery_never_loss(tmp_path: Path) -> Non
     assert Outbox(tmp_path).pending() == sent
 
 
-def test_the_reader_is_linear_and_total_on_arbitrary_bytes() -> None:
-    for blob in (b"", b"\n" * 10, b"0" * 8 + b" " + b"{" * 50_000, os.urandom(4096), b"deadbeef \xff\xfe\n"):
+def framed(body: bytes) -> bytes:
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def test_the_reader_is_total_on_arbitrary_bytes_even_with_valid_crcs() -> None:
+    blobs = [b"", b"\n" * 10, b"0" * 8 + b" " + b"{" * 50_000, os.urandom(4096), b"deadbeef \xff\xfe\n"]
+    blobs += [framed(b"[" * 200_000), framed(b'{"seq": ' + b"9" * 5000 + b"}"), framed(b'{"seq": 1, "id": "x"}')]
+    blobs += [framed(b'{"seq": 1, "id": "%s", "event": "e", "result": "r"}' % (b"\xe2\x80\xa8" * 20))]
+    for blob in blobs:
         parsed = outbox_mod.parse(blob)
         assert parsed.lines == []
+        assert (parsed.bad_lines + parsed.torn_tail > 0) == bool(blob.strip(b"\n"))  # counted, never silent
 
 
 def test_a_copied_outbox_directory_reads_the_same(tmp_path: Path) -> None:
