@@ -20,6 +20,7 @@ from agent.bootcheck import HealthOverride, boot_check
 from agent.daemon import Device, build_device
 from agent.events import Event
 from agent.installer import InstallResult, Phase, install
+from agent.logsetup import use_clean_lines
 from agent.marking import Verdict, mark
 from agent.sources import source_for
 from agent.status import render, status
@@ -256,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under --json stderr carries only an error object: no INFO lines beside it.
     level = logging.DEBUG if args.verbose else logging.WARNING if as_json else logging.INFO
     logging.basicConfig(level=level, format="ota-agent: %(message)s", force=True)
+    use_clean_lines("ota-agent: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_not_failures)
     return run_reporting_errors(

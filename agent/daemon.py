@@ -9,7 +9,8 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent.config import Config
-from agent.events import Clock, Event, EventLog, utcnow
+from agent.events import Clock, Event, utcnow
+from agent.outbox import EventLog
 from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
@@ -40,11 +41,12 @@ class Device:
 def build_device(config_path: Path, clock: Clock = utcnow) -> Device:
     cfg = config_mod.load(config_path)
     env = open_env(cfg.bootloader, cfg.bootloader_path, cfg.bootnames)
+    events = EventLog(cfg.state_dir, clock)
     return Device(
         config=cfg,
         bootloader=Bootloader(env, cfg.cmdline),
-        store=StateStore(cfg.state_dir),
-        events=EventLog(cfg.state_dir, clock),
+        store=StateStore(cfg.state_dir, events),
+        events=events,
         clock=clock,
         watchdog=open_watchdog(cfg.watchdog.backend, cfg.watchdog.path),
     )

@@ -1,30 +1,37 @@
-"""Structured events: one record feeds the log and the status outbox.
+"""Structured events: the one record that feeds the log, `state.json`'s last
+result and the status outbox (`agent.outbox`, which also holds `EventLog`).
 
 Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
-`reason`, `time`). The outbox (`STATE_DIR/outbox.jsonl`) keeps every report
-until a transport has delivered it; each append is fsynced, so a power cut
-loses no report that was acknowledged to the caller. It is bounded: when the
-file passes `MAX_OUTBOX_BYTES` it is cut to half that, dropping progress
-records first, then the oldest. Appends only stat the file; the file is read
-and rewritten only when a cut is due.
+`reason`, `time`). An `Event` is bounded by construction: every field is run
+through `bundler.format.text.clean` when the record is built (whoever builds
+it, from code or from a file), so no event can carry more than `MAX_EVENT_CHARS`
+characters, a line break, a control character, or a fake log line.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
-from hw.fsutil import atomic_write
+from bundler.format.text import clean
 
-log = logging.getLogger(__name__)
-
-MAX_OUTBOX_BYTES = 256 * 1024
 Clock = Callable[[], datetime]
+
+REASON_LIMIT = 300
+NAME_LIMIT = 128  # versions, slots, txn ids, digests
+KIND_LIMIT = 64  # event and result names, times
+LIMITS = {
+    "event": KIND_LIMIT,
+    "result": KIND_LIMIT,
+    "reason": REASON_LIMIT,
+    "txn": NAME_LIMIT,
+    "bundle_version": NAME_LIMIT,
+    "slot": NAME_LIMIT,
+    "time": KIND_LIMIT,
+}
+MAX_EVENT_CHARS = sum(LIMITS.values())
 
 
 def utcnow() -> datetime:
@@ -33,6 +40,10 @@ def utcnow() -> datetime:
 
 def iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def clean_or_none(value: object, limit: int) -> str | None:
+    return None if value is None else clean(value, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,61 +56,27 @@ class Event:
     slot: str | None = None
     time: str = ""
 
+    def __post_init__(self) -> None:
+        for name in ("event", "result", "reason", "time"):
+            object.__setattr__(self, name, clean(getattr(self, name), LIMITS[name]))
+        for name in ("txn", "bundle_version", "slot"):
+            object.__setattr__(self, name, clean_or_none(getattr(self, name), LIMITS[name]))
 
-class EventLog:
-    def __init__(self, state_dir: Path, clock: Clock = utcnow) -> None:
-        self.path = state_dir / "outbox.jsonl"
-        self.clock = clock
-
-    def emit(self, event: Event) -> Event:
-        if not event.time:
-            event = Event(**{**asdict(event), "time": iso(self.clock())})
-        parts = [f"{event.event}: {event.result}"]
-        if event.bundle_version:
-            parts.append(f"version {event.bundle_version}")
-        if event.slot:
-            parts.append(f"slot {event.slot}")
-        if event.reason:
-            parts.append(f"- {event.reason}")
-        log.info("%s", " ".join(parts), extra={"ota_event": asdict(event)})
-        self._append(event)
-        return event
-
-    def _append(self, event: Event) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(asdict(event), sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._trim()
-
-    def pending(self) -> list[Event]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(Event(**json.loads(line)))
-            except (ValueError, TypeError):
-                log.warning("outbox: skipping a corrupt record (torn write before a power cut?)")
-        return out
-
-    def _trim(self) -> None:
-        if self.path.stat().st_size <= MAX_OUTBOX_BYTES:
-            return
-        lines = [json.dumps(asdict(e), sort_keys=True) + "\n" for e in self.pending()]
-        excess = sum(len(line) for line in lines) - MAX_OUTBOX_BYTES // 2
-        keep = [True] * len(lines)
-        for progress_first in (True, False):
-            for i, line in enumerate(lines):
-                if excess <= 0:
-                    break
-                if keep[i] and (not progress_first or '"event": "progress"' in line):
-                    keep[i] = False
-                    excess -= len(line)
-        atomic_write(self.path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
+    @classmethod
+    def from_json(cls, doc: object) -> Event:
+        """An event from its JSON object (a stored file): unknown keys are ignored,
+        `event` and `result` are required; raises ValueError naming the problem."""
+        if not isinstance(doc, Mapping):
+            raise ValueError("an event must be a JSON object")
+        missing = [k for k in ("event", "result") if not isinstance(doc.get(k), str)]
+        if missing:
+            raise ValueError(f"event field {missing[0]!r} is missing or not a string")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = doc.get(f.name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"event field {f.name!r} is not a string")
+            values[f.name] = value
+        return cls(**values)

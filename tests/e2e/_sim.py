@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ MiB = 1 << 20
 COMPATIBLE = "e2e-board-v1"
 SLOT_SIZE = 8 * MiB
 ERROR_PREFIX = "ota-agent: error:"
+RECORD_KEYS = ("seq", "id", "dropped")  # what an outbox record adds to its event
 
 
 def write_image(path: Path, seed: int, size: int) -> Path:
@@ -160,11 +162,22 @@ class SimDevice:
         doc: dict[str, Any] = json.loads(r.out)
         return doc
 
-    def outbox(self) -> list[dict[str, Any]]:
-        path = self.dir / "state" / "outbox.jsonl"
+    def outbox_records(self) -> list[dict[str, Any]]:
+        """Every record in the outbox file, framing checked here independently of
+        the agent's reader: `<crc32 hex> <json>` per line."""
+        path = self.dir / "state" / "outbox.log"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        records = []
+        for line in path.read_bytes().splitlines():
+            crc, _, body = line.partition(b" ")
+            assert int(crc, 16) == zlib.crc32(body), f"outbox line fails its CRC: {line!r}"
+            records.append(json.loads(body))
+        return records
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """The events of the outbox records, oldest first (without seq, id, dropped)."""
+        return [{k: v for k, v in r.items() if k not in RECORD_KEYS} for r in self.outbox_records()]
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.dir)

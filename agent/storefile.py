@@ -1,0 +1,99 @@
+"""The agent's own small files in STATE_DIR: reading one with a size bound
+(regular files only, never through a symlink, never blocking on a FIFO), and
+setting aside one the agent cannot use.
+
+Setting aside renames `NAME` to `NAME.corrupt-<UTC time>` in the same
+directory (a numeric suffix if that name is taken) and fsyncs the directory:
+the bytes are kept for whoever investigates, never deleted, and the agent
+starts over with what it could recover. Does not decide what is corrupt; the
+state store and the outbox do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from hw.fsutil import fsync_dir
+
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class NotRegularError(OSError):
+    """The path exists but is not a regular file (a FIFO, device, directory or symlink)."""
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """At most `limit + 1` bytes of `path` (so the caller can tell "too big");
+    raises FileNotFoundError, NotRegularError or another OSError."""
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularError(errno.ELOOP, "is a symbolic link", str(path)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularError(errno.EINVAL, "not a regular file", str(path))
+        chunks: list[bytes] = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def aside_name(path: Path, now: datetime) -> Path:
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    candidate = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def set_aside(path: Path, now: datetime) -> Path:
+    """Rename `path` out of the way (never deleting it); returns the new name.
+    Callers hold the lock that serialises writers of `path`."""
+    target = aside_name(path, now)
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
+def ensure_dir(directory: Path) -> None:
+    """Create the state directory if needed, making its own entry durable."""
+    if directory.is_dir():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fsync_dir(directory.parent)
+
+
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `path` (created if needed), waiting
+    for it: for short read-modify-write steps, not for a whole install."""
+    ensure_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
