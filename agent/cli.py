@@ -64,7 +64,7 @@ class _PhasedProgress:
 def _install(args: argparse.Namespace) -> int:
     device = _device(args)
     try:
-        stream = source_for(args.source).open()
+        stream = source_for(args.source, device.config.download).open()
     except OtaError as e:
         # No bundle byte arrived, but the attempt still failed: report it like any other.
         device.record(Event("install", "failed", str(e)))

@@ -43,6 +43,17 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DownloadConfig:
+    """Limits every bundle source applies (see docs/config.md, `[download]`)."""
+
+    connect_timeout: float = 30.0  # seconds to resolve, connect and finish the TLS handshake
+    stall_bytes: int = 1024  # fewer than this many bytes ...
+    stall_seconds: float = 60.0  # ... in this many seconds of waiting fails the source
+    deadline: float = 0.0  # seconds for the whole download; 0 = none
+    max_bytes: int = 1 << 40  # no bundle is larger; a source sending more is cut off
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     compatible: str
@@ -56,6 +67,7 @@ class Config:
     slots: tuple[SlotConfig, ...]
     health: HealthConfig
     watchdog: WatchdogConfig
+    download: DownloadConfig = DownloadConfig()
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -140,7 +152,7 @@ def load(path: Path) -> Config:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog"})
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -180,6 +192,21 @@ def load(path: Path) -> Config:
             units=health.strings("units"),
         ),
         watchdog=WatchdogConfig(wd_backend, wd.path("path", "/dev/watchdog"), wd.integer("timeout", 30, 1, 3600)),
+        download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
+    )
+
+
+DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes"}
+
+
+def _download(t: _Table) -> DownloadConfig:
+    d = DownloadConfig()
+    return DownloadConfig(
+        connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.1, 3600.0),
+        stall_bytes=t.integer("stall_bytes", d.stall_bytes, 1, 1 << 30),
+        stall_seconds=t.number("stall_seconds", d.stall_seconds, 0.1, 86400.0),
+        deadline=t.number("deadline", d.deadline, 0.0, 30 * 86400.0),
+        max_bytes=t.integer("max_bytes", d.max_bytes, 1, 1 << 50),
     )
 
 

@@ -1,32 +1,46 @@
 """Bundle sources: where the bytes of a bundle come from.
 
 `BundleSource.open()` is the public entry and enforces the rules every source
-shares — a cap on the total bytes read and translation of transport failures
-into `SourceError` with the source named. Subclasses implement only `_open()`.
+shares: the `[download]` limits (`DownloadConfig`): a cap on the total bytes
+read, a stall limit and an optional deadline (`agent.pace`), and translation of
+transport failures into `SourceError` with the source named. Subclasses
+implement only `_open(pace)`. No source ever blocks without a bound: files,
+FIFOs and stdin are polled with the stall window as timeout, sockets carry
+timeouts derived from it.
+
 Sources own their files and sockets; the reader only sees `read(n)`.
 """
 
 from __future__ import annotations
 
-import http.client
-import sys
-import urllib.error
-import urllib.request
+import math
+import os
+import select
+import ssl
+import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
+from agent.config import DownloadConfig
 from agent.errors import SourceError
+from agent.httpclient import HttpClient
+from agent.pace import Pace, PaceLimits
+from bundler.format.text import clean
 
-DEFAULT_CAP = 1 << 40  # 1 TiB: no real bundle is larger; stops a server streaming forever
-HTTP_TIMEOUT = 30.0
-USER_AGENT = "edge-ota-agent/0.1"
+DEFAULT_CAP = DownloadConfig().max_bytes
+STDIN_FD = 0
+
+
+class RawStream(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+    def close(self) -> None: ...
 
 
 class BundleStream:
     """What sources hand the reader: `read(n)` with a byte cap and error translation."""
 
-    def __init__(self, raw: BinaryIO, name: str, cap: int, length: int | None = None) -> None:
+    def __init__(self, raw: RawStream, name: str, cap: int, length: int | None = None) -> None:
         self._raw = raw
         self.name = name
         self.cap = cap
@@ -37,10 +51,11 @@ class BundleStream:
         n = min(n, self.cap - self.consumed + 1)
         try:
             data = self._raw.read(n)
-        except (OSError, http.client.HTTPException) as e:
-            raise SourceError(self.name, f"read failed after {self.consumed} bytes: {e}") from None
+        except OSError as e:
+            reason = clean(e.strerror or e, 120)
+            raise SourceError(self.name, f"read failed after {self.consumed} bytes: {reason}") from None
         if not data and n and self.length is not None and self.consumed < self.length:
-            raise SourceError(self.name, f"connection ended after {self.consumed} of {self.length} bytes")
+            raise SourceError(self.name, f"ended after {self.consumed} of {self.length} bytes")
         self.consumed += len(data)
         if self.consumed > self.cap:
             raise SourceError(self.name, f"more than {self.cap} bytes; refusing to read on", transient=False)
@@ -57,71 +72,131 @@ class BundleStream:
 
 
 class BundleSource(ABC):
-    def __init__(self, name: str, cap: int = DEFAULT_CAP) -> None:
+    def __init__(self, name: str, limits: DownloadConfig | None = None) -> None:
         self.name = name
-        self.cap = cap
+        self.limits = limits or DownloadConfig()
+        self.cap = self.limits.max_bytes
 
     def open(self) -> BundleStream:
+        lim = self.limits
+        pace = Pace(self.name, PaceLimits(lim.stall_bytes, lim.stall_seconds, lim.deadline))
         try:
-            raw, length = self._open()
+            raw, length = self._open(pace)
         except SourceError:
             raise
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            raise SourceError(self.name, f"cannot open: {e}") from None
+        except (OSError, ValueError) as e:
+            reason = clean(e.strerror if isinstance(e, OSError) and e.strerror else e, 120)
+            raise SourceError(self.name, f"cannot open: {reason}") from None
+        if length is not None and length > self.cap:
+            raw.close()
+            raise SourceError(self.name, f"{length} bytes is more than the cap of {self.cap}", transient=False)
         return BundleStream(raw, self.name, self.cap, length)
 
     @abstractmethod
-    def _open(self) -> tuple[BinaryIO, int | None]: ...
+    def _open(self, pace: Pace) -> tuple[RawStream, int | None]: ...
+
+
+class FdStream:
+    """Reads a file descriptor without ever blocking past the pace: a regular file
+    is read directly, anything else (FIFO, pipe, terminal, device) is polled first."""
+
+    def __init__(self, fd: int, pace: Pace, *, owned: bool) -> None:
+        self._fd = fd
+        self._pace = pace
+        self._owned = owned
+        mode = os.fstat(fd).st_mode
+        self._poll: select.poll | None = None
+        if not stat.S_ISREG(mode):
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN | select.POLLPRI)
+
+    def read(self, n: int, /) -> bytes:
+        while True:
+            timeout = self._pace.budget()
+            if self._poll is not None:
+                ready = self._poll.poll(math.ceil(timeout * 1000))
+                self._pace.waited()
+                if not ready:
+                    continue
+            try:
+                data = os.read(self._fd, n)
+            except BlockingIOError:  # a spurious wake-up on a non-blocking descriptor
+                continue
+            finally:
+                self._pace.waited()
+            self._pace.delivered(len(data))
+            return data
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._fd)
 
 
 class FileSource(BundleSource):
-    def __init__(self, path: Path, cap: int = DEFAULT_CAP) -> None:
-        super().__init__(str(path), cap)
+    """A path: a regular file (its size is known), or a FIFO or device read as a stream."""
+
+    def __init__(self, path: Path, limits: DownloadConfig | None = None) -> None:
+        super().__init__(str(path), limits)
         self.path = path
 
-    def _open(self) -> tuple[BinaryIO, int | None]:
+    def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
         try:
-            f = self.path.open("rb")
+            # O_NONBLOCK: opening a FIFO nobody writes to must not hang; poll bounds the waits.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as e:
             raise SourceError(self.name, f"cannot open: {e.strerror}", transient=False) from None
-        return f, self.path.stat().st_size
+        try:
+            st = os.fstat(fd)
+            kind = st.st_mode
+            if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind) or stat.S_ISCHR(kind) or stat.S_ISBLK(kind)):
+                raise SourceError(self.name, "not a file, FIFO or device", transient=False)
+            return FdStream(fd, pace, owned=True), st.st_size if stat.S_ISREG(kind) else None
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 class StdinSource(BundleSource):
-    def __init__(self, cap: int = DEFAULT_CAP) -> None:
-        super().__init__("stdin", cap)
+    """Standard input (`-`), read from the descriptor itself, never through a buffer."""
 
-    def _open(self) -> tuple[BinaryIO, int | None]:
-        return sys.stdin.buffer, None
+    def __init__(self, limits: DownloadConfig | None = None, fd: int = STDIN_FD) -> None:
+        super().__init__("stdin", limits)
+        self.fd = fd
+
+    def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
+        return FdStream(self.fd, pace, owned=False), None
 
 
 class HttpSource(BundleSource):
-    """A plain streaming GET. Retries and range resume belong to a later layer."""
+    """A plain streaming GET over `agent.httpclient`. Retries and range resume
+    belong to a later layer. `tls` replaces the system CA store's context."""
 
-    def __init__(self, url: str, cap: int = DEFAULT_CAP, timeout: float = HTTP_TIMEOUT) -> None:
-        super().__init__(url, cap)
+    def __init__(self, url: str, limits: DownloadConfig | None = None, *, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(url, limits)
         self.url = url
-        self.timeout = timeout
+        self.client = HttpClient(tls=tls, connect_timeout=self.limits.connect_timeout)
 
-    def _open(self) -> tuple[BinaryIO, int | None]:
-        request = urllib.request.Request(self.url, headers={"User-Agent": USER_AGENT})
-        try:
-            response = urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
-            transient = e.code >= 500 or e.code == 429
-            raise SourceError(self.name, f"HTTP {e.code} {e.reason}", transient=transient, status_code=e.code) from None
-        except urllib.error.URLError as e:
-            raise SourceError(self.name, f"cannot connect: {e.reason}") from None
-        length = response.headers.get("Content-Length")
-        return response, int(length) if length and length.isdigit() else None
+    def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
+        response = self.client.get(self.url, pace, cap=self.cap)
+        if response.status == 200:
+            return response, response.length
+        response.close()
+        code = response.status
+        after = f" (after redirect to {clean(response.url, 200)})" if response.url != self.url else ""
+        if code >= 400:
+            transient = code >= 500 or code == 429
+            message = f"HTTP {code} {response.reason}".rstrip() + after
+            raise SourceError(self.name, message, transient=transient, status_code=code)
+        message = f"unexpected HTTP {code} {response.reason}".rstrip() + after
+        raise SourceError(self.name, message, transient=False, status_code=code)
 
 
-def source_for(spec: str, cap: int = DEFAULT_CAP) -> BundleSource:
+def source_for(spec: str, limits: DownloadConfig | None = None, *, tls: ssl.SSLContext | None = None) -> BundleSource:
     """`-` is stdin, http(s):// a URL, anything else a file path."""
     if spec == "-":
-        return StdinSource(cap)
+        return StdinSource(limits)
     if spec.startswith(("http://", "https://")):
-        return HttpSource(spec, cap)
+        return HttpSource(spec, limits, tls=tls)
     if "://" in spec:
         raise SourceError(spec, "unsupported URL scheme (use http://, https://, a file path or -)", transient=False)
-    return FileSource(Path(spec), cap)
+    return FileSource(Path(spec), limits)
