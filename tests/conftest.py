@@ -10,6 +10,9 @@ from collections.abc import Generator
 
 import pytest
 
+# Real MQTT brokers as fixtures: mosquitto, rabbitmq, rabbitmq_cluster, mqtt_client.
+pytest_plugins = ["tests.fixtures.brokers"]
+
 HARDWARE_ABSENT = ("no free softdog",)
 
 
