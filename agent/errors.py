@@ -12,6 +12,8 @@ bundler.format.errors and hw.errors; all share the root `OtaError`).
     +-- InstallError          refusing or aborting an install for a local reason
     |   +-- LockBusyError     another install, boot-check or mark holds the state lock
     +-- MarkError             an operator's mark-good/mark-bad refused (unknown slot, unknown content)
+    +-- BusyError             a state-changing job while another runs (names the running job)
+    +-- CanceledError         the running job was canceled at a safe point
 """
 
 from __future__ import annotations
@@ -74,3 +76,16 @@ class LockBusyError(InstallError):
 
 class MarkError(OtaError):
     """mark-good / mark-bad refused: an unknown slot, or content not known to be complete."""
+
+
+class BusyError(OtaError):
+    """A state-changing command arrived while a job runs; carries the running job's id."""
+
+    def __init__(self, job_id: str, command: str) -> None:
+        super().__init__(f"busy: job {job_id} ({command}) is running; try again when it has finished")
+        self.job_id = job_id
+        self.command = command
+
+
+class CanceledError(InstallError):
+    """The running job was asked to stop and stopped at a safe point."""
