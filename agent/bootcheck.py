@@ -7,6 +7,11 @@
   (tries exhausted, or we marked it bad): record the rollback and its reason.
 * Otherwise nothing.
 
+Every verdict is saved before the bootloader acts on it: a failed health check
+saves `Trial.failure` and then marks the slot bad; a rollback is recorded before
+the fallen-back slot is marked bad; a trial a later install cancelled
+(`Trial.cancelled`) is never committed, even when the firmware boots it.
+
 The hardware watchdog is armed for the whole trial assessment and fed by a
 background thread only until the health-check deadline: a system that hangs,
 or health checks that never finish, stop the feeding and the watchdog resets
@@ -30,7 +35,7 @@ from agent.daemon import Device
 from agent.errors import LockBusyError
 from agent.events import Event
 from agent.health import HealthResult, run_checks
-from agent.state import SlotRecord
+from agent.state import SlotRecord, Trial
 from hw.bootloader.model import SlotBootState
 from hw.watchdog import Watchdog
 
@@ -107,6 +112,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
     trial = state.trial
     slot_boot = boot_state.slots[booted]
 
+    if slot_boot.state is SlotBootState.TRIAL and trial is not None and trial.slot == booted:
+        verdict = _verdict(trial)
+        if verdict is not None:
+            # Decided on an earlier boot (or by a replacing install) and saved before
+            # a power cut stopped it from marking the slot bad: finish that now.
+            bl.mark_bad(booted)
+            return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, f"{verdict}; rebooting into the previous slot")
+
     if slot_boot.state is SlotBootState.TRIAL:
         wd_cfg = device.config.watchdog
         device.watchdog.start(wd_cfg.timeout)
@@ -122,12 +135,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             crashpoint("after-mark-good")
             device.watchdog.stop()
             return _commit(device, booted, result.reason)
-        bl.mark_bad(booted)
-        crashpoint("after-mark-bad-trial")
+        # The reason first, durably: the rollback on the next boot reports it.
         if trial and trial.slot == booted:
             state = replace(state, trial=replace(trial, failure=result.reason))
         reason = f"{result.reason}; rebooting into the previous slot"
         device.record(Event("commit", "failed", reason, txn, version, booted), state)
+        crashpoint("after-trial-failure-saved")
+        bl.mark_bad(booted)
+        crashpoint("after-mark-bad-trial")
         return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, result.reason)
 
     if trial is not None and trial.slot == booted and slot_boot.state is SlotBootState.GOOD:
@@ -136,6 +151,13 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
 
     if trial is not None and trial.slot != booted:
         failed = boot_state.slots[trial.slot]
+        if trial.cancelled:
+            if failed.state is not SlotBootState.BAD:
+                bl.mark_bad(trial.slot)
+            reason = f"{trial.cancelled}; slot {trial.slot} stays unbootable, {booted} runs on"
+            event = Event("install", "cancelled", reason, trial.txn, trial.bundle_version, trial.slot)
+            device.record(event, replace(state, trial=None))
+            return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if not trial.installed:
             if failed.state is not SlotBootState.BAD:
                 bl.mark_bad(trial.slot)
@@ -157,16 +179,28 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             reason = f"slot {trial.slot} did not commit within {device.config.tries} boot attempts"
         else:
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
-        if failed.state is not SlotBootState.BAD:
-            bl.mark_bad(trial.slot)
         reason = f"{reason}; running {booted} again"
         event = Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot)
+        # Recorded before the slot is marked bad: the reason above is read from the
+        # bootloader state and the watchdog, which marking bad (or the next boot) changes.
         device.record(event, replace(state, trial=None))
+        crashpoint("after-rollback-recorded")
+        if failed.state is not SlotBootState.BAD:
+            bl.mark_bad(trial.slot)
         return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
 
     if slot_boot.state is SlotBootState.GOOD and bl.refresh():
         return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is good; boot counters restored")
     return BootCheckOutcome(Outcome.NOTHING, booted, f"slot {booted} is {slot_boot.describe()}; nothing to do")
+
+
+def _verdict(trial: Trial) -> str | None:
+    """Why a trial must not be committed, if that was already decided."""
+    if trial.cancelled:
+        return f"update {trial.bundle_version} was cancelled: {trial.cancelled}"
+    if trial.failure:
+        return f"slot {trial.slot} failed its health checks: {trial.failure}"
+    return None
 
 
 def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:

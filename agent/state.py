@@ -35,7 +35,10 @@ class SlotRecord:
 class Trial:
     """An update in flight: written while installing (``installed`` False), made
     complete once the slot verified and the bootloader was told to try it, and
-    cleared by boot-check at commit or rollback."""
+    cleared by boot-check at commit or rollback. It only ever describes what its
+    slot holds (or is being written with, while the slot is marked bad);
+    ``failure`` and ``cancelled`` are verdicts saved before the bootloader acts
+    on them, so a power cut in between cannot lose or change them."""
 
     slot: str
     txn: str
@@ -44,6 +47,7 @@ class Trial:
     sha256: str | None = None
     installed: bool = False
     failure: str | None = None  # set when boot-check gave up on it
+    cancelled: str | None = None  # set when a later install replaced it before it was tried
 
 
 @dataclass(frozen=True, slots=True)
