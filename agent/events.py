@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,19 @@ class EventLog:
     def _append(self, event: Event) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(asdict(event), sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line.encode())
+            size = os.fstat(fd).st_size
+            created = size == 0
+            # A torn earlier append (power cut) left no newline: end that line first, so
+            # the reader skips only the torn record and not this one too.
+            repair = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+            os.write(fd, repair + line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:  # a new file's directory entry is durable only once its directory is synced
+            fsync_dir(self.path.parent)
         self._trim()
 
     def pending(self) -> list[Event]:
