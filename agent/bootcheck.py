@@ -177,6 +177,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             )
         elif failed.state is SlotBootState.TRIAL and failed.tries_left == 0:
             reason = f"slot {trial.slot} did not commit within {device.config.tries} boot attempts"
+        elif failed.state is SlotBootState.BAD:
+            # No verdict of ours made it bad (that is saved first): an operator, or a
+            # bootloader tool (systemd-bless-boot bad), or a loader that stores used-up
+            # tries as bad. "Not booted" would be a guess.
+            reason = (
+                f"slot {trial.slot} did not commit: the bootloader has it marked bad "
+                f"(its {device.config.tries} boot attempts ran out, or it was marked bad by hand)"
+            )
         else:
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
         reason = f"{reason}; running {booted} again"
