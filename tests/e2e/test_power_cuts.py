@@ -1,8 +1,11 @@
-"""Power cut at named points of an install and of the boot assessment: the
+"""Power cut at named points of an install (also one that replaces a pending
+update) and of the boot assessment (commit, failed health check, rollback): the
 agent runs as a real process and SIGKILLs itself at the point
 (EDGE_OTA_CRASHPOINT), then the device powers on. Whatever the point, the
 device boots a good slot, the booted slot's file is untouched, the agent
-reports a state consistent with the slots, and the next install works."""
+reports a state consistent with the slots (never the old pending image under
+the new bundle's name, never a lost rollback reason), and the next install
+works. tests/powercut explores every cut with unsynced writes dropped."""
 
 from __future__ import annotations
 
