@@ -13,6 +13,11 @@ Whatever happened, the outcome says whether the booted slot is good (committed)
 at the end; when it is not, `ota-agent boot-check` exits non-zero so that
 boot-complete.target (and systemd-bless-boot's "good") is not reached.
 
+Every verdict is saved before the bootloader acts on it: a failed health check
+saves `Trial.failure` and then marks the slot bad; a rollback is recorded before
+the fallen-back slot is marked bad; a trial a later install cancelled
+(`Trial.cancelled`) is never committed, even when the firmware boots it.
+
 The hardware watchdog is armed for the whole trial assessment and fed by a
 background thread only until the health-check deadline: a system that hangs,
 or health checks that never finish, stop the feeding and the watchdog resets
@@ -107,7 +112,7 @@ def pending_trial(state: AgentState, boot: BootState, booted: str) -> Trial | No
     """The installed update waiting in another slot that the next power-on boots
     (not tried yet, or marked good by the operator before its first boot), if any."""
     trial = state.trial
-    if trial is None or trial.slot == booted or not trial.installed or trial.failure:
+    if trial is None or trial.slot == booted or not trial.installed or trial.failure or trial.cancelled:
         return None
     return trial if model.next_boot(boot) == trial.slot else None
 
@@ -143,6 +148,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
     trial = state.trial
     slot_boot = boot_state.slots[booted]
 
+    if slot_boot.state is SlotBootState.TRIAL and trial is not None and trial.slot == booted:
+        verdict = _verdict(trial)
+        if verdict is not None:
+            # Decided on an earlier boot (or by a replacing install) and saved before
+            # a power cut stopped it from marking the slot bad: finish that now.
+            bl.mark_bad(booted)
+            return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, f"{verdict}; rebooting into the previous slot")
+
     if slot_boot.state is SlotBootState.TRIAL:
         wd_cfg = device.config.watchdog
         device.watchdog.start(wd_cfg.timeout)
@@ -158,12 +171,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             crashpoint("after-mark-good")
             device.watchdog.stop()
             return _commit(device, booted, result.reason)
-        bl.mark_bad(booted)
-        crashpoint("after-mark-bad-trial")
+        # The reason first, durably: the rollback on the next boot reports it.
         if trial and trial.slot == booted:
             state = replace(state, trial=replace(trial, failure=result.reason))
         reason = f"{result.reason}; rebooting into the previous slot"
         device.record(Event("commit", "failed", reason, txn, version, booted), state)
+        crashpoint("after-trial-failure-saved")
+        bl.mark_bad(booted)
+        crashpoint("after-mark-bad-trial")
         return BootCheckOutcome(Outcome.FAILED_REBOOT, booted, result.reason)
 
     if trial is not None and trial.slot == booted and slot_boot.state is SlotBootState.GOOD:
@@ -172,6 +187,13 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
 
     if trial is not None and trial.slot != booted:
         failed = boot_state.slots[trial.slot]
+        if trial.cancelled:
+            if failed.state is not SlotBootState.BAD:
+                bl.mark_bad(trial.slot)
+            reason = f"{trial.cancelled}; slot {trial.slot} stays unbootable, {booted} runs on"
+            event = Event("install", "cancelled", reason, trial.txn, trial.bundle_version, trial.slot)
+            device.record(event, replace(state, trial=None))
+            return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if pending_trial(state, boot_state, booted) is not None:
             reason = (
                 f"version {trial.bundle_version} is installed in slot {trial.slot} and has not been booted yet "
@@ -197,13 +219,24 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             )
         elif failed.state is SlotBootState.TRIAL and failed.tries_left == 0:
             reason = f"slot {trial.slot} did not commit within {device.config.tries} boot attempts"
+        elif failed.state is SlotBootState.BAD:
+            # No verdict of ours made it bad (that is saved first): an operator, or a
+            # bootloader tool (systemd-bless-boot bad), or a loader that stores used-up
+            # tries as bad. "Not booted" would be a guess.
+            reason = (
+                f"slot {trial.slot} did not commit: the bootloader has it marked bad "
+                f"(its {device.config.tries} boot attempts ran out, or it was marked bad by hand)"
+            )
         else:
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
-        if failed.state is not SlotBootState.BAD:
-            bl.mark_bad(trial.slot)
         reason = f"{reason}; running {booted} again"
         event = Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot)
+        # Recorded before the slot is marked bad: the reason above is read from the
+        # bootloader state and the watchdog, which marking bad (or the next boot) changes.
         device.record(event, replace(state, trial=None))
+        crashpoint("after-rollback-recorded")
+        if failed.state is not SlotBootState.BAD:
+            bl.mark_bad(trial.slot)
         return BootCheckOutcome(Outcome.ROLLED_BACK, booted, reason)
 
     if slot_boot.state is SlotBootState.GOOD and bl.refresh():
@@ -223,6 +256,15 @@ def commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
     the same two steps with its crash point and the watchdog's disarm between them."""
     device.bootloader.mark_good(booted)
     return _commit(device, booted, why)
+
+
+def _verdict(trial: Trial) -> str | None:
+    """Why a trial must not be committed, if that was already decided."""
+    if trial.cancelled:
+        return f"update {trial.bundle_version} was cancelled: {trial.cancelled}"
+    if trial.failure:
+        return f"slot {trial.slot} failed its health checks: {trial.failure}"
+    return None
 
 
 def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:

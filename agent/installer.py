@@ -3,8 +3,9 @@ writer, the bootloader and the state. The only module that writes slots.
 
 Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
+  a pending update not yet booted: save it as cancelled, then mark its slot bad
+  mark target slot bad in the bootloader               (before the trial changes)
   record the update as in flight (state: trial, not installed)
-  mark target slot bad in the bootloader               (before the first byte)
   for each op: payload hash -> decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
   set target primary with N tries -> record the slot's contents, trial installed
@@ -12,7 +13,10 @@ A bundle whose every image the booted slot already holds, or the other slot hold
 as the pending update, is answered "already installed" after the policy check:
 recorded, nothing written (`reinstall=True` writes it anyway).
 A power cut at any point leaves the booted slot primary and untouched; boot-check
-on the next boot tells an interrupted install from a rollback by the trial record.
+on the next boot tells an interrupted install from a rollback by the trial record,
+which never describes content its slot does not hold: whenever the slot may boot,
+the record (or its absence) matches the slot; while it is being written, the slot
+is bad. Crash points (agent.crashpoint) name each step for the power-cut tests.
 Any failure after the target was marked bad leaves it bad (never bootable with
 partial contents); the booted slot is never opened for writing. Every outcome,
 success or refusal, is recorded in the state and the outbox.
@@ -182,6 +186,25 @@ def _already_installed(
     return None
 
 
+def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
+    """A pending update (installed or interrupted, not yet booted) is being replaced.
+    The verdict is saved first: from then on boot-check never commits it, even if
+    the firmware boots it before its slot is marked bad. Then its slot is made
+    unbootable, and only after that may the trial record change (see `_write`)."""
+    state = device.store.load()
+    pending = state.trial
+    if pending is None or pending.slot == booted:
+        return
+    log.info("replacing the pending update %s of slot %s", pending.bundle_version, pending.slot)
+    if pending.cancelled is None:
+        why = f"replaced by the install of version {trial.bundle_version} before slot {pending.slot} was tried"
+        device.store.save(replace(state, trial=replace(pending, cancelled=why)))
+        crashpoint("after-cancel-pending")
+        device.events.emit(Event("install", "cancelled", why, pending.txn, pending.bundle_version, pending.slot))
+    if pending.slot != trial.slot:
+        device.bootloader.mark_bad(pending.slot)
+
+
 def _write(
     device: Device,
     reader: BundleReader,
@@ -193,15 +216,17 @@ def _write(
     progress: ProgressFn | None,
 ) -> None:
     target = plan.target
-    # Record the update as in flight first, so a power cut anywhere below is
-    # reported as an interrupted install on the next boot.
-    state = device.store.load().with_slot(target, SlotRecord())
-    if state.trial is not None and state.trial.slot != booted:
-        log.info("replacing the pending update %s of slot %s", state.trial.bundle_version, state.trial.slot)
-    device.store.save(replace(state, trial=trial))
-    # Invariant 3: unbootable before the first byte is written.
+    _cancel_pending(device, booted, trial)
+    # Invariant 3: unbootable before the trial record names the new content and
+    # before the first byte is written. A cut right here leaves the slot bad
+    # with its old record, which still describes what it holds.
     device.bootloader.mark_bad(target)
     crashpoint("after-mark-bad")
+    # Record the update as in flight, so a power cut anywhere below is reported
+    # as an interrupted install on the next boot.
+    state = device.store.load().with_slot(target, SlotRecord())
+    device.store.save(replace(state, trial=trial))
+    crashpoint("after-trial-saved")
     total = sum(ip.image.size for ip in plan.images)  # per phase: write, then read-back
     done = 0
     writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}

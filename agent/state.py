@@ -126,7 +126,10 @@ class SlotRecord:
 class Trial:
     """An update in flight: written while installing (``installed`` False), made
     complete once the slot verified and the bootloader was told to try it, and
-    cleared by boot-check at commit or rollback."""
+    cleared by boot-check at commit or rollback. It only ever describes what its
+    slot holds (or is being written with, while the slot is marked bad);
+    ``failure`` and ``cancelled`` are verdicts saved before the bootloader acts
+    on them, so a power cut in between cannot lose or change them."""
 
     slot: str
     txn: str
@@ -136,12 +139,14 @@ class Trial:
     installed: bool = False
     failure: str | None = None  # set when boot-check gave up on it
     images: dict[str, str] | None = None  # slot class -> SHA-256, every image of the bundle
+    cancelled: str | None = None  # set when a later install replaced it before it was tried
 
     def __post_init__(self) -> None:
         for name in ("slot", "txn", "bundle_version"):
             object.__setattr__(self, name, clean(getattr(self, name), NAME_LIMIT))
         object.__setattr__(self, "sha256", clean_or_none(self.sha256, NAME_LIMIT))
         object.__setattr__(self, "failure", clean_or_none(self.failure, REASON_LIMIT))
+        object.__setattr__(self, "cancelled", clean_or_none(self.cancelled, REASON_LIMIT))
         object.__setattr__(self, "installed", bool(self.installed))
         object.__setattr__(self, "images", _images(self.images, "trial"))
         _security_version(self.security_version, "trial.security_version")
@@ -165,6 +170,7 @@ class Trial:
             installed=installed,
             failure=_optional_str(d, "failure", "trial"),
             images=_images(d.get("images"), "trial"),
+            cancelled=_optional_str(d, "cancelled", "trial"),
         )
 
 

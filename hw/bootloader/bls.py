@@ -11,9 +11,11 @@ It does not own the entries' contents beyond a template written by `create()`
 One entry per slot, named ``ota-<generation>-<slot>[+LEFT[-DONE]].conf``:
 
 * ``+LEFT-DONE`` is the BLS boot counter: no counter = GOOD, ``LEFT > 0`` =
-  TRIAL with LEFT tries left, ``LEFT == 0`` = BAD ("tries exhausted").
-  systemd-boot renames ``+L-D`` to ``+(L-1)-(D+1)`` before each boot of the entry;
-  systemd-bless-boot renames to no counter (good) or ``+0-D`` (bad).
+  TRIAL with LEFT tries left, ``+0-DONE`` with DONE > 0 = TRIAL with 0 tries
+  left (used up: the entry systemd-boot boots for the last try has this name),
+  ``+0`` = BAD. systemd-boot renames ``+L-D`` to ``+(L-1)-(D+1)`` before each
+  boot of the entry; systemd-bless-boot renames to no counter (good) or
+  ``+0-D`` (bad, which reads as a used-up trial: never booted again either way).
 * ``<generation>`` expresses ``order``. systemd-boot sorts entries without a
   ``sort-key`` by id (the name minus the counter), newest version first, after
   moving entries with 0 tries left to the end; ``loader.conf`` says
@@ -27,10 +29,11 @@ What BLS cannot express, and how this backend handles it (docs/bootloaders.md):
   ``order`` (None when no slot is GOOD). That is what the model's rules yield in
   every transition the agent makes (mark_bad before set_primary); `store`
   refuses, loudly, a state whose ``last_good`` differs.
-* TRIAL with 0 tries and BAD are both ``+0-DONE``; a stored TRIAL(0) reads back
-  as BAD. Both are "never boot", so the boot decision is the same.
-* The DONE counter is kept in the name (systemd-boot's bookkeeping) but is not
-  part of `BootState`.
+* The DONE counter is systemd-boot's bookkeeping, not part of `BootState`; it
+  is kept and continued, except that `mark_bad` resets it (``+0``), so a slot the
+  agent rejected is never mistaken for a trial on its last try. A bad entry that
+  systemd-boot boots anyway, because nothing else is bootable, gets DONE 1 and
+  reads as a used-up trial from then on.
 
 Every change is a rename inside ``loader/entries`` followed by an fsync of the
 directory; each agent verb (set_primary, mark_good, mark_bad) is exactly one
@@ -84,7 +87,7 @@ class Entry:
     def boot_state(self) -> SlotBoot:
         if self.tries_left is None:
             return SlotBoot(SlotBootState.GOOD)
-        if self.tries_left == 0:
+        if self.tries_left == 0 and self.tries_done == 0:
             return SlotBoot(SlotBootState.BAD)
         return SlotBoot(SlotBootState.TRIAL, self.tries_left)
 
@@ -399,16 +402,19 @@ def _generations(current: dict[str, int], order: Sequence[str]) -> dict[str, int
 def _counters(cur: Entry, want: SlotBoot) -> tuple[int | None, int]:
     """(LEFT, DONE) for the wanted slot state, continuing the current counters the
     way systemd-boot (LEFT-1, DONE+1 per attempt) and systemd-bless-boot (good: no
-    counter, bad: +0-DONE) would."""
+    counter) would. BAD is ``+0`` and a used-up trial ``+0-DONE`` with DONE >= 1,
+    so every state reads back as stored."""
     if want.state is SlotBootState.GOOD:
         return None, 0
-    if cur.tries_left is None:
-        return (want.tries_left if want.state is SlotBootState.TRIAL else 0), 0
     if want.state is SlotBootState.BAD:
-        return 0, cur.tries_done
-    if cur.tries_left >= want.tries_left:
-        return want.tries_left, min(cur.tries_done + cur.tries_left - want.tries_left, MAX_COUNTER)
-    return want.tries_left, 0
+        return 0, 0
+    if cur.tries_left is None:
+        left, done = want.tries_left, 0
+    elif cur.tries_left >= want.tries_left:
+        left, done = want.tries_left, min(cur.tries_done + cur.tries_left - want.tries_left, MAX_COUNTER)
+    else:
+        left, done = want.tries_left, 0
+    return left, max(done, 1) if left == 0 else done
 
 
 def entry_template(slot: str) -> str:

@@ -109,11 +109,24 @@ def test_each_agent_verb_is_exactly_one_rename() -> None:
     assert plan_renames(_current(a, b_trial), good) == [("ota-3-B+1-2.conf", "ota-3-B.conf")]
 
 
-def test_mark_bad_of_a_counted_entry_is_bless_boot_bad() -> None:
-    # systemd-bless-boot bad: +LEFT-DONE becomes +0-DONE.
+def test_mark_bad_of_a_counted_entry_resets_its_counter_so_it_never_reads_as_a_last_try() -> None:
     a, b = Entry("A", 2, None, 0, "ota-2-A.conf"), Entry("B", 3, 1, 2, "ota-3-B+1-2.conf")
     state = model.mark_bad(decode([a, b]), "B")
-    assert plan_renames(_current(a, b), state) == [("ota-3-B+1-2.conf", "ota-3-B+0-2.conf")]
+    assert plan_renames(_current(a, b), state) == [("ota-3-B+1-2.conf", "ota-3-B+0.conf")]
+
+
+def test_an_entry_on_its_last_try_is_a_used_up_trial_and_only_plus_zero_is_bad() -> None:
+    # systemd-boot renames +1-2 to +0-3 before booting the last try: that boot must be
+    # assessed as a trial, not skipped as a bad slot.
+    last_try, bad = parse_entry_name("ota-3-B+0-3.conf"), parse_entry_name("ota-3-B+0.conf")
+    assert last_try is not None
+    assert bad is not None
+    assert last_try.boot_state == SlotBoot(SlotBootState.TRIAL, 0)
+    assert bad.boot_state == SlotBoot(SlotBootState.BAD)
+    a, b = Entry("A", 2, None, 0, "ota-2-A.conf"), Entry("B", 3, 1, 0, "ota-3-B+1.conf")
+    used_up = decode([a, b]).slots | {"B": SlotBoot(SlotBootState.TRIAL, 0)}
+    state = BootState(order=("B", "A"), slots=used_up, last_good="A")
+    assert plan_renames(_current(a, b), state) == [("ota-3-B+1.conf", "ota-3-B+0-1.conf")]
 
 
 def test_storing_a_trial_decrement_continues_the_done_counter() -> None:

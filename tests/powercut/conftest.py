@@ -1,0 +1,75 @@
+"""Fixtures for the power-cut harness: a trusted key, small deterministic images
+(the second one holds a 4 MiB zero run, so installing it punches a hole in the
+slot file), their bundles built once per session, and the session summary of
+ops traced and states explored, printed at the end of every run."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bundler.build import BundleSpec, build_full
+from bundler.format.signing import generate_key
+from tests.powercut.explore import Image, summary_lines
+
+MiB = 1 << 20
+COMPATIBLE = "powercut-board"
+SLOT_SIZE = 6 * MiB
+
+
+@dataclass(frozen=True)
+class Release:
+    image: Image
+    path: Path  # the image file
+    bundle: Path
+
+
+@dataclass(frozen=True)
+class Releases:
+    keyring: Path
+    factory: Release
+    v2: Release
+    v3: Release
+    v4: Release  # the "next install" after a power cut
+
+    @property
+    def images(self) -> dict[str, Image]:
+        return {r.image.version: r.image for r in (self.factory, self.v2, self.v3)}
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    d = tmp_path_factory.mktemp("powercut-releases")
+    private, public = generate_key(d)
+
+    def release(version: str, security_version: int, data: bytes) -> Release:
+        path = d / f"{version}.img"
+        path.write_bytes(data)
+        image = Image(version, security_version, len(data), hashlib.sha256(data).hexdigest())
+        bundle = d / f"{version}.otab"
+        if version != "factory":
+            spec = BundleSpec(image=path, key=private, version=version, security_version=security_version,
+                              compatible=COMPATIBLE, threads=2)
+            build_full(spec, bundle)
+        return Release(image, path, bundle)
+
+    rng = random.Random(20240611)
+    return Releases(
+        keyring=public,
+        factory=release("factory", 0, rng.randbytes(MiB + 777)),
+        v2=release("2.0", 2, rng.randbytes(MiB) + bytes(4 * MiB) + rng.randbytes(MiB // 2 + 1234)),
+        v3=release("3.0", 3, rng.randbytes(MiB + MiB // 2 + 4095)),
+        v4=release("4.0", 4, rng.randbytes(MiB + 333)),
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("power cuts with unsynced writes dropped")
+        for line in lines:
+            terminalreporter.write_line(line)

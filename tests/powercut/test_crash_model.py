@@ -1,0 +1,150 @@
+"""The harness itself: the tracer sees every way the agent writes a file and says
+when something escaped it; the replay applies the crash model (unsynced data
+dropped, undurable directory entries gone, torn writes at sector granularity);
+and the explorer finds the defect when an fsync is taken out of the agent."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hw.fsutil import atomic_write, fsync_dir
+from hw.slot import IO_CHUNK, SlotWriter
+from tests.powercut.conftest import Releases
+from tests.powercut.explore import untraced_changes
+from tests.powercut.replay import Baseline, Trace
+from tests.powercut.test_power_cut_states import SCENARIOS, explorer_for
+from tests.powercut.tracer import Tracer
+
+
+def traced(root: Path, log: Path, action: Callable[[], object]) -> Trace:
+    baseline = Baseline.take(root)
+    tracer = Tracer(root, log)
+    tracer.install()
+    try:
+        action()
+    finally:
+        tracer.uninstall()
+    assert not tracer.unsupported
+    return Trace.load(baseline, log)
+
+
+def tree(trace: Trace, k: int, variant: str) -> dict[str, bytes]:
+    state = trace.state(k, variant)
+    assert state is not None
+    return {path: trace.content(e) for path, e in state.entries if e.kind == "f"}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    (r / "sub").mkdir(parents=True)
+    (r / "old.txt").write_bytes(b"old")
+    return r
+
+
+def test_a_file_whose_directory_entry_was_never_synced_vanishes_though_its_data_was(root: Path, tmp_path: Path) -> None:
+    def create() -> None:
+        fd = os.open(root / "sub" / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"acknowledged")
+        os.fsync(fd)
+        os.close(fd)
+
+    trace = traced(root, tmp_path / "log", create)
+    end = len(trace.ops)
+    assert "sub/new" not in tree(trace, end, "synced")
+    assert tree(trace, end, "names")["sub/new"] == b"acknowledged"
+    assert tree(trace, end, "all")["sub/new"] == b"acknowledged"
+
+
+def test_unsynced_data_is_dropped_and_what_sigkill_leaves_keeps_it(root: Path, tmp_path: Path) -> None:
+    def overwrite() -> None:
+        fd = os.open(root / "old.txt", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"new")
+        os.close(fd)
+
+    trace = traced(root, tmp_path / "log", overwrite)
+    end = len(trace.ops)
+    assert tree(trace, end, "synced")["old.txt"] == b"old"
+    assert tree(trace, end, "all")["old.txt"] == b"new"
+
+
+def test_a_rename_without_an_fsync_of_the_file_first_can_leave_it_empty(root: Path, tmp_path: Path) -> None:
+    def careless_replace() -> None:
+        (root / "tmp").write_bytes(b"contents")
+        os.replace(root / "tmp", root / "old.txt")
+        fsync_dir(root)
+
+    trace = traced(root, tmp_path / "log", careless_replace)
+    end = len(trace.ops)
+    assert tree(trace, end, "synced")["old.txt"] == b""
+    assert tree(trace, end, "all")["old.txt"] == b"contents"
+    # atomic_write does it right: old or new content at every cut, never empty
+    trace = traced(root, tmp_path / "log2", lambda: atomic_write(root / "old.txt", b"atomic"))
+    seen = {tree(trace, k, v)["old.txt"] for k in range(len(trace.ops) + 1) for v in ("synced", "names", "all")}
+    assert seen == {b"contents", b"atomic"}
+
+
+def test_a_torn_write_keeps_whole_sectors_up_to_its_middle(root: Path, tmp_path: Path) -> None:
+    def write() -> None:
+        fd = os.open(root / "old.txt", os.O_WRONLY)
+        os.pwrite(fd, bytes(range(256)) * 8, 100)
+        os.close(fd)
+
+    trace = traced(root, tmp_path / "log", write)
+    k = next(i + 1 for i, op in enumerate(trace.ops) if op["op"] == "write")
+    assert tree(trace, k, "torn")["old.txt"] == b"old" + bytes(97) + (bytes(range(256)) * 8)[: 1024 - 100]
+    assert tree(trace, k, "synced-torn")["old.txt"] == tree(trace, k, "torn")["old.txt"]
+
+
+def test_every_way_the_agent_writes_files_is_traced(root: Path, tmp_path: Path) -> None:
+    def everything() -> None:
+        (root / "bytes").write_bytes(b"b" * 5000)
+        (root / "text").write_text("text\n")
+        with open(root / "log.txt", "a") as f:  # builtins.open is under test
+            f.write("appended\n")
+        shutil.copyfile(root / "bytes", root / "sub" / "copy")
+        atomic_write(root / "sub" / "atomic", b"atomic")
+        (root / "dir" / "deep").mkdir(parents=True)
+        (root / "sub" / "copy").rename(root / "dir" / "deep" / "moved")
+        (root / "text").unlink()
+        os.truncate(root / "old.txt", 1)
+        slot = root / "slot.img"
+        with slot.open("wb") as f:
+            f.truncate(IO_CHUNK + 8192)
+        with SlotWriter(slot, "B", booted="A") as w:
+            w.write(0, b"\xff" * (IO_CHUNK + 8192))
+            w.write_zeros(4096, IO_CHUNK)  # a punched hole where the filesystem can
+            w.sync()
+
+    trace = traced(root, tmp_path / "log", everything)
+    assert untraced_changes(trace, root) == []
+    kinds = {op["op"] for op in trace.ops}
+    assert {"create", "write", "truncate", "punch", "fsync", "dirsync", "rename", "unlink", "mkdir"} <= kinds
+
+
+def test_a_write_that_escapes_the_tracer_is_reported(root: Path, tmp_path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def sneaky() -> None:
+        fd = os.open(root / "old.txt", os.O_WRONLY)
+        libc.write(fd, b"X", 1)  # straight to libc: not an os.* call
+        os.close(fd)
+
+    trace = traced(root, tmp_path / "log", sneaky)
+    assert untraced_changes(trace, root) == ["old.txt: content differs from the traced writes"]
+
+
+@pytest.mark.parametrize("missing", ["hw.fsutil:fsync_dir", "hw.slot:SlotWriter.sync"])
+def test_the_explorer_finds_the_defect_when_an_fsync_is_missing(
+    tmp_path: Path, releases: Releases, missing: str
+) -> None:
+    explorer = explorer_for(tmp_path, releases, SCENARIOS["install"], "sim", installs=0,
+                            tracer_args=("--without", missing))
+    result = explorer.explore(explorer.trace(tmp_path / "trace"))
+    assert result.failures, f"no failing state without {missing}"
