@@ -1,9 +1,12 @@
-"""`ota-agent`: install, status, boot-check, mark-good/mark-bad, and the
-simulated device (`sim init`, `sim boot`). `main(argv) -> int`; one line per
-error (a traceback only with -v). `--json` on every command that reports
-(install, status, boot-check, mark-good, mark-bad): one JSON object with the
-result on stdout, an error as one JSON object on stderr, and no log lines.
-`-c`/`-v` work before or after the device commands' name."""
+"""`ota-agent`: the device commands of the command table (`agent.commands`:
+install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
+`run` (the daemon) and the simulated device (`sim init`, `sim boot`).
+
+A thin adapter: it parses arguments into the table's parameters, runs the command
+and prints its reply. `main(argv) -> int`; one line per error (a traceback only
+with -v). `--json` on every device command: one JSON object with the result on
+stdout, an error as one JSON object on stderr, and no log lines. `-c`/`-v` work
+before or after the device commands' name."""
 
 from __future__ import annotations
 
@@ -16,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import service, sim
-from agent.bootcheck import HealthOverride, boot_check
+from agent.actions import App
+from agent.bootcheck import HealthOverride
+from agent.commands import COMMANDS, Command, execute
 from agent.daemon import Device, build_device
-from agent.events import Event
-from agent.installer import InstallResult, Phase, install
+from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
-from agent.marking import Verdict, mark
-from agent.sources import source_for
-from agent.status import render, status
 from bundler.format.errors import OtaError
-from hw.power import reboot
 from hw.tty import Progress, run_reporting_errors, version_string
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
@@ -35,117 +35,56 @@ def _device(args: argparse.Namespace) -> Device:
     return build_device(Path(args.config))
 
 
-def _print_json(doc: dict[str, Any]) -> None:
-    print(json.dumps(doc, sort_keys=True))
-
-
 class _PhasedProgress:
     """One progress display per install phase ("writing", "verifying read-back"),
-    each counting up to the image size; silent when disabled."""
+    each counting up to the image size; fed by the job queue's updates."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.phase: Phase | None = None
+    def __init__(self) -> None:
+        self.phase: str | None = None
         self.bar: Progress | None = None
 
-    def __call__(self, phase: Phase, done: int, total: int) -> None:
-        if not self.enabled:
+    def __call__(self, view: JobView) -> None:
+        p = view.progress
+        if p is None or view.state is not JobState.RUNNING:
             return
-        if phase is not self.phase or self.bar is None:
+        if p.phase != self.phase or self.bar is None:
             self.finish()
-            self.phase, self.bar = phase, Progress(phase.value)
-        self.bar(done, total)
+            self.phase, self.bar = p.phase, Progress(p.phase)
+        self.bar(p.done, p.total)
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.finish()
+            self.bar = None
 
 
-def _install(args: argparse.Namespace) -> int:
-    device = _device(args)
+class CommandFailed(OtaError):
+    """A command's job failed: carries the original error's type name for --json."""
+
+    def __init__(self, message: str, kind: str | None) -> None:
+        super().__init__(message)
+        self.kind = kind or "OtaError"
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Every device command of the table: the CLI only parses and prints."""
+    command = COMMANDS[args.command]
+    cli_args = {p.name: getattr(args, p.name) for p in command.params if hasattr(args, p.name)}
+    app = App(_device(args))
+    progress = _PhasedProgress()
+    if not args.json or sys.stderr.isatty():
+        app.queue.subscribe(progress)
     try:
-        stream = source_for(args.source, device.config.download).open()
-    except OtaError as e:
-        # No bundle byte arrived, but the attempt still failed: report it like any other.
-        device.record(Event("install", "failed", str(e)))
-        raise
-    progress = _PhasedProgress(enabled=not args.json or sys.stderr.isatty())
-    with stream:
-        outcome = install(
-            device, stream, progress=progress, allow_downgrade=args.allow_downgrade, reinstall=args.reinstall
-        )
-    progress.finish()
-    already = outcome.result is InstallResult.ALREADY_INSTALLED
+        reply = execute(app, command.name, cli_args, origin="cli")
+    finally:
+        progress.finish()
+    if reply.error is not None:
+        raise CommandFailed(reply.error, reply.error_type)
     if args.json:
-        _print_json(
-            {
-                "result": outcome.result.value,
-                "txn": outcome.txn,
-                "bundle_version": outcome.bundle_version,
-                "slot": outcome.slot,
-                "security_version": outcome.security_version,
-                "reason": outcome.reason,
-                "reboot_to_try": not already,
-            }
-        )
-    elif already:
-        print(outcome.reason)
+        print(json.dumps(reply.result, indent=2 if command.name == "status" else None, sort_keys=True))
     else:
-        print(f"installed version {outcome.bundle_version} into slot {outcome.slot}; reboot to try it")
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    doc = status(_device(args))
-    print(json.dumps(doc, indent=2) if args.json else render(doc))
-    return 0
-
-
-def _boot_check(args: argparse.Namespace) -> int:
-    device = _device(args)
-    outcome = boot_check(device)
-    rebooting = outcome.reboot and not args.no_reboot
-    if args.json:
-        _print_json(
-            {
-                "outcome": outcome.outcome.value,
-                "slot": outcome.slot,
-                "reason": outcome.reason,
-                "booted_good": outcome.booted_good,
-                "reboot_needed": outcome.reboot,
-                "rebooting": rebooting,
-            }
-        )
-    else:
-        print(f"boot-check: {outcome.outcome.value}: {outcome.reason}")
-        if outcome.reboot and not rebooting:
-            print("boot-check: reboot needed (skipped: --no-reboot)")
-    if rebooting:
-        sys.stdout.flush()
-        reboot(device.config.reboot_command)
-    # Non-zero whenever the booted slot is not good: keeps boot-complete.target
-    # (and systemd-bless-boot's "good") from being reached.
-    return 1 if outcome.reboot or not outcome.booted_good else 0
-
-
-def _mark(args: argparse.Namespace) -> int:
-    verdict = Verdict(args.command.removeprefix("mark-"))
-    outcome = mark(_device(args), args.slot, verdict, force=getattr(args, "force", False))
-    if args.json:
-        _print_json(
-            {
-                "slot": outcome.slot,
-                "verdict": outcome.verdict.value,
-                "committed": outcome.committed,
-                "committed_security_version": outcome.security_version,
-                "reason": outcome.reason,
-            }
-        )
-    elif outcome.committed:
-        print(f"slot {outcome.slot}: marked good; committed (security version now {outcome.security_version})")
-    else:
-        print(f"slot {outcome.slot}: marked {verdict.value}")
-    return 0
+        print(reply.text)
+    return 0 if reply.ok else 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -190,33 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     reporting.add_argument("--json", action="store_true", help="the result as one JSON object (errors on stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("install", parents=[reporting], help="install a bundle into the inactive slot")
-    p.add_argument("source", help="bundle file, - for stdin, or an http(s) URL")
-    p.add_argument(
-        "--allow-downgrade", action="store_true", help="accept a security version below the committed one (dangerous)"
-    )
-    p.add_argument(
-        "--reinstall", action="store_true", help="write the bundle even when a slot already holds it (booted/pending)"
-    )
-    p.set_defaults(func=_install)
-
-    p = sub.add_parser("status", parents=[reporting], help="show slots, boot state and the last result")
-    p.set_defaults(func=_status)
-
-    p = sub.add_parser("boot-check", parents=[reporting], help="after boot: commit a trial slot or roll back")
-    p.add_argument("--no-reboot", action="store_true", help="report a needed reboot instead of rebooting")
-    p.set_defaults(func=_boot_check)
-
-    for verb in ("mark-good", "mark-bad"):
-        p = sub.add_parser(verb, parents=[reporting], help=f"{verb.replace('-', ' ')} a slot")
-        p.add_argument("slot", nargs="?", default="booted", help="booted (default), other, or a bootname")
-        if verb == "mark-good":
-            p.add_argument(
-                "--force",
-                action="store_true",
-                help="mark good a slot whose content is not known complete and verified (dangerous)",
-            )
-        p.set_defaults(func=_mark)
+    for command in COMMANDS.values():
+        _add_command(sub, command, reporting)
 
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
@@ -242,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_sim_boot)
     return parser
+
+
+def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) -> None:
+    """A subcommand from the table: a required string is a positional argument, an
+    optional `slot`/`job` an optional positional one, a bool a --flag (--no-NAME when
+    it defaults to true)."""
+    p = sub.add_parser(command.name, parents=[parent], help=command.help)
+    for param in command.params:
+        if param.type is bool:
+            if param.default:
+                p.add_argument(f"--no-{param.name.replace('_', '-')}", dest=param.name, action="store_false",
+                               help=f"do not {param.help.removesuffix(' (default)')}")
+            else:
+                p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, action="store_true",
+                               help=param.help)
+        elif param.required:
+            p.add_argument(param.name, help=param.help)
+        else:
+            p.add_argument(param.name, nargs="?", default=param.default, help=param.help)
+    p.set_defaults(func=_command)
 
 
 def _not_failures(record: logging.LogRecord) -> bool:

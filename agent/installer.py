@@ -81,20 +81,30 @@ def install(
     progress: ProgressFn | None = None,
     allow_downgrade: bool = False,
     reinstall: bool = False,
+    txn: str | None = None,
 ) -> InstallOutcome:
+    """`txn` names the install in every event (the job id when a job runs it)."""
+    txn = txn or uuid.uuid4().hex[:12]
     try:
         with device.store.lock():
-            return _install(device, stream, progress=progress, allow_downgrade=allow_downgrade, reinstall=reinstall)
+            return _install(
+                device, stream, progress=progress, allow_downgrade=allow_downgrade, reinstall=reinstall, txn=txn
+            )
     except LockBusyError as e:
         # Another install owns state.json: report through the append-only outbox only.
-        device.events.emit(Event("install", "failed", str(e)))
+        device.events.emit(Event("install", "failed", str(e), txn))
         raise
 
 
 def _install(
-    device: Device, stream: Readable, *, progress: ProgressFn | None, allow_downgrade: bool, reinstall: bool
+    device: Device,
+    stream: Readable,
+    *,
+    progress: ProgressFn | None,
+    allow_downgrade: bool,
+    reinstall: bool,
+    txn: str,
 ) -> InstallOutcome:
-    txn = uuid.uuid4().hex[:12]
     version: str | None = None
     target: str | None = None
     try:

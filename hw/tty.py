@@ -83,7 +83,7 @@ def run_reporting_errors(
     except expected as e:
         if verbose:
             raise
-        _report(prog, type(e).__name__, str(e), json_errors)
+        _report(prog, getattr(e, "kind", type(e).__name__), str(e), json_errors)
     except OSError as e:
         if verbose:
             raise

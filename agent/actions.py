@@ -1,0 +1,205 @@
+"""The application layer: every action a front end can ask of the agent, each
+returning a result value. The CLI, the local API, MQTT jobs and the serial
+console are thin adapters over `agent.commands`, which calls these.
+
+Owns what each action means in terms of the core (installer, boot-check,
+marking, status) and the order of its steps; owns no parsing and no rendering.
+State-changing actions run as jobs of the one `JobQueue` (so a second one while
+an install runs is answered "busy"), and take the state lock themselves, so a
+second process is refused too.
+
+Actions:
+  install(source)      stream a bundle into the inactive slot (cancelable between ops)
+  mark(slot, verdict)  the operator's good/bad verdict (agent.marking)
+  rollback()           make the other slot, whose content is known, the one to try next
+  reboot()             reboot the device through the configured rebooter
+  boot_check()         assess the booted slot after a boot (agent.bootcheck)
+  status()             the device's status value
+  cancel(job)          ask the running job to stop at its next safe point
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from agent.bootcheck import BootCheckOutcome, boot_check
+from agent.daemon import Device
+from agent.errors import LockBusyError, MarkError
+from agent.events import Event
+from agent.installer import InstallOutcome, Phase, install
+from agent.jobs import JobContext, JobQueue, JobView
+from agent.marking import MarkOutcome, Verdict, mark, unknown_content
+from agent.sources import source_for
+from agent.state import Trial
+from agent.status import status
+from bundler.format.errors import OtaError
+from hw.bootloader.model import SlotBootState
+from hw.power import reboot as run_reboot_command
+
+log = logging.getLogger(__name__)
+
+Rebooter = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackOutcome:
+    slot: str  # the slot the next boot tries
+    bundle_version: str | None
+    reason: str
+    rebooting: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot": self.slot, "bundle_version": self.bundle_version, "reason": self.reason,
+                "rebooting": self.rebooting}
+
+
+@dataclass(frozen=True, slots=True)
+class BootCheckResult:
+    check: BootCheckOutcome
+    rebooting: bool  # boot-check asked for a reboot and it is being done
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.check
+        return {"outcome": o.outcome.value, "slot": o.slot, "reason": o.reason, "booted_good": o.booted_good,
+                "reboot_needed": o.reboot, "rebooting": self.rebooting}
+
+    def text(self) -> str:
+        line = f"boot-check: {self.check.outcome.value}: {self.check.reason}"
+        if self.check.reboot and not self.rebooting:
+            line += "\nboot-check: reboot needed (skipped: --no-reboot)"
+        return line
+
+    @property
+    def ok(self) -> bool:
+        """Non-zero exit whenever the booted slot is not good: keeps boot-complete.target
+        (and systemd-bless-boot's "good") from being reached."""
+        return self.check.booted_good and not self.check.reboot
+
+
+@dataclass(frozen=True, slots=True)
+class RebootOutcome:
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+def command_rebooter(device: Device) -> Rebooter:
+    """The real rebooter: the configured `reboot_command`."""
+    return lambda: run_reboot_command(device.config.reboot_command)
+
+
+class App:
+    """The agent's actions over one device. `queue` is shared by every front end."""
+
+    def __init__(self, device: Device, *, rebooter: Rebooter | None = None, queue: JobQueue | None = None) -> None:
+        self.device = device
+        self.rebooter = rebooter or command_rebooter(device)
+        self.queue = queue or JobQueue()
+
+    # --- read-only -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        doc = status(self.device)
+        running = self.queue.running()
+        doc["job"] = running.to_json() if running else None
+        return doc
+
+    def job(self, job_id: str) -> JobView | None:
+        return self.queue.get(job_id)
+
+    def cancel(self, job_id: str | None = None) -> JobView:
+        return self.queue.cancel(job_id)
+
+    # --- state-changing (each runs inside a job) -------------------------------
+
+    def install(
+        self, ctx: JobContext, source: str, *, allow_downgrade: bool = False, reinstall: bool = False
+    ) -> InstallOutcome:
+        device = self.device
+        try:
+            stream = source_for(source, device.config.download).open()
+        except OtaError as e:
+            # No bundle byte arrived, but the attempt still failed: report it like any other.
+            device.record(Event("install", "failed", str(e), txn=ctx.job_id))
+            raise
+
+        def progress(phase: Phase, done: int, total: int) -> None:
+            ctx.progress(phase.value, done, total)  # raises CanceledError at this safe point
+
+        with stream:
+            return install(
+                device, stream, progress=progress, allow_downgrade=allow_downgrade, reinstall=reinstall,
+                txn=ctx.job_id,
+            )
+
+    def mark(self, ctx: JobContext, slot: str, verdict: Verdict, *, force: bool = False) -> MarkOutcome:
+        return mark(self.device, slot, verdict, force=force)
+
+    def boot_check(self, ctx: JobContext, *, reboot: bool = True) -> BootCheckResult:
+        outcome = boot_check(self.device)
+        rebooting = outcome.reboot and reboot
+        if rebooting:
+            self.rebooter()
+        return BootCheckResult(outcome, rebooting)
+
+    def reboot(self, ctx: JobContext) -> RebootOutcome:
+        self.device.record(Event("reboot", "ok", "reboot requested"))
+        self.rebooter()
+        return RebootOutcome("rebooting")
+
+    def rollback(self, ctx: JobContext, *, reboot: bool = True, allow_downgrade: bool = False) -> RollbackOutcome:
+        """Make the other slot the one the next boot tries (a trial: it must pass its
+        health checks and commit, or the device comes back here). Refused when its
+        content is not known complete and verified, when it is marked bad, or when it
+        holds a security version below the committed floor (unless allow_downgrade)."""
+        device = self.device
+        try:
+            with device.store.lock():
+                outcome = self._rollback(ctx, allow_downgrade=allow_downgrade, reboot=reboot)
+        except LockBusyError:
+            raise LockBusyError("busy: another ota-agent command holds the state lock; rollback not done") from None
+        if outcome.rebooting:
+            self.rebooter()
+        return outcome
+
+    def _rollback(self, ctx: JobContext, *, allow_downgrade: bool, reboot: bool) -> RollbackOutcome:
+        device = self.device
+        bl = device.bootloader
+        booted = bl.booted_slot()
+        boot = bl.state()
+        if boot.slots[booted].state is not SlotBootState.GOOD:
+            raise MarkError(f"booted slot {booted} is not committed; run boot-check (or mark-good/mark-bad) first")
+        others = [b for b in device.config.bootnames if b != booted]
+        state = device.store.load()
+        target = others[0]
+        why = unknown_content(state, target)
+        if why is not None:
+            raise MarkError(f"cannot roll back to slot {target}: {why}")
+        if boot.slots[target].state is SlotBootState.BAD:
+            raise MarkError(
+                f"cannot roll back to slot {target}: it is marked bad (it failed or was replaced); "
+                f"mark-good {target} first if you know it works"
+            )
+        record = state.slots[target]
+        floor = state.committed_security_version
+        if record.security_version is not None and record.security_version < floor and not allow_downgrade:
+            raise MarkError(
+                f"cannot roll back to slot {target}: it holds security version {record.security_version}, "
+                f"below the committed {floor} (allow_downgrade overrides)"
+            )
+        # The bootloader first: a cut after it boots the target as a trial, which
+        # boot-check assesses (and commits without a record, keeping the floor).
+        bl.set_primary(target, device.config.tries)
+        trial = Trial(
+            slot=target, txn=ctx.job_id, bundle_version=record.version or "unknown",
+            security_version=record.security_version or 0, sha256=record.sha256, installed=True,
+            images=record.images,
+        )
+        reason = f"rollback to slot {target} (version {record.version}); it is tried on the next boot"
+        device.record(Event("rollback", "requested", reason, ctx.job_id, record.version, target),
+                      replace(state, trial=trial))
+        return RollbackOutcome(target, record.version, reason, rebooting=reboot)
