@@ -19,11 +19,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hw.fsutil import atomic_write
+from agent.errors import ConfigError
+from hw.fsutil import atomic_write, open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
 MAX_OUTBOX_BYTES = 256 * 1024
+MAX_OUTBOX_READ = 4 * MAX_OUTBOX_BYTES  # what a read takes in at most (appends trim at MAX_OUTBOX_BYTES)
 Clock = Callable[[], datetime]
 
 
@@ -68,7 +70,10 @@ class EventLog:
     def _append(self, event: Event) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(asdict(event), sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fd = open_regular(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise ConfigError(str(self.path), "", f"cannot open the outbox: {e.strerror}") from None
         try:
             os.write(fd, line.encode())
             os.fsync(fd)
@@ -78,9 +83,11 @@ class EventLog:
 
     def pending(self) -> list[Event]:
         try:
-            lines = self.path.read_text().splitlines()
+            lines = read_regular(self.path, MAX_OUTBOX_READ).decode("utf-8", "replace").splitlines()
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise ConfigError(str(self.path), "", f"cannot read the outbox: {e.strerror}") from None
         out = []
         for line in lines:
             try:

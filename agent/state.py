@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.errors import ConfigError, LockBusyError
 from agent.events import Event
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, open_regular, read_regular
 
 MAX_STATE = 1 << 20
 
@@ -72,8 +72,7 @@ class StateStore:
 
     def load(self) -> AgentState:
         try:
-            with self.path.open("rb") as f:
-                raw = f.read(MAX_STATE + 1)
+            raw = read_regular(self.path, MAX_STATE + 1)
         except FileNotFoundError:
             return AgentState()
         except OSError as e:
@@ -97,8 +96,11 @@ class StateStore:
     def lock(self) -> Iterator[None]:
         """Exclusive lock for changes that span several steps (an install, a boot-check);
         raises LockBusyError at once when another process holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = open_regular(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(str(self.dir / "lock"), "", f"cannot open the state lock: {e.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,5 +111,5 @@ class StateStore:
             os.close(fd)
 
     def save(self, state: AgentState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(state.to_json(), indent=2).encode() + b"\n")
