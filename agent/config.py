@@ -8,17 +8,26 @@ reference is docs/config.md.
 
 from __future__ import annotations
 
+import os
+import re
+import reprlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from hw import slotid
 from hw.bootloader import BACKENDS
+from hw.fsutil import read_regular
 from hw.watchdog import WATCHDOG_BACKENDS
 
 MAX_CONFIG = 256 * 1024
 MAX_TRIES = 15  # boot attempts for a new slot: 1..MAX_TRIES
+MAX_SLOTS = 64  # [[slots]] tables; every pair is compared by identity
+MAX_KEY_PARTS = 32  # tomllib's time is quadratic in the parts of one dotted key
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
+_DEEP_KEY = re.compile(rf"(?<![A-Za-z0-9_-])(?:{_KEY_PART}\s*\.\s*){{{MAX_KEY_PARTS},}}")  # from word starts: linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,27 +109,40 @@ class _Table:
         if v is None:
             raise self.err(key, "is required")
         if not isinstance(v, str) or not v:
-            raise self.err(key, f"must be a non-empty string, got {v!r}")
+            raise self.err(key, f"must be a non-empty string, got {_show(v)}")
         return v
 
     def path(self, key: str, default: str | None = None) -> Path:
-        p = Path(self.string(key, default))
-        return p if p.is_absolute() else (self.file.parent / p).resolve()
+        text = self.string(key, default)
+        if "\0" in text:
+            raise self.err(key, "must not contain a NUL character")
+        p = Path(text)
+        if p.is_absolute():
+            return p
+        full = self.file.parent / p
+        try:
+            if full.name in ("", ".."):
+                return full.resolve()
+            # The directory is resolved, the last component kept: a symlink there stays
+            # visible to the O_NOFOLLOW opens of the agent's own files.
+            return full.parent.resolve() / full.name
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop
+            raise self.err(key, f"cannot resolve {text!r}: {e}") from None
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
         v = self.doc.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool):
-            raise self.err(key, f"must be an integer, got {v!r}")
+            raise self.err(key, f"must be an integer, got {_show(v)}")
         if not low <= v <= high:
-            raise self.err(key, f"= {v} is outside {low}..{high}")
+            raise self.err(key, f"= {_show(v)} is outside {low}..{high}")
         return v
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
         v = self.doc.get(key, default)
         if not isinstance(v, int | float) or isinstance(v, bool):
-            raise self.err(key, f"must be a number, got {v!r}")
+            raise self.err(key, f"must be a number, got {_show(v)}")
         if not low <= v <= high:
-            raise self.err(key, f"= {v} is outside {low}..{high}")
+            raise self.err(key, f"= {_show(v)} is outside {low}..{high}")
         return float(v)
 
     def strings(self, key: str) -> tuple[str, ...]:
@@ -140,18 +162,59 @@ class _Table:
         return tuple(tuple(c) for c in v)
 
 
-def load(path: Path) -> Config:
+def _show(v: object) -> str:
+    """A config value for an error message: short, and never failing (an integer
+    of thousands of digits cannot even be turned into text)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits"
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
+        return reprlib.repr(v)
+    except (ValueError, RecursionError):
+        return f"a {type(v).__name__}"
+
+
+def load(path: Path) -> Config:
+    """The config at `path`; every problem with it, whatever the file holds, is
+    one `ConfigError` naming the file (and table and key where known)."""
+    try:
+        return _load(path)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError, OSError, RuntimeError) as e:
+        # A last line of defence: each check below names its key; this keeps any
+        # case they miss one line instead of a traceback.
+        raise ConfigError(str(path), "", f"invalid config ({type(e).__name__}: {e})") from None
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    try:
+        raw = read_regular(Path(os.path.realpath(path)), MAX_CONFIG + 1)
     except OSError as e:
         raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError(str(path), "", f"cannot read: {e}") from None
     if len(raw) > MAX_CONFIG:
         raise ConfigError(str(path), "", f"larger than {MAX_CONFIG} bytes")
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), "", f"not UTF-8: byte {e.start} is {raw[e.start : e.start + 1]!r}") from None
+    deep = _DEEP_KEY.search(text)
+    if deep is not None:
+        line = text.count("\n", 0, deep.start()) + 1
+        raise ConfigError(str(path), "", f"line {line}: a dotted key or table name of more than {MAX_KEY_PARTS} parts")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "", "not valid TOML: nested too deeply") from None
+    except Exception as e:  # tomllib lets int() and datetime() errors through (4300-digit integers, ...)
+        raise ConfigError(str(path), "", f"not valid TOML: {type(e).__name__}: {e}") from None
+
+
+def _load(path: Path) -> Config:
+    doc = _parse(path)
     top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
@@ -163,11 +226,14 @@ def load(path: Path) -> Config:
     raw_slots = top.doc.get("slots")
     if not isinstance(raw_slots, list) or not raw_slots:
         raise ConfigError(str(path), "[[slots]]", "at least two [[slots]] tables are required")
-    slots = []
+    if len(raw_slots) > MAX_SLOTS:
+        raise ConfigError(str(path), "[[slots]]", f"{len(raw_slots)} [[slots]] tables, at most {MAX_SLOTS}")
+    slots, spelled = [], []
     for i, item in enumerate(raw_slots):
         t = _Table(path, f"slots.{i}", item, {"bootname", "class", "path"})
         slots.append(SlotConfig(t.string("bootname"), t.string("class", "rootfs"), t.path("path")))
-    _check_slots(path, slots)
+        spelled.append(t.string("path"))
+    _check_slots(path, slots, spelled)
     wd_backend = wd.string("backend", "none")
     if wd_backend not in WATCHDOG_BACKENDS:
         choices = ", ".join(WATCHDOG_BACKENDS)
@@ -210,7 +276,7 @@ def _download(t: _Table) -> DownloadConfig:
     )
 
 
-def _check_slots(path: Path, slots: list[SlotConfig]) -> None:
+def _check_slots(path: Path, slots: list[SlotConfig], spelled: list[str]) -> None:
     seen: dict[tuple[str, str], Path] = {}
     for s in slots:
         key = (s.slot_class, s.bootname)
@@ -226,3 +292,14 @@ def _check_slots(path: Path, slots: list[SlotConfig]) -> None:
         if have != bootnames:
             message = f"class {cls!r} has slots for {sorted(have)}, expected one per bootname {sorted(bootnames)}"
             raise ConfigError(str(path), "[[slots]]", message)
+    # Every slot is distinct storage: no two paths may name the same file or device
+    # (a link, another spelling), or overlap (a partition and its disk, a loop
+    # device and its backing file), or an install could write the running slot.
+    ids = [slotid.identity(s.path) for s in slots]
+    named = [f"slot {s.slot_class} {s.bootname} ({text!r})" for s, text in zip(slots, spelled, strict=True)]
+    for i in range(len(slots)):
+        for j in range(i + 1, len(slots)):
+            reason = slotid.overlap(ids[i], ids[j])
+            if reason is not None:
+                message = f"{named[i]} and {named[j]} are not distinct storage: {reason}"
+                raise ConfigError(str(path), "[[slots]]", message)

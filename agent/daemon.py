@@ -9,12 +9,14 @@ from pathlib import Path
 
 from agent import config as config_mod
 from agent.config import Config
+from agent.errors import ConfigError
 from agent.events import Clock, Event, utcnow
 from agent.outbox import EventLog
 from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
+from hw.fsutil import ensure_private_dir
 from hw.watchdog import Watchdog, open_watchdog
 
 
@@ -40,6 +42,12 @@ class Device:
 
 def build_device(config_path: Path, clock: Clock = utcnow) -> Device:
     cfg = config_mod.load(config_path)
+    try:
+        # Only the agent may change its state directory: anyone else could plant
+        # links or files there for it to trust or write through.
+        ensure_private_dir(cfg.state_dir)
+    except OSError as e:
+        raise ConfigError(str(cfg.state_dir), "", f"unsafe state directory: {e.strerror}") from None
     env = open_env(cfg.bootloader, cfg.bootloader_path, cfg.bootnames)
     events = EventLog(cfg.state_dir, clock)
     return Device(

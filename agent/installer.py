@@ -239,7 +239,11 @@ def _write(
     crashpoint("after-trial-saved")
     total = sum(ip.image.size for ip in plan.images)  # per phase: write, then read-back
     done = 0
-    writers = {ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted) for ip in plan.images}
+    booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
+    writers = {
+        ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted, booted_paths=booted_paths)
+        for ip in plan.images
+    }
 
     def write(index: int, op: Op, extent: Future[bytes] | None) -> None:
         nonlocal done

@@ -48,7 +48,7 @@ from agent.outbox import EventLog
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from bundler.format.manifest import HEX64, NAME
 from bundler.format.text import clean
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +387,11 @@ class StateStore:
     def lock(self) -> Iterator[None]:
         """Exclusive lock for changes that span several steps (an install, a boot-check);
         raises LockBusyError at once when another process holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = open_regular(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(str(self.dir / "lock"), "", f"cannot open the state lock: {e.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,47 +12,21 @@ state store and the outbox do.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import stat
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from hw.fsutil import fsync_dir
+from hw.fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular
 
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-class NotRegularError(OSError):
-    """The path exists but is not a regular file (a FIFO, device, directory or symlink)."""
+NotRegularError = UnsafeFileError  # the path names a symlink, FIFO, device or directory
 
 
 def read_bounded(path: Path, limit: int) -> bytes:
     """At most `limit + 1` bytes of `path` (so the caller can tell "too big");
     raises FileNotFoundError, NotRegularError or another OSError."""
-    try:
-        fd = os.open(path, READ_FLAGS)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise NotRegularError(errno.ELOOP, "is a symbolic link", str(path)) from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularError(errno.EINVAL, "not a regular file", str(path))
-        chunks: list[bytes] = []
-        remaining = limit + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_regular(path, limit + 1)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -91,7 +65,7 @@ def flocked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on the lock file `path` (created if needed), waiting
     for it: for short read-modify-write steps, not for a whole install."""
     ensure_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

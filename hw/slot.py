@@ -3,22 +3,26 @@
 Owns positioned writes, durability (fsync), and the read-back hash that reads
 from the medium rather than the page cache (the written range is dropped from
 the cache with posix_fadvise before reading it back). Does not decide which
-slot may be written — the installer does, and `SlotWriter` refuses the booted
-slot as a last line of defence.
+slot may be written — the installer does, and `SlotWriter` refuses, as a last
+line of defence, the booted slot and any target that shares storage with it
+(identity by `hw.slotid`, never by name or path), is mounted, or holds the
+running root.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import hashlib
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from hw import slotid
 from hw.errors import SlotError
 
 IO_CHUNK = 4 << 20
@@ -61,18 +65,79 @@ def slot_size(path: Path, name: str) -> int:
 
 
 class SlotWriter:
-    def __init__(self, path: Path, name: str, *, booted: str) -> None:
+    """Opens a slot for positioned writes, after checking what the opened fd
+    really is: a regular file or block device that shares no storage with any
+    slot of the booted group (`booted_paths`), is not mounted and does not back
+    the running root. The checks run on ``fstat`` of the fd itself, so a link
+    swapped in between a check and the open is caught; a block device is opened
+    O_EXCL, so the kernel also refuses one that is mounted or held (dm, md, swap)
+    and keeps it from being mounted while the slot is written."""
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        *,
+        booted: str,
+        booted_paths: Sequence[Path],
+        mountinfo: Path = slotid.MOUNTINFO,
+        root: Path = Path("/"),
+    ) -> None:
         if name == booted:
             raise SlotError(name, "refusing to open the booted slot for writing")
         self.path = path
         self.name = name
-        self.capacity = slot_size(path, name)
+        self.fd = self._open(path, mountinfo)
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            self.block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+            st = os.fstat(self.fd)
+            self.block_device = stat.S_ISBLK(st.st_mode)
+            if not (self.block_device or stat.S_ISREG(st.st_mode)):
+                raise SlotError(name, f"{path} is neither a block device nor a regular file")
+            self.identity = slotid.from_stat(path, st)
+            self._refuse_shared(booted, booted_paths, mountinfo, root)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            self.capacity = os.lseek(self.fd, 0, os.SEEK_END) if self.block_device else st.st_size
         except OSError as e:
+            self.close()
             raise SlotError(name, f"cannot open {path} for writing: {e.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
         self._fast_zero = True
+
+    def _open(self, path: Path, mountinfo: Path) -> int:
+        # Slot paths may be symlinks by design (/dev/disk/by-partlabel/...): follow
+        # them, then judge the fd. O_NONBLOCK: a FIFO planted here must not hang us.
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        try:
+            if stat.S_ISBLK(os.stat(path).st_mode):
+                flags |= os.O_EXCL  # on a block device: fail with EBUSY if mounted or held
+            return os.open(path, flags)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                where = slotid.mounted_at(slotid.identity(path), mountinfo)
+                why = f"it is mounted at {where}" if where else "the device is in use (mounted, or held by dm/md/swap)"
+                raise SlotError(self.name, f"refusing to write {path}: {why}") from None
+            if e.errno == errno.ENXIO:
+                raise SlotError(self.name, f"{path} is neither a block device nor a regular file") from None
+            raise SlotError(self.name, f"cannot open {path} for writing: {e.strerror}") from None
+        except ValueError as e:
+            raise SlotError(self.name, f"cannot open {path!r} for writing: {e}") from None
+
+    def _refuse_shared(self, booted: str, booted_paths: Sequence[Path], mountinfo: Path, root: Path) -> None:
+        me = self.identity
+        for other in booted_paths:
+            reason = slotid.overlap(me, slotid.identity(other))
+            if reason is not None:
+                raise SlotError(
+                    self.name,
+                    f"refusing to write {self.path}: it overlaps {other} of the booted slot {booted} ({reason})",
+                )
+        mount_point = slotid.mounted_at(me, mountinfo)
+        if mount_point is not None:
+            raise SlotError(self.name, f"refusing to write {self.path}: it is mounted at {mount_point}")
+        if slotid.backs_root(me, root):
+            raise SlotError(self.name, f"refusing to write {self.path}: it holds the running root filesystem")
 
     def __enter__(self) -> SlotWriter:
         return self

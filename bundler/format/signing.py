@@ -13,8 +13,10 @@ u8 algorithm (1 = Ed25519), 3 reserved zero bytes, 32-byte key id
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,12 +138,32 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
 def _read_key_file(path: Path) -> bytes:
+    """A key file's bytes. Only a regular file is read (a symlink to one is fine):
+    a FIFO, device, socket or directory is refused before it can block or act."""
     try:
-        with path.open("rb") as f:
+        what = _not_regular(os.stat(path).st_mode)  # before opening: opening a device can act
+        if what is not None:
+            raise KeyFileError(f"{path}: is {what}, not a regular key file")
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY), "rb") as f:
+            what = _not_regular(os.fstat(f.fileno()).st_mode)  # swapped since the stat
+            if what is not None:
+                raise KeyFileError(f"{path}: is {what}, not a regular key file")
+            fcntl.fcntl(f.fileno(), fcntl.F_SETFL, fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & ~os.O_NONBLOCK)
             data = f.read(MAX_KEY_FILE + 1)
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read key: {e.strerror}") from None
+    except ValueError as e:  # a NUL in the path
+        raise KeyFileError(f"{path!r}: cannot read key: {e}") from None
     if len(data) > MAX_KEY_FILE:
         raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE} bytes, not a key")
     return data

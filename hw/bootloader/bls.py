@@ -51,7 +51,7 @@ from pathlib import Path
 
 from hw.bootloader.model import BootDecision, BootState, SlotBoot, SlotBootState
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write, fsync_dir
+from hw.fsutil import atomic_write, fsync_dir, read_regular
 
 PREFIX = "ota-"
 SUFFIX = ".conf"
@@ -305,7 +305,7 @@ class BlsEnv:
         for var in OVERRIDING_EFIVARS:
             path = self.efivars / f"{var}-{LOADER_GUID}"
             try:
-                raw = path.read_bytes()[:MAX_FILE]
+                raw = read_regular(path, MAX_FILE)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -321,8 +321,7 @@ class BlsEnv:
 
     def _read(self, path: Path) -> str:
         try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_FILE + 1)
+            raw = read_regular(path, MAX_FILE + 1)
         except OSError as e:
             raise BootEnvError(self.name, f"cannot read: {e.strerror}", path=str(path)) from e
         if len(raw) > MAX_FILE:

@@ -14,6 +14,7 @@ from pathlib import Path
 from hw.bootloader import model
 from hw.bootloader.model import BootEnv, BootState
 from hw.errors import BootEnvError
+from hw.fsutil import read_regular
 
 CMDLINE_KEYS = ("ota.slot", "rauc.slot")
 MAX_CMDLINE = 64 * 1024
@@ -21,8 +22,7 @@ MAX_CMDLINE = 64 * 1024
 
 def booted_from_cmdline(path: Path) -> str:
     try:
-        with path.open("rb") as f:
-            text = f.read(MAX_CMDLINE).decode("utf-8", "replace")
+        text = read_regular(path, MAX_CMDLINE).decode("utf-8", "replace")
     except OSError as e:
         raise BootEnvError("cmdline", f"cannot read: {e.strerror}", path=str(path)) from e
     for word in text.split():

@@ -11,7 +11,7 @@ from typing import Any
 
 from hw.bootloader.model import BootState, SlotBoot, SlotBootState
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, read_regular
 
 MAX_SIZE = 64 * 1024
 
@@ -28,7 +28,7 @@ class SimEnv:
 
     def load(self) -> BootState:
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular(self.path, MAX_SIZE + 1)
         except OSError as e:
             raise BootEnvError(self.name, f"cannot read state: {e.strerror}", path=str(self.path)) from e
         if len(raw) > MAX_SIZE:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, kind_of, open_regular, read_regular
 
 BACKEND = "uboot"
 MAX_ENV_SIZE = 8 * 1024 * 1024
@@ -142,8 +142,7 @@ def parse_fw_env_config(text: str, source: str = "fw_env.config") -> FwEnvConfig
 
 def load_fw_env_config(path: Path) -> FwEnvConfig:
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_SIZE + 1)
+        raw = read_regular(path, MAX_CONFIG_SIZE + 1)
     except OSError as e:
         raise BootEnvError(BACKEND, f"cannot read config: {e.strerror}", path=str(path)) from e
     if len(raw) > MAX_CONFIG_SIZE:
@@ -247,6 +246,29 @@ def _os_error(action: str, loc: EnvLocation, e: OSError) -> BootEnvError:
     return BootEnvError(BACKEND, f"cannot {action} {loc.describe()}: {e.strerror or e}", path=str(loc.device))
 
 
+def _open_copy(loc: EnvLocation, flags: int, action: str) -> int:
+    """Open a copy's file or block device (a symlink such as /dev/disk/by-partlabel/x
+    is followed on purpose) without blocking, refusing a FIFO, socket or anything
+    but a regular file or block device."""
+    try:
+        fd = os.open(loc.device, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise _os_error(action, loc, e) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise BootEnvError(BACKEND, f"cannot {action} {loc.describe()}: it is {kind_of(mode)}, "
+                               "not a regular file or block device", path=str(loc.device))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except OSError as e:
+        os.close(fd)
+        raise _os_error(action, loc, e) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _resolve_offset(fd: int, loc: EnvLocation) -> int:
     if loc.offset >= 0:
         return loc.offset
@@ -258,10 +280,7 @@ def _resolve_offset(fd: int, loc: EnvLocation) -> int:
 
 
 def _read_copy(loc: EnvLocation, redundant: bool) -> EnvCopy:
-    try:
-        fd = os.open(loc.device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise _os_error("open", loc, e) from e
+    fd = _open_copy(loc, os.O_RDONLY, "open")
     try:
         offset = _resolve_offset(fd, loc)
         chunks, got = [], 0
@@ -309,10 +328,7 @@ def _writable(loc: EnvLocation) -> Iterator[None]:
 
 def _write_in_place(loc: EnvLocation, blob: bytes) -> None:
     with _writable(loc):
-        try:
-            fd = os.open(loc.device, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _os_error("open for writing", loc, e) from e
+        fd = _open_copy(loc, os.O_WRONLY, "open for writing")
         try:
             offset = _resolve_offset(fd, loc)
             view = memoryview(blob)
@@ -339,7 +355,7 @@ def _whole_regular_file(loc: EnvLocation) -> os.stat_result | None:
 def _tool_lock() -> Iterator[None]:
     """Serialise with fw_printenv/fw_setenv on their lock file; best effort like theirs."""
     try:
-        fd = os.open(LOCK_PATH, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = open_regular(LOCK_PATH, os.O_WRONLY | os.O_CREAT, 0o666)
     except OSError:
         yield
         return
@@ -392,8 +408,11 @@ class UBootEnvStore:
                 if c.offset < 0:
                     raise BootEnvError(BACKEND, f"cannot create {c.describe()}: negative offset on a new file")
                 try:
-                    with c.device.open("ab") as f:
-                        f.truncate(max(c.offset + c.size, f.tell()))
+                    fd = open_regular(c.device, os.O_WRONLY | os.O_CREAT, 0o644)  # never through a dangling link
+                    try:
+                        os.ftruncate(fd, max(c.offset + c.size, os.fstat(fd).st_size))
+                    finally:
+                        os.close(fd)
                 except OSError as e:
                     raise _os_error("create", c, e) from e
             blob = encode_copy(variables, cfg.size, redundant=cfg.redundant, flags=1)

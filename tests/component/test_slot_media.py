@@ -62,7 +62,7 @@ def _pattern(size: int) -> bytes:
 def test_file_slot_zero_range_is_a_hole_and_reads_back_as_zeros(tmp_path: Path) -> None:
     slot = tmp_path / "slot.img"
     slot.write_bytes(_pattern(16 * MiB))
-    with SlotWriter(slot, "B", booted="A") as w:
+    with SlotWriter(slot, "B", booted="A", booted_paths=[]) as w:
         w.write_zeros(MiB, 2 * IO_CHUNK)
         w.sync()
     data = slot.read_bytes()
@@ -77,8 +77,8 @@ def test_writer_refuses_the_booted_slot_and_writes_past_the_end(tmp_path: Path) 
     slot = tmp_path / "slot.img"
     slot.write_bytes(bytes(MiB))
     with pytest.raises(SlotError, match="refusing to open the booted slot"):
-        SlotWriter(slot, "A", booted="A")
-    with SlotWriter(slot, "B", booted="A") as w, pytest.raises(SlotError, match="exceeds slot size"):
+        SlotWriter(slot, "A", booted="A", booted_paths=[])
+    with SlotWriter(slot, "B", booted="A", booted_paths=[]) as w, pytest.raises(SlotError, match="exceeds slot size"):
         w.write(MiB - 10, bytes(20))
 
 
@@ -86,7 +86,7 @@ def test_writer_refuses_the_booted_slot_and_writes_past_the_end(tmp_path: Path) 
 def test_block_device_slot_zeroes_with_blkzeroout_and_reads_back_from_the_device(loop_devices: list[Path]) -> None:
     dev = loop_devices[0]
     assert slot_size(dev, "B") == 32 * MiB
-    with SlotWriter(dev, "B", booted="A") as w:
+    with SlotWriter(dev, "B", booted="A", booted_paths=[]) as w:
         assert w.block_device
         w.write(0, _pattern(32 * MiB))
         w.write_zeros(4096 + 100, 3 * IO_CHUNK)  # unaligned ends: zero bytes at the edges, BLKZEROOUT between

@@ -117,7 +117,7 @@ def test_every_way_the_agent_writes_files_is_traced(root: Path, tmp_path: Path) 
         slot = root / "slot.img"
         with slot.open("wb") as f:
             f.truncate(IO_CHUNK + 8192)
-        with SlotWriter(slot, "B", booted="A") as w:
+        with SlotWriter(slot, "B", booted="A", booted_paths=[]) as w:
             w.write(0, b"\xff" * (IO_CHUNK + 8192))
             w.write_zeros(4096, IO_CHUNK)  # a punched hole where the filesystem can
             w.sync()
