@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import service, sim
-from agent.actions import App
+from agent import service, sim, wiring
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, execute
 from agent.daemon import Device, build_device
@@ -70,7 +69,7 @@ def _command(args: argparse.Namespace) -> int:
     """Every device command of the table: the CLI only parses and prints."""
     command = COMMANDS[args.command]
     cli_args = {p.name: getattr(args, p.name) for p in command.params if hasattr(args, p.name)}
-    app = App(_device(args))
+    app = wiring.build_app(Path(args.config))
     progress = _PhasedProgress()
     if not args.json or sys.stderr.isatty():
         app.queue.subscribe(progress)
@@ -88,7 +87,8 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return service.run(_device(args))
+    app = wiring.build_app(Path(args.config))
+    return service.run(app, wiring.front_ends(app))
 
 
 def _sim_init(args: argparse.Namespace) -> int:

@@ -114,7 +114,8 @@ cmdline = "cmdline"
 backend = "{spec.bootloader}"
 path = "{env_path}"
 tries = {spec.tries}
-reboot_command = []
+# The simulator's reboot: `ota-agent run` performs this power cycle itself.
+reboot_command = {json.dumps(["ota-agent", "sim", "boot", str(spec.directory.resolve())])}
 {slots}
 [health]
 deadline = 30

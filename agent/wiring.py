@@ -1,0 +1,52 @@
+"""The composition root of the application: builds the `App` (device, rebooter,
+job queue) and the front ends `ota-agent run` hosts, from one config file.
+`agent.daemon.build_device` builds the device's backends; nothing else
+constructs either.
+
+The rebooter is the configured `reboot_command`, except on a simulated device
+whose reboot command is the simulator's own (`ota-agent sim boot DIR`): there
+the daemon performs the simulated power cycle itself, in-process, so a running
+`ota-agent run` survives the "reboot" and reports what the boot decided.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from agent import sim
+from agent.actions import App, Rebooter, command_rebooter
+from agent.daemon import Device, build_device
+from agent.service import FrontEnd
+
+log = logging.getLogger(__name__)
+
+
+def sim_directory(device: Device) -> Path | None:
+    """The simulated device directory when the reboot command is the simulator's."""
+    cmd = device.config.reboot_command
+    if len(cmd) == 4 and Path(cmd[0]).name == "ota-agent" and cmd[1:3] == ("sim", "boot"):
+        return Path(cmd[3])
+    return None
+
+
+def rebooter_for(device: Device) -> Rebooter:
+    directory = sim_directory(device)
+    if directory is None:
+        return command_rebooter(device)
+
+    def simulated_power_cycle() -> None:
+        log.info("simulated reboot of %s", directory)
+        sim.power_on(directory, say=lambda line: log.info("%s", line))
+
+    return simulated_power_cycle
+
+
+def build_app(config_path: Path) -> App:
+    device = build_device(config_path)
+    return App(device, rebooter=rebooter_for(device))
+
+
+def front_ends(app: App) -> list[FrontEnd]:
+    """The front ends the config enables (the local API, MQTT, ...)."""
+    return []
