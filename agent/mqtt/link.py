@@ -19,6 +19,10 @@
   between `reconnect_min` and an exponentially growing cap (at most
   `reconnect_max`): "full jitter", so a fleet does not reconnect in lockstep
   after a broker restart. Subscriptions are made again on every connect.
+- With MQTT 5 the CONNECT carries a Maximum Packet Size (`MAX_INCOMING_PACKET`), so
+  the broker drops an oversized job instead of making the device read it into
+  memory; with 3.1.1 the broker's own limit (mosquitto `message_size_limit`) is
+  the only guard before the job's own 16 KiB check.
 - Everything foreign (topics, broker reason strings) is cleaned before logging.
 
 Owns the client and the connection; what a job means is intake.py's, what a
@@ -44,7 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.errors import ConfigError
 from agent.mqtt.config import MqttConfig, MqttProtocol
 from agent.mqtt.reporter import LinkListener
-from agent.mqtt.schema import encode, presence_report
+from agent.mqtt.schema import MAX_CHUNK, MAX_JOB_BYTES, encode, presence_report
 from agent.mqtt.topics import Topics
 from bundler.format.errors import OtaError
 from bundler.format.text import clean
@@ -52,6 +56,9 @@ from bundler.format.text import clean
 log = logging.getLogger(__name__)
 
 MAX_PASSWORD = 4096
+# MQTT 5 lets a client cap the packets the broker may send it; a job is at most 16 KiB and a
+# streamed bundle chunk at most MAX_CHUNK, so nothing larger is ever read into memory.
+MAX_INCOMING_PACKET = MAX_CHUNK + MAX_JOB_BYTES
 Handler = Callable[[str, bytes], object]
 Clock = Callable[[], datetime]
 
@@ -185,6 +192,7 @@ class Link:
         if cfg.protocol is MqttProtocol.V5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
             props.SessionExpiryInterval = cfg.session_expiry
+            props.MaximumPacketSize = MAX_INCOMING_PACKET
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
         else:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive)
@@ -257,7 +265,8 @@ class Link:
         self._connected.clear()
         self._subscribed.clear()
         if was:
-            log.warning("mqtt: disconnected from %s: %s", self.config.broker, clean(str(reason), 120))
+            log.log(logging.INFO if self._stopping else logging.WARNING, "mqtt: disconnected from %s: %s",
+                    self.config.broker, clean(str(reason), 120))
             for listener in self._listeners:
                 listener.link_down()
         self._backoff()

@@ -115,6 +115,7 @@ class Broker:
     password_port: int = 0
     pki: Pki | None = None
     password_file: Path | None = None
+    acl: str = ""  # an ACL for the plain listener (anonymous clients), in mosquitto's acl_file syntax
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -143,6 +144,9 @@ class Broker:
             f"listener {self.port} {LOOPBACK}",
             "allow_anonymous true",
         ]
+        if self.acl:
+            (self.directory / "acl").write_text(self.acl)
+            lines.append(f"acl_file {self.directory / 'acl'}")
         if self.pki is not None:
             self.tls_port = self.tls_port or free_port()
             lines += [f"listener {self.tls_port} {LOOPBACK}", "allow_anonymous false", f"cafile {self.pki.ca}",

@@ -9,6 +9,7 @@ broker lost the session."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -330,3 +331,51 @@ def test_subscriptions_are_made_again_when_the_broker_lost_the_session(
     finally:
         channel.stop()
     assert [j.id for j in sink.jobs] == ["after"]
+
+
+def test_a_report_the_broker_refuses_with_a_v5_reason_code_stays_pending_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = Broker(tmp_path / "broker", acl=f"topic readwrite {TOPICS.base}/#\n")
+    broker.start()
+    outbox = FakeOutbox()
+    outbox.append(TOPICS.events)
+    outbox.append("elsewhere/denied")  # the ACL refuses it: an MQTT 5 PUBACK with "Not authorized"
+    outbox.append(TOPICS.events)
+    config = load_mqtt({**mqtt(broker), "protocol": "5", "reconnect_min": 1}, broker.directory / "agent.toml")
+    link = Link(config)
+    reporter: Reporter[FakeRecord] = Reporter(link, outbox, route, window=4, poll=0.1, retry_delay=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.mqtt.reporter"):
+            link.start()
+            reporter.start()
+            until(lambda: caplog.text.count("broker refused report 2") >= 2, "the refusal and a retry")
+        assert outbox.acked == [1]  # 3 was delivered too, but acks stay in order behind 2
+        assert [r.seq for r in outbox.pending()] == [2, 3]
+        assert "Not authorized" in caplog.text
+    finally:
+        reporter.stop()
+        link.stop()
+        broker.kill()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_an_oversized_job_never_reaches_the_journal(
+    broker: Broker, operators: list[Operator], tmp_path: Path, protocol: str
+) -> None:
+    op = Operator(broker.port, [TOPICS.job_status("big"), TOPICS.job_status("small")])
+    operators.append(op)
+    channel, sink, _ = start_device(tmp_path / "dev", mqtt(broker, protocol=protocol))
+    try:
+        until(lambda: channel.link.ready, "the device to subscribe")
+        op.publish(TOPICS.job("big"), b" " * (1 << 20) + job("big"))
+        op.publish(TOPICS.job("small"), job("small"))
+        until(lambda: answers(op, "small"), "the answer to the small job sent after the big one")
+    finally:
+        channel.stop()
+    assert [j.id for j in sink.jobs] == ["small"]
+    assert channel.journal.get("big") is None
+    if protocol == "5":  # the device told the broker its maximum packet size: the broker dropped it
+        assert answers(op, "big") == []
+    else:  # read, then refused by the 16 KiB check
+        assert "more than the 16384 allowed" in answers(op, "big")[0]["reason"]
