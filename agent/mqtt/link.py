@@ -224,7 +224,10 @@ class Link:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
         if reason.is_failure:
-            log.error("mqtt: %s refused the connection: %s", self.config.broker, clean(str(reason), 120))
+            text = clean(str(reason), 120)
+            level = logging.DEBUG if text == self._last_failure else logging.ERROR
+            self._last_failure = text
+            log.log(level, "mqtt: %s refused the connection: %s", self.config.broker, text)
             return
         self._attempt = 0
         self._last_failure = ""

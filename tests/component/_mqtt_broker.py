@@ -115,7 +115,7 @@ class Broker:
     password_port: int = 0
     pki: Pki | None = None
     password_file: Path | None = None
-    acl: str = ""  # an ACL for the plain listener (anonymous clients), in mosquitto's acl_file syntax
+    acl: str = ""  # mosquitto acl_file text, for the password listener if there is one, else the plain one
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -144,9 +144,8 @@ class Broker:
             f"listener {self.port} {LOOPBACK}",
             "allow_anonymous true",
         ]
-        if self.acl:
-            (self.directory / "acl").write_text(self.acl)
-            lines.append(f"acl_file {self.directory / 'acl'}")
+        if self.acl and self.password_file is None:
+            lines.append(f"acl_file {self._write_acl()}")
         if self.pki is not None:
             self.tls_port = self.tls_port or free_port()
             lines += [f"listener {self.tls_port} {LOOPBACK}", "allow_anonymous false", f"cafile {self.pki.ca}",
@@ -156,12 +155,19 @@ class Broker:
             self.password_port = self.password_port or free_port()
             lines += [f"listener {self.password_port} {LOOPBACK}", "allow_anonymous false",
                       f"password_file {self.password_file}"]
+            if self.acl:
+                lines.append(f"acl_file {self._write_acl()}")
         config = self.directory / "mosquitto.conf"
         config.write_text("\n".join(lines) + "\n")
         with (self.directory / "stdout.log").open("ab") as out:
             self.proc = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
         for port in (p for p in (self.port, self.tls_port, self.password_port) if p):
             until(partial(self._accepts, port), f"mosquitto to listen on {port} (log: {self.log})", 10)
+
+    def _write_acl(self) -> Path:
+        path = self.directory / "acl"
+        path.write_text(self.acl)
+        return path
 
     def _accepts(self, port: int) -> bool:
         assert self.proc is not None
@@ -217,7 +223,8 @@ class Operator:
     """The other side: a paho client that subscribes to `filters` (again on every
     connect) and keeps every message it receives."""
 
-    def __init__(self, port: int, filters: list[str], *, client_id: str = "", persistent: bool = False) -> None:
+    def __init__(self, port: int, filters: list[str], *, client_id: str = "", persistent: bool = False,
+                 auth: tuple[str, str] | None = None) -> None:
         self.filters = filters
         self.messages: list[Received] = []
         self._lock = threading.Lock()
@@ -225,6 +232,8 @@ class Operator:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=not persistent, protocol=paho.MQTTv311)
         self.client.reconnect_delay_set(1, 1)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message

@@ -5,6 +5,7 @@ never connects, and the reason is logged as one line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -16,7 +17,10 @@ import pytest
 
 from agent.mqtt.config import load_mqtt
 from agent.mqtt.link import Link
-from tests.component._mqtt_broker import Broker, Pki, make_pki, needs_mosquitto, until
+from agent.mqtt.schema import parse_report
+from agent.mqtt.topics import Topics
+from tests.component._mqtt_broker import Broker, Operator, Pki, make_pki, needs_mosquitto, until
+from tests.component._mqtt_device import start_device
 
 pytestmark = [
     needs_mosquitto,
@@ -100,3 +104,52 @@ def test_a_broker_certificate_from_an_unknown_ca_is_not_trusted(
     assert not lk.connected
     line = next(r.getMessage() for r in caplog.records if "certificate verify failed" in r.getMessage())
     assert line.startswith(f"mqtt: cannot connect to mqtts://127.0.0.1:{secure_broker.tls_port}: ")
+
+
+def documented_acl() -> str:
+    """The mosquitto ACL docs/mqtt.md recommends, exactly as written there."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mqtt.md").read_text()
+    start = text.index("# /etc/mosquitto/edge-ota.acl")
+    return text[start : text.index("```", start)]
+
+
+def test_the_documented_acl_lets_a_device_do_its_job_and_nothing_of_another_device(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwd"
+    passwords.touch()
+    for user in ("gw-1", "gw-2", "operator"):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, f"{user}-pass"], check=True)
+    broker = Broker(tmp_path / "broker", password_file=passwords, acl=documented_acl())
+    broker.start()
+    topics = Topics.for_device("gw-1")
+    port = broker.password_port
+    ops: list[Operator] = []
+    try:
+        op = Operator(port, [topics.job_status("j1"), topics.job_status("j2"), topics.presence],
+                      auth=("operator", "operator-pass"))
+        ops.append(op)
+        (tmp_path / "pass").write_text("gw-1-pass")
+        channel, sink, _ = start_device(tmp_path / "dev", {
+            "broker": f"mqtt://127.0.0.1:{port}", "device_id": "gw-1", "groups": ["canary"],
+            "username": "gw-1", "password_file": str(tmp_path / "pass")})
+        try:
+            until(lambda: channel.link.ready, "the device to connect and subscribe")
+            op.publish(topics.group_job("canary", "j1"), json.dumps(
+                {"schema": 1, "id": "j1", "type": "reboot", "created": "2026-05-01T12:00:00Z"}).encode())
+            until(lambda: op.on(topics.job_status("j1")), "the device's answer through the ACL")
+            # another device may not speak for gw-1: mosquitto drops its publish silently
+            rogue = Operator(port, [], client_id="gw-2", auth=("gw-2", "gw-2-pass"))
+            ops.append(rogue)
+            rogue.publish(topics.job_status("j1"), b'{"forged": true}')
+            rogue.publish(topics.job("j2"), b"{}")
+            op.publish(topics.job("j3"), json.dumps(
+                {"schema": 1, "id": "j3", "type": "status", "created": "2026-05-01T12:00:00Z"}).encode())
+            until(lambda: [j.id for j in sink.jobs] == ["j1", "j3"], "the operator's second job")
+        finally:
+            channel.stop()
+        assert [parse_report(m.payload)["status"] for m in op.on(topics.job_status("j1"))] == ["succeeded"]
+        assert op.on(topics.job_status("j2")) == []  # the rogue's job never reached the device
+        assert any(m.json()["online"] for m in op.on(topics.presence))
+    finally:
+        for o in ops:
+            o.close()
+        broker.kill()
