@@ -5,7 +5,7 @@ paths); unknown keys, wrong types and out-of-range values are `ConfigError`s
 naming the file, the table and the key, like the rest of agent/config.py.
 
 Secrets never enter the value: `password_file` is a path, read when the link
-connects. The field-by-field reference is docs/mqtt.md ("Configuration").
+is built. The field-by-field reference is docs/mqtt.md ("Configuration").
 """
 
 from __future__ import annotations

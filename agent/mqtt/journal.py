@@ -11,11 +11,13 @@ written. Memory and disk are bounded: the journal remembers the last
 atomically with `hw.fsutil.atomic_write`) when it holds more than about three
 records per remembered job.
 
-Forgetting a job raises the *watermark* to that job's `created` time (never
-past the device's own clock): a job created at or before the watermark that
-the journal does not know may be one it forgot, so it is out of date and
-answered, not run. Together with dedup by id this makes a replayed job
-harmless however old it is.
+Forgetting a job raises the *watermark* to that job's `created` time: a job
+created at or before the watermark that the journal does not know may be one
+it forgot, so it is out of date and answered, not run. Together with dedup by
+id this makes a replayed job harmless however old it is. (The watermark
+follows the operators' clocks, not the device's: a job stamped far in the
+future, once forgotten, makes every job stamped before that time out of date -
+a loud refusal, never a second run.)
 
 Owns the file and the records; the decisions (which job to accept, what to
 answer) are intake.py's.
@@ -191,7 +193,7 @@ class Journal:
             if victim is None:
                 victim = next(iter(self._jobs.values()))
             del self._jobs[victim.id]
-            mark = min(victim.job.created, self.clock())
+            mark = victim.job.created
             if self._watermark is None or mark > self._watermark:
                 self._watermark = mark
 

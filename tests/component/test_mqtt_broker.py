@@ -379,3 +379,35 @@ def test_an_oversized_job_never_reaches_the_journal(
         assert answers(op, "big") == []
     else:  # read, then refused by the 16 KiB check
         assert "more than the 16384 allowed" in answers(op, "big")[0]["reason"]
+
+
+def test_after_a_restart_a_new_reporter_sends_what_the_old_one_left_unacknowledged(
+    broker: Broker, operators: list[Operator]
+) -> None:
+    op = Operator(broker.port, [TOPICS.events], client_id="operator", persistent=True)
+    operators.append(op)
+    outbox = FakeOutbox()  # stands for the durable outbox, which outlives the agent process
+    link, reporter = link_and_reporter(broker, outbox, window=3)
+    link.start()
+    reporter.start()
+    until(lambda: link.ready, "the link")
+    broker.freeze()
+    fill(outbox, 10)
+    reporter.wake()
+    until(lambda: reporter.in_flight() == 3, "three records handed to the frozen broker")
+    reporter.stop()
+    link.stop(timeout=0.5)  # the agent stops; what paho held in memory is gone with it
+    assert outbox.acked == []
+    broker.restart()
+
+    link, reporter = link_and_reporter(broker, outbox, window=3)  # the agent starts again
+    link.start()
+    reporter.start()
+    try:
+        until(lambda: not outbox.pending(), "the outbox to empty")
+        until(lambda: len(seqs_seen(op)) == 10, "the subscriber to see all 10")
+    finally:
+        reporter.stop()
+        link.stop()
+    assert outbox.acked == list(range(1, 11))
+    assert seqs_seen(op) == list(range(1, 11))

@@ -134,14 +134,16 @@ def test_unfinished_jobs_are_forgotten_last(tmp_path: Path) -> None:
     assert [r.id for r in j.unfinished()] == ["job-0"]
 
 
-def test_the_watermark_never_passes_the_device_clock(tmp_path: Path) -> None:
-    clock = Clock(T0)
-    j = Journal(tmp_path / "j", capacity=8, clock=clock)
-    j.admit(job(0, created=T0 + timedelta(days=365)))  # a job from a clock far ahead
+def test_a_forgotten_job_from_a_clock_far_ahead_is_never_run_twice(tmp_path: Path) -> None:
+    ahead = T0 + timedelta(days=365)
+    j = Journal(tmp_path / "j", capacity=8, clock=Clock(T0))
+    j.admit(job(0, created=ahead))  # stamped by an operator clock a year ahead
     for n in range(1, 10):
         j.admit(job(n))
-    assert j.watermark is not None
-    assert j.watermark <= T0
+    assert j.get("job-0") is None
+    assert j.watermark == ahead
+    assert j.out_of_date(ahead)  # its replay is refused as out of date ...
+    assert j.out_of_date(T0 + timedelta(minutes=20))  # ... and so, loudly, is anything stamped before it
 
 
 def test_a_journal_that_cannot_be_written_refuses_and_remembers_nothing(tmp_path: Path) -> None:
