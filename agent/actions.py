@@ -28,7 +28,7 @@ from typing import Any
 from agent.bootcheck import BootCheckOutcome, boot_check
 from agent.daemon import Device
 from agent.errors import LockBusyError, MarkError
-from agent.events import Event
+from agent.events import Event, EventType, Result
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
@@ -52,8 +52,12 @@ class RollbackOutcome:
     rebooting: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"slot": self.slot, "bundle_version": self.bundle_version, "reason": self.reason,
-                "rebooting": self.rebooting}
+        return {
+            "slot": self.slot,
+            "bundle_version": self.bundle_version,
+            "reason": self.reason,
+            "rebooting": self.rebooting,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +67,14 @@ class BootCheckResult:
 
     def to_json(self) -> dict[str, Any]:
         o = self.check
-        return {"outcome": o.outcome.value, "slot": o.slot, "reason": o.reason, "booted_good": o.booted_good,
-                "reboot_needed": o.reboot, "rebooting": self.rebooting}
+        return {
+            "outcome": o.outcome.value,
+            "slot": o.slot,
+            "reason": o.reason,
+            "booted_good": o.booted_good,
+            "reboot_needed": o.reboot,
+            "rebooting": self.rebooting,
+        }
 
     def text(self) -> str:
         line = f"boot-check: {self.check.outcome.value}: {self.check.reason}"
@@ -124,7 +134,7 @@ class App:
             stream = source_for(source, device.config.download).open()
         except OtaError as e:
             # No bundle byte arrived, but the attempt still failed: report it like any other.
-            device.record(Event("install", "failed", str(e), txn=ctx.job_id))
+            device.record(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id))
             raise
 
         def progress(phase: Phase, done: int, total: int) -> None:
@@ -132,7 +142,11 @@ class App:
 
         with stream:
             return install(
-                device, stream, progress=progress, allow_downgrade=allow_downgrade, reinstall=reinstall,
+                device,
+                stream,
+                progress=progress,
+                allow_downgrade=allow_downgrade,
+                reinstall=reinstall,
                 txn=ctx.job_id,
             )
 
@@ -147,7 +161,7 @@ class App:
         return BootCheckResult(outcome, rebooting)
 
     def reboot(self, ctx: JobContext) -> RebootOutcome:
-        self.device.record(Event("reboot", "ok", "reboot requested"))
+        self.device.record(Event(event=EventType.REBOOT, result=Result.OK, reason="reboot requested"))
         self.rebooter()
         return RebootOutcome("rebooting")
 
@@ -195,11 +209,24 @@ class App:
         # boot-check assesses (and commits without a record, keeping the floor).
         bl.set_primary(target, device.config.tries)
         trial = Trial(
-            slot=target, txn=ctx.job_id, bundle_version=record.version or "unknown",
-            security_version=record.security_version or 0, sha256=record.sha256, installed=True,
+            slot=target,
+            txn=ctx.job_id,
+            bundle_version=record.version or "unknown",
+            security_version=record.security_version or 0,
+            sha256=record.sha256,
+            installed=True,
             images=record.images,
         )
         reason = f"rollback to slot {target} (version {record.version}); it is tried on the next boot"
-        device.record(Event("rollback", "requested", reason, ctx.job_id, record.version, target),
-                      replace(state, trial=trial))
+        device.record(
+            Event(
+                event=EventType.ROLLBACK,
+                result=Result.REQUESTED,
+                reason=reason,
+                txn=ctx.job_id,
+                bundle_version=record.version,
+                slot=target,
+            ),
+            replace(state, trial=trial),
+        )
         return RollbackOutcome(target, record.version, reason, rebooting=reboot)

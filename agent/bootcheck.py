@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import LockBusyError
-from agent.events import Event
+from agent.events import Event, EventType, Result
 from agent.health import HealthResult, run_checks
 from agent.state import AgentState, SlotRecord, Trial
 from hw.bootloader import model
@@ -175,7 +175,17 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         if trial and trial.slot == booted:
             state = replace(state, trial=replace(trial, failure=result.reason))
         reason = f"{result.reason}; rebooting into the previous slot"
-        device.record(Event("commit", "failed", reason, txn, version, booted), state)
+        device.record(
+            Event(
+                event=EventType.COMMIT,
+                result=Result.FAILED,
+                reason=reason,
+                txn=txn,
+                bundle_version=version,
+                slot=booted,
+            ),
+            state,
+        )
         crashpoint("after-trial-failure-saved")
         bl.mark_bad(booted)
         crashpoint("after-mark-bad-trial")
@@ -191,7 +201,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             if failed.state is not SlotBootState.BAD:
                 bl.mark_bad(trial.slot)
             reason = f"{trial.cancelled}; slot {trial.slot} stays unbootable, {booted} runs on"
-            event = Event("install", "cancelled", reason, trial.txn, trial.bundle_version, trial.slot)
+            event = Event(
+                event=EventType.INSTALL,
+                result=Result.CANCELLED,
+                reason=reason,
+                txn=trial.txn,
+                bundle_version=trial.bundle_version,
+                slot=trial.slot,
+            )
             device.record(event, replace(state, trial=None))
             return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if pending_trial(state, boot_state, booted) is not None:
@@ -208,7 +225,17 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
                 f"install of version {trial.bundle_version} into slot {trial.slot} was interrupted "
                 f"(power cut or crash); slot {trial.slot} stays unbootable, {booted} runs on"
             )
-            device.record(Event("install", "failed", reason, trial.txn, trial.bundle_version, trial.slot), state)
+            device.record(
+                Event(
+                    event=EventType.INSTALL,
+                    result=Result.FAILED,
+                    reason=reason,
+                    txn=trial.txn,
+                    bundle_version=trial.bundle_version,
+                    slot=trial.slot,
+                ),
+                state,
+            )
             return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if trial.failure:
             reason = f"slot {trial.slot} failed its health checks: {trial.failure}"
@@ -230,7 +257,14 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         else:
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
         reason = f"{reason}; running {booted} again"
-        event = Event("rollback", "rolled-back", reason, trial.txn, trial.bundle_version, trial.slot)
+        event = Event(
+            event=EventType.ROLLBACK,
+            result=Result.ROLLED_BACK,
+            reason=reason,
+            txn=trial.txn,
+            bundle_version=trial.bundle_version,
+            slot=trial.slot,
+        )
         # Recorded before the slot is marked bad: the reason above is read from the
         # bootloader state and the watchdog, which marking bad (or the next boot) changes.
         device.record(event, replace(state, trial=None))
@@ -280,7 +314,14 @@ def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
             state = state.with_slot(booted, record)
     reason = f"{why}; committed (security version now {floor})"
     version = trial.bundle_version if trial else None
-    event = Event("commit", "ok", reason, trial.txn if trial else None, version, booted)
+    event = Event(
+        event=EventType.COMMIT,
+        result=Result.OK,
+        reason=reason,
+        txn=trial.txn if trial else None,
+        bundle_version=version,
+        slot=booted,
+    )
     device.record(event, replace(state, committed_security_version=floor, trial=None))
     return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
 
@@ -291,4 +332,3 @@ def _health(device: Device, override: HealthOverride | None) -> HealthResult:
     if override is HealthOverride.FAIL:
         return HealthResult(False, "health checks forced to fail")
     return run_checks(device.config.health)
-

@@ -10,6 +10,7 @@ characters, a line break, a control character, or a fake log line.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -46,8 +47,41 @@ def clean_or_none(value: object, limit: int) -> str | None:
     return None if value is None else clean(value, limit)
 
 
-@dataclass(frozen=True, slots=True)
+class EventType(enum.StrEnum):
+    """What happened: the `event` field of the wire schema."""
+
+    INSTALL = "install"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    MARK_GOOD = "mark-good"
+    MARK_BAD = "mark-bad"
+    REBOOT = "reboot"
+    STATE = "state"  # the state file was set aside or the floor lost
+    OUTBOX = "outbox"  # the outbox was repaired
+    PROGRESS = "progress"
+
+
+class Result(enum.StrEnum):
+    """How it ended: the `result` field of the wire schema."""
+
+    STARTED = "started"
+    OK = "ok"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALREADY_INSTALLED = "already-installed"
+    REQUESTED = "requested"
+    ROLLED_BACK = "rolled-back"
+    REPAIRED = "repaired"
+    SET_ASIDE = "set-aside"
+    FLOOR_LOST = "floor-lost"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
+    """Built with keywords only (`Event(event=EventType.INSTALL, result=Result.OK, ...)`);
+    `event` and `result` take the enums' values (a stored file may carry values a
+    newer agent wrote: they are kept as text)."""
+
     event: str
     result: str
     reason: str = ""

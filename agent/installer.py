@@ -36,7 +36,7 @@ from agent.bootcheck import pending_trial
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import InstallError, LockBusyError
-from agent.events import Event, iso
+from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
 from bundler.format.errors import HashMismatchError, OtaError
@@ -92,7 +92,7 @@ def install(
             )
     except LockBusyError as e:
         # Another install owns state.json: report through the append-only outbox only.
-        device.events.emit(Event("install", "failed", str(e), txn))
+        device.events.emit(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=txn))
         raise
 
 
@@ -136,9 +136,27 @@ def _install(
         if holder is not None:
             slot, reason = holder
             already = InstallResult.ALREADY_INSTALLED
-            device.record(Event("install", already.value, reason, txn, version, slot))
+            device.record(
+                Event(
+                    event=EventType.INSTALL,
+                    result=Result.ALREADY_INSTALLED,
+                    reason=reason,
+                    txn=txn,
+                    bundle_version=version,
+                    slot=slot,
+                )
+            )
             return InstallOutcome(txn, m.bundle_version, slot, m.security_version, already, reason)
-        device.events.emit(Event("install", "started", "bundle verified", txn, version, target))
+        device.events.emit(
+            Event(
+                event=EventType.INSTALL,
+                result=Result.STARTED,
+                reason="bundle verified",
+                txn=txn,
+                bundle_version=version,
+                slot=target,
+            )
+        )
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
@@ -152,10 +170,30 @@ def _install(
         state = device.store.load()
         if state.trial is not None and state.trial.txn == txn:
             state = replace(state, trial=None)  # reported here, not as an interrupted install
-        device.record(Event("install", "failed", str(e), txn, version, target), state)
+        device.record(
+            Event(
+                event=EventType.INSTALL,
+                result=Result.FAILED,
+                reason=str(e),
+                txn=txn,
+                bundle_version=version,
+                slot=target,
+            ),
+            state,
+        )
         raise
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
-    device.record(Event("install", InstallResult.INSTALLED.value, reason, txn, m.bundle_version, target), state)
+    device.record(
+        Event(
+            event=EventType.INSTALL,
+            result=Result.OK,
+            reason=reason,
+            txn=txn,
+            bundle_version=m.bundle_version,
+            slot=target,
+        ),
+        state,
+    )
     return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason)
 
 
@@ -210,7 +248,16 @@ def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
         why = f"replaced by the install of version {trial.bundle_version} before slot {pending.slot} was tried"
         device.store.save(replace(state, trial=replace(pending, cancelled=why)))
         crashpoint("after-cancel-pending")
-        device.events.emit(Event("install", "cancelled", why, pending.txn, pending.bundle_version, pending.slot))
+        device.events.emit(
+            Event(
+                event=EventType.INSTALL,
+                result=Result.CANCELLED,
+                reason=why,
+                txn=pending.txn,
+                bundle_version=pending.bundle_version,
+                slot=pending.slot,
+            )
+        )
     if pending.slot != trial.slot:
         device.bootloader.mark_bad(pending.slot)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from agent.bootcheck import commit
 from agent.daemon import Device
 from agent.errors import LockBusyError, MarkError
-from agent.events import Event
+from agent.events import Event, EventType, Result
 from agent.state import AgentState
 from hw.bootloader.model import SlotBootState
 
@@ -106,7 +106,7 @@ def _mark_good(device: Device, slot: str, *, force: bool) -> MarkOutcome:
             if trial is not None and trial.slot == slot and not trial.installed:
                 state = replace(state, trial=None)  # else the next boot-check would mark it bad again
     bl.mark_good(slot)
-    device.record(Event("mark-good", "ok", reason, slot=slot), state)
+    device.record(Event(event=EventType.MARK_GOOD, result=Result.OK, reason=reason, slot=slot), state)
     return MarkOutcome(slot, Verdict.GOOD, reason, False, state.committed_security_version)
 
 
@@ -127,5 +127,8 @@ def _mark_bad(device: Device, slot: str) -> MarkOutcome:
             state = replace(state, trial=None)
             reason = f"{reason}; the pending update to version {version} is cancelled"
     bl.mark_bad(slot)
-    device.record(Event("mark-bad", "ok", reason, txn, version, slot), state)
+    device.record(
+        Event(event=EventType.MARK_BAD, result=Result.OK, reason=reason, txn=txn, bundle_version=version, slot=slot),
+        state,
+    )
     return MarkOutcome(slot, Verdict.BAD, reason, False, state.committed_security_version)

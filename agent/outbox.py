@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.events import LIMITS, Clock, Event, iso, utcnow
+from agent.events import LIMITS, Clock, Event, EventType, Result, iso, utcnow
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from hw.fsutil import atomic_write, fsync_dir
 
@@ -342,7 +342,11 @@ class Outbox:
         view = _View(None, Parsed(lines=kept.lines), acked)
         reason = f"outbox repaired: {problem}; {len(kept.lines)} record(s) kept{where}"
         log.warning("%s", reason)
-        notice = Record(view.next_seq, uuid.uuid4().hex, Event("outbox", "repaired", reason, time=iso(self.clock())))
+        notice = Record(
+            view.next_seq,
+            uuid.uuid4().hex,
+            Event(event=EventType.OUTBOX, result=Result.REPAIRED, reason=reason, time=iso(self.clock())),
+        )
         self._rewrite(view, [line.record for line in view.unacked()] + [replace(notice, dropped=lost)])
         assert self._view is not None
         return self._view

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError, InstallError, LockBusyError
-from agent.events import NAME_LIMIT, REASON_LIMIT, Event, clean_or_none, iso, utcnow
+from agent.events import NAME_LIMIT, REASON_LIMIT, Event, EventType, Result, clean_or_none, iso, utcnow
 from agent.outbox import EventLog
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from bundler.format.manifest import HEX64, NAME
@@ -358,8 +358,8 @@ class StateStore:
         notices: list[tuple[int, Event]] = []
         floor = found.state.committed_security_version
 
-        def notice(level: int, result: str, reason: str) -> None:
-            notices.append((level, Event("state", result, reason, time=iso(now))))
+        def notice(level: int, result: Result, reason: str) -> None:
+            notices.append((level, Event(event=EventType.STATE, result=result, reason=reason, time=iso(now))))
 
         for path, problem, what in (
             (self.floor_path, found.floor_problem, "security floor file set aside"),
@@ -371,11 +371,11 @@ class StateStore:
             with contextlib.suppress(FileNotFoundError):
                 moved = f"; moved to {set_aside(path, now).name}"
             kept = f"; security floor {floor} kept (from {found.floor_from})" if found.floor_known else ""
-            notice(logging.WARNING, "set-aside", f"{what}: {problem}{moved}{kept}")
+            notice(logging.WARNING, Result.SET_ASIDE, f"{what}: {problem}{moved}{kept}")
         if not found.floor_known:
             notice(
                 logging.ERROR,
-                "floor-lost",
+                Result.FLOOR_LOST,
                 f"anti-rollback protection reset: neither state.json nor {FLOOR_FILE} could be read, so the "
                 f"committed security version is now {floor} and older bundles are accepted until the next "
                 "commit; check what this device runs",

@@ -14,7 +14,9 @@ HOSTILE = ("reason\n" * 150_000) + "\x1b[31mred\x1b[0m\nota-agent: install: ok\n
 
 
 def test_every_field_is_cut_to_its_limit_and_kept_on_one_line() -> None:
-    event = Event(HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE)
+    event = Event(
+        event=HOSTILE, result=HOSTILE, reason=HOSTILE, txn=HOSTILE, bundle_version=HOSTILE, slot=HOSTILE, time=HOSTILE
+    )
     for name, limit in LIMITS.items():
         value = getattr(event, name)
         assert len(value) <= limit, name
@@ -25,7 +27,9 @@ def test_every_field_is_cut_to_its_limit_and_kept_on_one_line() -> None:
 
 
 def test_an_escape_sequence_and_a_fake_log_line_are_escaped() -> None:
-    event = Event("install", "failed", "\x1b[2K\rota-agent: install: ok\n", slot="B\nota-agent: commit: ok")
+    event = Event(
+        event="install", result="failed", reason="\x1b[2K\rota-agent: install: ok\n", slot="B\nota-agent: commit: ok"
+    )
     assert event.reason == "\\x1b[2K\\rota-agent: install: ok\\n"
     assert event.slot == "B\\nota-agent: commit: ok"
 
@@ -40,7 +44,17 @@ def test_an_event_read_back_from_a_file_is_cleaned_and_checked() -> None:
 
 
 def test_an_outbox_record_of_a_hostile_event_is_one_bounded_line(tmp_path: Path) -> None:
-    Outbox(tmp_path).append(Event(HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE))
+    Outbox(tmp_path).append(
+        Event(
+            event=HOSTILE,
+            result=HOSTILE,
+            reason=HOSTILE,
+            txn=HOSTILE,
+            bundle_version=HOSTILE,
+            slot=HOSTILE,
+            time=HOSTILE,
+        )
+    )
     data = (tmp_path / FILE).read_bytes()
     assert data.count(b"\n") == 1
     assert len(data) <= MAX_RECORD_BYTES

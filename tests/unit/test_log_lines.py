@@ -69,7 +69,9 @@ def test_an_event_line_is_bounded_even_with_a_megabyte_reason(
     level = events_logger.level
     events_logger.setLevel(logging.INFO)
     try:
-        EventLog(tmp_path).emit(Event("install", "failed", FAKE + "z" * (1 << 20), bundle_version="1\n2"))
+        EventLog(tmp_path).emit(
+            Event(event="install", result="failed", reason=FAKE + "z" * (1 << 20), bundle_version="1\n2")
+        )
     finally:
         events_logger.removeHandler(handler)
         events_logger.setLevel(level)

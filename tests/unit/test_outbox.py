@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def result(n: int) -> Event:
-    return Event("install", "ok", f"report {n}", txn=str(n))
+    return Event(event="install", result="ok", reason=f"report {n}", txn=str(n))
 
 
 def progress(n: int) -> Event:
-    return Event("progress", "running", f"progress {n}", txn=str(n))
+    return Event(event="progress", result="running", reason=f"progress {n}", txn=str(n))
 
 
 def txns(records: list[Record]) -> list[str | None]:
@@ -41,7 +41,9 @@ def corrupt_files(d: Path) -> list[Path]:
 
 
 def test_each_record_is_one_line_with_a_crc_of_its_json(tmp_path: Path) -> None:
-    record = Outbox(tmp_path).append(Event("install", "ok", "fine\nota-agent: install: ok", txn="t"))
+    record = Outbox(tmp_path).append(
+        Event(event="install", result="ok", reason="fine\nota-agent: install: ok", txn="t")
+    )
     line = (tmp_path / FILE).read_bytes()
     assert line.count(b"\n") == 1
     crc, _, body = line.rstrip(b"\n").partition(b" ")
@@ -52,7 +54,7 @@ def test_each_record_is_one_line_with_a_crc_of_its_json(tmp_path: Path) -> None:
 
 
 def test_a_torn_append_at_any_byte_never_costs_the_next_report_or_the_earlier_ones(tmp_path: Path) -> None:
-    torn_line = encode(Record(3, "a" * 32, Event("install", "ok", "torn report", txn="torn")))
+    torn_line = encode(Record(3, "a" * 32, Event(event="install", result="ok", reason="torn report", txn="torn")))
     for cut in range(len(torn_line)):
         d = tmp_path / str(cut)
         box = Outbox(d)
@@ -142,7 +144,7 @@ def test_acknowledged_records_are_compacted_away(tmp_path: Path) -> None:
     box = Outbox(tmp_path, max_bytes=64 * 1024)
     last = None
     for n in range(200):
-        last = box.append(Event("install", "ok", "x" * 200, txn=str(n)))
+        last = box.append(Event(event="install", result="ok", reason="x" * 200, txn=str(n)))
     assert last is not None
     big = (tmp_path / FILE).stat().st_size
     box.ack(last.seq)
@@ -155,7 +157,7 @@ def test_every_power_cut_during_ack_leaves_the_unacknowledged_records_pending(tm
     after a cut the disk holds old or new of each file; every mix must be safe."""
     src = tmp_path / "src"
     box = Outbox(src, max_bytes=32 * 1024)
-    sent = [box.append(Event("install", "ok", "y" * 250, txn=str(n))) for n in range(1, 61)]
+    sent = [box.append(Event(event="install", result="ok", reason="y" * 250, txn=str(n))) for n in range(1, 61)]
     old_log = (src / FILE).read_bytes()
     box.ack(40)  # enough acknowledged bytes to compact
     new_log, new_acked = (src / FILE).read_bytes(), (src / ACKED_FILE).read_bytes()
@@ -175,7 +177,7 @@ def test_appends_from_two_processes_are_all_kept_in_order(tmp_path: Path) -> Non
     code = (
         "import sys; from pathlib import Path; from agent.outbox import Outbox; from agent.events import Event\n"
         "box = Outbox(Path(sys.argv[1]))\n"
-        "for n in range(40): box.append(Event('install', 'ok', txn=f'{sys.argv[2]}-{n}'))\n"
+        "for n in range(40): box.append(Event(event='install', result='ok', txn=f'{sys.argv[2]}-{n}'))\n"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name], cwd=ROOT) for name in ("left", "right")
@@ -207,7 +209,7 @@ def test_creating_the_outbox_makes_its_directory_entry_durable(tmp_path: Path, m
 def test_outbox_stays_within_its_bounds(tmp_path: Path) -> None:
     box = Outbox(tmp_path, max_bytes=4 * MAX_RECORD_BYTES, max_records=10)
     for n in range(300):
-        box.append(Event("install", "ok", "z" * (n % 300), txn=str(n)))
+        box.append(Event(event="install", result="ok", reason="z" * (n % 300), txn=str(n)))
         assert (tmp_path / FILE).stat().st_size <= 4 * MAX_RECORD_BYTES
         assert len(box.pending()) <= 10
 

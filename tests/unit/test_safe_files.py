@@ -168,7 +168,7 @@ def test_a_linked_outbox_is_set_aside_never_written_through(tmp_path: Path, vict
     log = EventLog(tmp_path)
     log.outbox.path.symlink_to(victim)
     before = victim.read_bytes()
-    log.emit(Event("install", "started"))
+    log.emit(Event(event="install", result="started"))
     assert victim.read_bytes() == before
     assert not log.outbox.path.is_symlink()
     assert [r.event.result for r in log.outbox.pending()][-1] == "started"

@@ -65,7 +65,7 @@ def test_slot_and_trial_records_are_cleaned_when_built() -> None:
 
 
 def test_the_last_result_is_cleaned_too() -> None:
-    state = AgentState(last_result=Event("install", "failed", HOSTILE, txn=HOSTILE))
+    state = AgentState(last_result=Event(event="install", result="failed", reason=HOSTILE, txn=HOSTILE))
     assert state.last_result is not None
     assert_one_clean_line(state.last_result.reason, 300)
     assert_one_clean_line(state.last_result.txn, 128)
@@ -107,7 +107,7 @@ def test_any_text_saved_in_the_state_reads_back_unchanged_and_small(
         sv,
         {text or "A": SlotRecord(text, text, sv, text)},
         Trial(text, text, text, sv, text, False, text),
-        Event(text, text, text, text, text, text, text),
+        Event(event=text, result=text, reason=text, txn=text, bundle_version=text, slot=text, time=text),
     )
     store(d).save(state)
     assert (d / "state.json").stat().st_size <= STATE_BOUND
