@@ -34,7 +34,7 @@ from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
 from agent.sources import source_for
 from agent.state import Trial
-from agent.status import status
+from agent.status import DeviceStatus, status
 from bundler.format.errors import OtaError
 from hw.bootloader.model import SlotBootState
 from hw.power import reboot as run_reboot_command
@@ -112,11 +112,9 @@ class App:
 
     # --- read-only -------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        doc = status(self.device)
+    def status(self) -> DeviceStatus:
         running = self.queue.running()
-        doc["job"] = running.to_json() if running else None
-        return doc
+        return replace(status(self.device), job=running.to_json() if running else None)
 
     def job(self, job_id: str) -> JobView | None:
         return self.queue.get(job_id)

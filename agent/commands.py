@@ -22,7 +22,7 @@ from agent.actions import App, BootCheckResult, RebootOutcome, RollbackOutcome
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
-from agent.status import render as render_status
+from agent.status import DeviceStatus
 from bundler.format.errors import OtaError
 from bundler.format.text import clean
 
@@ -149,7 +149,7 @@ COMMANDS: dict[str, Command] = {
     for c in (
         Command(
             "status", "show slots, boot state, the last result and the running job", (), False, True,
-            lambda app, a, ctx: app.status(), lambda doc: doc, render_status,
+            lambda app, a, ctx: app.status(), DeviceStatus.to_json, DeviceStatus.render,
         ),
         Command(
             "install", "install a bundle into the inactive slot",

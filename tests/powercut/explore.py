@@ -222,7 +222,7 @@ class Explorer:
         device = build_device(sim.config_path(self.dir))
         booted = boots[-1].slot
         try:
-            doc = status(device)
+            doc = status(device).to_json()
             events = [asdict(r.event) for r in device.events.outbox.pending()]
         except Exception as e:
             return [f"status failed after boot on {booted}: {type(e).__name__}: {e}"]
@@ -304,7 +304,7 @@ class Explorer:
             self._on_disk.clear()  # it wrote a slot
         problems = self.power_on_and_check([], None, frozenset({self.fresh.version}), ())
         if not problems:
-            floor = status(build_device(sim.config_path(self.dir)))["committed_security_version"]
+            floor = status(build_device(sim.config_path(self.dir))).committed_security_version
             if floor != self.fresh.security_version:
                 problems.append(f"the floor is {floor}, not {self.fresh.security_version}")
         return [f"after the next install: {p}" for p in problems]
