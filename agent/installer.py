@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -114,7 +114,7 @@ def _install(device: Device, stream: Readable, *, progress: ProgressFn | None, a
 def _write(
     device: Device,
     reader: BundleReader,
-    ops: list[Op],
+    ops: Sequence[Op],
     plan: InstallPlan,
     booted: str,
     *,
@@ -160,6 +160,7 @@ def _write(
                 pending = (index, op, extent)
             if pending is not None:
                 write(*pending)
+            pending = extent = payload = None  # hold no payload or extent during the read-back
         for w in writers.values():
             w.sync()
         crashpoint("before-read-back")
