@@ -29,7 +29,7 @@ MAX_IMAGES = 16
 MAX_IMAGE_SIZE = 1 << 50
 MAX_SECURITY_VERSION = (1 << 63) - 1
 MAX_NUMBER_DIGITS = 20  # every integer field is below 2**64 (20 digits); longer literals are refused unread
-MAX_TIME_LENGTH = 64  # the longest ISO 8601 form fromisoformat takes is 32 characters
+MAX_TIME_LENGTH = 64  # writers use 20 characters (YYYY-MM-DDTHH:MM:SSZ); longer strings are refused unparsed
 
 
 @dataclass(frozen=True, slots=True)
