@@ -10,7 +10,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench clean apt-test apt-demo bootscripts
+.PHONY: demo test venv lint typecheck bench clean apt-test apt-demo bootscripts fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ demo: apt-demo $(VENV)/.installed-run
 
 bench: venv
 	$(BIN)/python bench/install_vs_dd.py
+
+# Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	$(BIN)/python -m tests.fuzz.run --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -265,7 +265,7 @@ def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
 def _write(
     device: Device,
     reader: BundleReader,
-    ops: list[Op],
+    ops: Sequence[Op],
     plan: InstallPlan,
     booted: str,
     *,
@@ -317,6 +317,7 @@ def _write(
                 pending = (index, op, extent)
             if pending is not None:
                 write(*pending)
+            pending = extent = payload = None  # hold no payload or extent during the read-back
         for w in writers.values():
             w.sync()
         crashpoint("before-read-back")

@@ -17,9 +17,9 @@ FORMAT_VERSION = 1
 HEADER_SIZE = 64
 OP_RECORD_SIZE = 128
 
-MAX_MANIFEST = 1 << 20  # 1 MiB of canonical JSON
+MAX_MANIFEST = 64 << 10  # 64 KiB: a canonical manifest of 16 images is under 8 KiB
 MAX_SIGNATURE_BLOCK = 2 + 16 * 100  # u16 count + at most 16 entries of 100 bytes
-MAX_OP_TABLE = 8 << 20  # 8 MiB: 65536 ops, e.g. 256 GiB of 4 MiB REPLACE ops
+MAX_OP_TABLE = 4 << 20  # 4 MiB: 32768 ops, e.g. 128 GiB of 4 MiB REPLACE ops; held during install
 MAX_OPS = MAX_OP_TABLE // OP_RECORD_SIZE
 MAX_PAYLOAD = (1 << 63) - 1
 

@@ -4,6 +4,12 @@ Owns the manifest's fields, their validation, and the canonical encoding
 (UTF-8, sorted keys, no insignificant whitespace) that the signature covers.
 `Manifest` values come out of `parse()`; nothing here decides whether a device
 should *trust* one — that is `signing.verify()`, which yields `VerifiedBundle`.
+
+`parse()` runs in time linear in its input (at most MAX_MANIFEST bytes) and
+every failure is a `FormatError`: numbers are bounded in length before Python
+converts them (int() of a long digit string is quadratic and refuses more than
+4300 digits), duplicate keys are found with a set, and times outside what
+`datetime` can hold are refused instead of overflowing.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bundler.format.errors import FormatError
-from bundler.format.header import FORMAT_VERSION, MAX_OPS, MAX_PAYLOAD
+from bundler.format.errors import BoundsError, FormatError
+from bundler.format.header import FORMAT_VERSION, MAX_MANIFEST, MAX_OPS, MAX_PAYLOAD
 
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: "$" would accept a trailing newline
 NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
@@ -23,6 +29,8 @@ NAME_RULE = "1-128 of A-Z a-z 0-9 . _ + : -"  # NAME in words, for error message
 MAX_IMAGES = 16
 MAX_IMAGE_SIZE = 1 << 50
 MAX_SECURITY_VERSION = (1 << 63) - 1
+MAX_NUMBER_DIGITS = 20  # every integer field is below 2**64 (20 digits); longer literals are refused unread
+MAX_TIME_LENGTH = 64  # writers use 20 characters (YYYY-MM-DDTHH:MM:SSZ); longer strings are refused unparsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,23 +84,45 @@ class Manifest:
 
 
 def format_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    u = t.astimezone(UTC)
+    # Not strftime("%Y"): it drops the leading zeros of years before 1000 on glibc.
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}Z"
 
 
 def parse_time(text: str, field: str) -> datetime:
+    if len(text) > MAX_TIME_LENGTH:
+        raise FormatError(f"{field}: a {len(text)}-character string is not an ISO 8601 time", region="manifest")
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        t = datetime.fromisoformat(text)
     except ValueError:
         raise FormatError(f"{field}: {text!r} is not an ISO 8601 time", region="manifest") from None
     if t.tzinfo is None:
         raise FormatError(f"{field}: {text!r} has no time zone", region="manifest")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise FormatError(f"{field}: {text!r} is outside the years 1 to 9999 in UTC", region="manifest") from None
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise FormatError(f"integer literal of {len(text)} characters is out of range", region="manifest")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise FormatError(f"number literal of {len(text)} characters is out of range", region="manifest")
+    return float(text)  # never valid in a manifest; kept so the error can name the key
 
 
 def parse(raw: bytes) -> Manifest:
     """Decode and validate manifest bytes. Call only on bytes whose signature was checked."""
+    if len(raw) > MAX_MANIFEST:
+        raise BoundsError("manifest_length", len(raw), 2, MAX_MANIFEST, region="manifest")
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_bounded_int, parse_float=_bounded_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"not valid UTF-8 JSON: {e}", region="manifest") from None
     except RecursionError:
@@ -135,11 +165,14 @@ def _image(f: _Fields) -> ImageEntry:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: refuse a key that appears twice. One pass over a set."""
     doc = dict(pairs)
     if len(doc) != len(pairs):
-        keys = [k for k, _ in pairs]
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise FormatError(f"key {dup!r} appears twice in one object", region="manifest")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise FormatError(f"key {key!r} appears twice in one object", region="manifest")
+            seen.add(key)
     return doc
 
 

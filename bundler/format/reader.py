@@ -9,20 +9,25 @@ Order of trust, matching invariant 1 of docs/architecture.md:
    then validates its structure;
 4. `iter_payload()` yields each op's payload only after its hash matched.
 Decompression and the produced-extent hash check are `ops.produce()`.
+
+Memory: a region is read in chunks of at most READ_CHUNK bytes into one buffer
+of its final size (never a list of chunks joined into a second copy), and the
+reader keeps no reference to a payload once it has been yielded, so what is
+resident is what docs/bundle-format.md section 9.1 counts.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
+from bundler.format.errors import BoundsError, FormatError, HashMismatchError, TruncatedError
 from bundler.format.header import HEADER_SIZE, Header
-from bundler.format.ops import Op, OpType, unpack_table, validate_image_ops
+from bundler.format.ops import MAX_OP_PAYLOAD, Op, OpTable, OpType, unpack_table, validate_image_ops
 from bundler.format.signing import UnverifiedBundle, VerifiedBundle
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 256 << 10
 
 
 class Readable(Protocol):
@@ -34,17 +39,24 @@ class BundleReader:
         self._stream = stream
         self.position = 0
 
-    def _read_exact(self, n: int, region: str) -> bytes:
-        parts = []
-        remaining = n
-        while remaining:
-            chunk = self._stream.read(min(remaining, READ_CHUNK))
+    def _read_into(self, n: int, region: str) -> bytearray:
+        """Exactly n bytes (n already bounded by the caller) in one buffer, filled
+        by reads of at most READ_CHUNK; a stream that ends early is truncated."""
+        buf = bytearray(n)
+        done = 0
+        while done < n:
+            chunk = self._stream.read(min(n - done, READ_CHUNK))
             if not chunk:
-                raise TruncatedError(region, n, n - remaining)
-            parts.append(chunk)
-            remaining -= len(chunk)
+                raise TruncatedError(region, n, done)
+            if len(chunk) > n - done:
+                raise FormatError(f"stream returned {len(chunk)} bytes, {n - done} were asked for", region=region)
+            buf[done : done + len(chunk)] = chunk
+            done += len(chunk)
         self.position += n
-        return b"".join(parts)
+        return buf
+
+    def _read_exact(self, n: int, region: str) -> bytes:
+        return bytes(self._read_into(n, region))  # small regions only: header, manifest, signatures
 
     def read_head(self) -> UnverifiedBundle:
         raw_header = self._read_exact(HEADER_SIZE, "header")
@@ -53,8 +65,8 @@ class BundleReader:
         signatures = self._read_exact(header.signature_length, "signatures")
         return UnverifiedBundle(header, raw_header, manifest, signatures)
 
-    def read_op_table(self, bundle: VerifiedBundle) -> list[Op]:
-        raw = self._read_exact(bundle.header.op_table_length, "op table")
+    def read_op_table(self, bundle: VerifiedBundle) -> OpTable:
+        raw = self._read_into(bundle.header.op_table_length, "op table")
         actual = hashlib.sha256(raw).hexdigest()
         if actual != bundle.manifest.op_table_sha256:
             raise HashMismatchError("op table", bundle.manifest.op_table_sha256, actual)
@@ -76,18 +88,24 @@ class BundleReader:
             )
         return ops
 
-    def iter_payload(self, ops: list[Op]) -> Iterator[tuple[int, Op, bytes | None]]:
-        """Yield (index, op, payload) in table order; payload is None for ZERO ops.
-        Each payload's SHA-256 is checked before it is yielded. After the last op
-        the stream must end."""
+    def iter_payload(self, ops: Sequence[Op]) -> Iterator[tuple[int, Op, memoryview | None]]:
+        """Yield (index, op, payload) in table order; payload is None for ZERO ops,
+        else a read-only view of exactly the bytes whose SHA-256 was checked.
+        Call only with the table `read_op_table` returned (it checked the lengths).
+        After the last op the stream must end."""
         for index, op in enumerate(ops):
             if op.type is OpType.ZERO:
                 yield index, op, None
                 continue
-            payload = self._read_exact(op.payload_length, f"payload of op {index}")
+            if not 0 < op.payload_length <= MAX_OP_PAYLOAD:  # read_op_table checked it; never allocate more
+                raise BoundsError("payload_length", op.payload_length, 1, MAX_OP_PAYLOAD, region=f"op {index}")
+            payload = self._read_into(op.payload_length, f"payload of op {index}")
             actual = hashlib.sha256(payload).digest()
             if actual != op.payload_sha256:
                 raise HashMismatchError("payload", op.payload_sha256.hex(), actual.hex(), op_index=index)
-            yield index, op, payload
+            view = memoryview(payload).toreadonly()
+            del payload
+            yield index, op, view
+            del view  # do not hold this payload while the next one is read
         if self._stream.read(1):
             raise FormatError("data after the end of the payload", region="trailer")

@@ -82,7 +82,6 @@ REJECTED = [
     (("--compatible", "acme gw"), "--compatible: 'acme gw' is not a valid compatible string"),
     (("--compatible", "x" * 1_000_000), "--compatible: 'xxxx"),
     (("--slot-class", "root fs"), "--slot-class: 'root fs' is not a valid slot class"),
-    (("--expires", "0999-12-31T00:00:00Z"), "--expires: '0999-12-31T00:00:00+00:00' is not a time a bundle can carry"),
     (("--expires", "2027-01-01T00:00:00"), "--expires: '2027-01-01T00:00:00' is not an ISO 8601 time with a zone"),
     (("--expires", "next tuesday"), "--expires: 'next tuesday' is not an ISO 8601 time"),
     (("--level", "0"), "--level: 0 is not a zstd level"),

@@ -55,7 +55,7 @@ from bundler.format.signing import (
 
 from .conftest import ANY_DIGEST, KeyPair, RecordingStream, assemble, manifest_for, new_key_pair
 
-MAX_OP_COUNT = 1 << 16  # 8 MiB op table / 128-byte records
+MAX_OP_COUNT = 1 << 15  # 4 MiB op table / 128-byte records
 GiB = 1 << 30
 
 
@@ -126,9 +126,9 @@ def test_header_rejects_each_length_one_past_its_bounds_naming_the_field(
 
 
 def test_documented_maxima_are_the_codes() -> None:
-    assert (MAX_MANIFEST, MAX_SIGNATURE_BLOCK, MAX_OP_COUNT) == (1 << 20, 1602, 65536)
+    assert (MAX_MANIFEST, MAX_SIGNATURE_BLOCK, MAX_OP_COUNT) == (64 << 10, 1602, 32768)
     assert MAX_PAYLOAD == 2**63 - 1
-    assert (MAX_OP_DST, MAX_OP_PAYLOAD, MAX_WINDOW) == (8 << 20, 9 << 20, 128 << 20)
+    assert (MAX_OP_DST, MAX_OP_PAYLOAD, MAX_WINDOW) == (4 << 20, (4 << 20) + (16 << 10), 4 << 20)
     assert (MAX_IMAGES, MAX_IMAGE_SIZE, MAX_SECURITY_VERSION, MAX_SIGNATURES) == (16, 2**50, 2**63 - 1, 16)
     assert (MAX_KEY_FILE, MAX_KEYRING_FILES) == (16 * 1024, 256)
 
@@ -275,7 +275,7 @@ MANIFEST_BOUNDS: list[tuple[str, Any, Any, list[Any]]] = [
         [1, MAX_IMAGES],
         [0, MAX_IMAGES + 1],
     ),
-    ("op_table.count", lambda d, v: d["op_table"].__setitem__("count", v), [1, 1 << 16], [0, (1 << 16) + 1]),
+    ("op_table.count", lambda d, v: d["op_table"].__setitem__("count", v), [1, 1 << 15], [0, (1 << 15) + 1]),
     ("payload.length", lambda d, v: d["payload"].__setitem__("length", v), [0, MAX_PAYLOAD], [-1, MAX_PAYLOAD + 1]),
     ("format_version", lambda d, v: d.__setitem__("format_version", v), [1], [0, 2]),
     (
@@ -435,9 +435,13 @@ def test_oversized_op_payload_is_rejected_before_any_payload_byte_is_read(signin
 
 
 def frame_with_window(window_log: int, data: bytes) -> bytes:
+    """A frame of `data` whose header names a 2**window_log window and declares
+    the content size (libzstd shrinks the window to the input, so write it here)."""
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log, write_content_size=False)
     compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
-    return compressor.compress(data) + compressor.flush()
+    frame = compressor.compress(data) + compressor.flush()
+    assert frame[4] == 0, "no content size field, no checksum, no dictionary"
+    return frame[:4] + bytes([0xC0, (window_log - 10) << 3]) + len(data).to_bytes(8, "little") + frame[6:]
 
 
 def op_for(data: bytes, frame: bytes) -> Op:
@@ -448,14 +452,14 @@ def op_for(data: bytes, frame: bytes) -> Op:
 
 def test_zstd_window_at_the_maximum_is_accepted() -> None:
     data = bytes(range(256)) * 16
-    frame = frame_with_window(27, data)
+    frame = frame_with_window(MAX_WINDOW.bit_length() - 1, data)
     assert zstandard.get_frame_parameters(frame).window_size == MAX_WINDOW
     assert produce(op_for(data, frame), frame, 0) == data
 
 
 def test_zstd_window_past_the_maximum_is_rejected() -> None:
     data = bytes(range(256)) * 16
-    frame = frame_with_window(28, data)
+    frame = frame_with_window(MAX_WINDOW.bit_length(), data)
     with pytest.raises(BoundsError) as excinfo:
         produce(op_for(data, frame), frame, 3)
     assert excinfo.value.field == "zstd window"
@@ -467,7 +471,7 @@ def forge_content_size(frame: bytes, claimed: int) -> bytes:
     with a 4-byte size field when that fits the window bound, otherwise a 1 KiB
     window and an 8-byte size field."""
     body = frame[zstandard.frame_header_size(frame) :]
-    if claimed < 1 << 32:
+    if claimed <= MAX_WINDOW:
         return frame[:4] + bytes([0xA0]) + claimed.to_bytes(4, "little") + body
     return frame[:4] + bytes([0xC0, 0x00]) + claimed.to_bytes(8, "little") + body
 
