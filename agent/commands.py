@@ -143,6 +143,7 @@ def _run_job(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> JobView:
 
 _SLOT = Param("slot", str, default="booted", help="booted (default), other, or a bootname")
 _FORCE = Param("force", bool, default=False, help="mark good although the slot's content is not known complete")
+_FORCE_BAD = Param("force", bool, default=False, help="mark the booted slot bad although no other slot can boot")
 
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -164,8 +165,8 @@ COMMANDS: dict[str, Command] = {
         ),
         Command("mark-good", "mark a slot good (of the booted slot on trial: commit it)", (_SLOT, _FORCE), True,
                 False, _run_mark(Verdict.GOOD), _mark_json, _mark_text),
-        Command("mark-bad", "mark a slot bad", (_SLOT,), True, False, _run_mark(Verdict.BAD), _mark_json,
-                _mark_text),
+        Command("mark-bad", "mark a slot bad", (_SLOT, _FORCE_BAD), True, False, _run_mark(Verdict.BAD),
+                _mark_json, _mark_text),
         Command(
             "rollback", "try the other slot (content known, not bad) on the next boot",
             (

@@ -116,6 +116,14 @@ def _install(
             )
         if booted_state.state is SlotBootState.BAD:
             raise InstallError(f"booted slot {booted} is marked bad; reboot into the good slot before installing")
+        unfinished = device.store.load().trial
+        if unfinished is not None and unfinished.slot == booted and not unfinished.failure:
+            # Committed in the bootloader, not yet in the state (a cut after mark-good):
+            # replacing this trial record would lose the commit's security floor.
+            raise InstallError(
+                f"the commit of slot {booted} (version {unfinished.bundle_version}) is not finished; "
+                "run boot-check first"
+            )
         reader = BundleReader(stream)
         bundle = verify(reader.read_head(), device.keyring())
         version = bundle.manifest.bundle_version
@@ -287,10 +295,7 @@ def _write(
     total = sum(ip.image.size for ip in plan.images)  # per phase: write, then read-back
     done = 0
     booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
-    writers = {
-        ip.image.slot_class: SlotWriter(ip.slot.path, target, booted=booted, booted_paths=booted_paths)
-        for ip in plan.images
-    }
+    writers: dict[str, SlotWriter] = {}
 
     def write(index: int, op: Op, extent: Future[bytes] | None) -> None:
         nonlocal done
@@ -307,6 +312,8 @@ def _write(
     # checked on a worker thread (zstd and hashlib release the GIL). Each extent
     # is still written only after its own checks passed; at most two are in memory.
     try:
+        for ip in plan.images:  # inside the try: a refusal of the second closes the first
+            writers[ip.image.slot_class] = SlotWriter(ip.slot.path, target, booted=booted, booted_paths=booted_paths)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
             pending: tuple[int, Op, Future[bytes] | None] | None = None
             for index, op, payload in reader.iter_payload(ops):

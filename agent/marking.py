@@ -62,7 +62,7 @@ def mark(device: Device, which: str, verdict: Verdict, *, force: bool = False) -
         with device.store.lock():
             if verdict is Verdict.GOOD:
                 return _mark_good(device, slot, force=force)
-            return _mark_bad(device, slot)
+            return _mark_bad(device, slot, force=force)
     except LockBusyError:
         lock = device.store.dir / "lock"
         raise LockBusyError(
@@ -110,9 +110,16 @@ def _mark_good(device: Device, slot: str, *, force: bool) -> MarkOutcome:
     return MarkOutcome(slot, Verdict.GOOD, reason, False, state.committed_security_version)
 
 
-def _mark_bad(device: Device, slot: str) -> MarkOutcome:
+def _mark_bad(device: Device, slot: str, *, force: bool = False) -> MarkOutcome:
     bl = device.bootloader
     booted = bl.booted_slot()
+    boot = bl.state()
+    fallback = [b for b in boot.order if b != slot and boot.slots[b].bootable]
+    if slot == booted and not fallback and not force:
+        raise MarkError(
+            f"refusing to mark the booted slot {slot} bad: no other slot can boot, so the bootloader would "
+            "fall back to a bad or unknown slot; pass --force if that is what you want"
+        )
     state = device.store.load()
     trial = state.trial
     reason = f"slot {slot} marked bad by operator"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hw.errors import WatchdogError
-from hw.fsutil import atomic_write
+from hw.fsutil import atomic_write, read_regular
 
 Clock = Callable[[], float]
 
@@ -311,7 +311,7 @@ class SimWatchdog:
 
     def record(self) -> SimWatchdogRecord:
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular(self.path, 64 * 1024)  # never a FIFO or a link
         except FileNotFoundError:
             return SimWatchdogRecord()
         except OSError as e:

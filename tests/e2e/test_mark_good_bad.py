@@ -110,3 +110,14 @@ def test_unknown_bootname_is_one_clear_error_and_changes_nothing(device: SimDevi
     after = device.snapshot()
     assert after.bootloader == before.bootloader
     assert after.small == before.small
+
+
+def test_marking_the_booted_slot_bad_with_no_other_bootable_slot_needs_force(device: SimDevice) -> None:
+    assert device.agent("mark-bad", "B").rc == 0
+    before = device.snapshot()
+    line = device.agent("mark-bad", "A").one_error_line()
+    assert "no other slot can boot" in line
+    assert "--force" in line
+    assert device.snapshot().bootloader == before.bootloader
+    assert device.agent("mark-bad", "A", "--force").rc == 0
+    assert device.status()["slots"]["A"]["boot_state"] == "bad"

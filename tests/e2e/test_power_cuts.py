@@ -227,3 +227,16 @@ def test_power_cut_while_recording_a_rollback_keeps_its_reason(
     assert expected in last["reason"]
     assert "was not booted" not in last["reason"]
     assert status["trial"] is None
+
+
+def test_an_install_after_a_cut_mid_commit_waits_for_boot_check_so_the_floor_raise_is_kept(
+    device: SimDevice, make_bundle: BundleFactory
+) -> None:
+    device.install_ok(make_bundle("2.0", security_version=2))
+    device.power_on_without_boot_check()
+    killed_at("after-mark-good", device, "boot-check", "--no-reboot")
+    refused = device.install(make_bundle("3.0", security_version=3)).one_error_line()
+    assert "commit of slot B (version 2.0) is not finished; run boot-check first" in refused
+    device.boot()
+    assert device.status()["committed_security_version"] == 2
+    device.install_ok(make_bundle("3.0", security_version=3))
