@@ -1,8 +1,10 @@
 """Fuzz the outbox reader (agent.outbox.Outbox) on an outbox file holding
-arbitrary bytes: a torn or corrupt record is skipped or the file set aside and
+arbitrary bytes (the pure parser on every input): a torn or corrupt record is skipped or the file set aside and
 reported, never raised; the outbox stays usable (an append after it works)."""
 
 from __future__ import annotations
+
+import zlib
 
 from agent.events import Event
 from agent.outbox import Outbox, parse
@@ -11,6 +13,8 @@ from tests.fuzz._harness import main, scratch_dir
 
 def one_input(data: bytes) -> None:
     parse(data)
+    if zlib.crc32(data) % 8:
+        return  # the on-disk path (set aside, repair, append) on one input in eight: it fsyncs
     box = Outbox(scratch_dir())
     box.path.write_bytes(data)
     box.pending()
