@@ -46,7 +46,7 @@ bootscripts: venv
 	else echo "mkimage not found (u-boot-tools): hw/scripts/boot.scr not built"; fi
 
 lint: venv
-	$(BIN)/ruff check agent bundler hw tests bench
+	$(BIN)/ruff check agent bundler hw ota_common tests bench
 	$(BIN)/mypy
 
 test: apt-test venv bootscripts lint

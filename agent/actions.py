@@ -35,9 +35,9 @@ from agent.marking import MarkOutcome, Verdict, mark, unknown_content
 from agent.sources import source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
-from bundler.format.errors import OtaError
 from hw.bootloader.model import SlotBootState
 from hw.power import reboot as run_reboot_command
+from ota_common.errors import OtaError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from agent.commands import COMMANDS, Command, execute
 from agent.daemon import Device, build_device
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
-from bundler.format.errors import OtaError
-from hw.tty import Progress, run_reporting_errors, version_string
+from ota_common.errors import OtaError
+from ota_common.tty import Progress, run_reporting_errors, version_string
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
 

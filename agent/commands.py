@@ -23,8 +23,8 @@ from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
 from agent.status import DeviceStatus
-from bundler.format.errors import OtaError
-from bundler.format.text import clean
+from ota_common.errors import OtaError
+from ota_common.text import clean
 
 MAX_ARG = 4096
 

@@ -19,8 +19,8 @@ from typing import Any
 from agent.errors import ConfigError
 from hw import slotid
 from hw.bootloader import BACKENDS
-from hw.fsutil import read_regular
 from hw.watchdog import WATCHDOG_BACKENDS
+from ota_common.fsutil import read_regular
 
 MAX_CONFIG = 256 * 1024
 MAX_TRIES = 15  # boot attempts for a new slot: 1..MAX_TRIES

@@ -16,8 +16,8 @@ from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
-from hw.fsutil import ensure_private_dir
 from hw.watchdog import Watchdog, open_watchdog
+from ota_common.fsutil import ensure_private_dir
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ bundler.format.errors and hw.errors; all share the root `OtaError`).
 
 from __future__ import annotations
 
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 
 
 class ConfigError(OtaError):

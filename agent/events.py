@@ -3,7 +3,7 @@ result and the status outbox (`agent.outbox`, which also holds `EventLog`).
 
 Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
 `reason`, `time`). An `Event` is bounded by construction: every field is run
-through `bundler.format.text.clean` when the record is built (whoever builds
+through `ota_common.text.clean` when the record is built (whoever builds
 it, from code or from a file), so no event can carry more than `MAX_EVENT_CHARS`
 characters, a line break, a control character, or a fake log line.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from bundler.format.text import clean
+from ota_common.text import clean
 
 Clock = Callable[[], datetime]
 

@@ -33,7 +33,7 @@ from typing import Any
 from agent.errors import SourceError
 from agent.httpwire import Body, Headers, HttpLimits, Wire, read_head
 from agent.pace import Pace
-from bundler.format.text import clean
+from ota_common.text import clean
 
 USER_AGENT = "edge-ota-agent/0.1"
 REDIRECTS = frozenset({301, 302, 303, 307, 308})

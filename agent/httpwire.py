@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.errors import SourceError
 from agent.pace import Pace
-from bundler.format.text import clean
+from ota_common.text import clean
 
 RECV_SIZE = 256 * 1024
 _STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: (.*))?")

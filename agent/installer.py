@@ -39,12 +39,13 @@ from agent.errors import InstallError, LockBusyError
 from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
-from bundler.format.errors import HashMismatchError, OtaError
+from bundler.format.errors import HashMismatchError
 from bundler.format.ops import Op, produce
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.model import SlotBootState
 from hw.slot import SlotWriter, read_back_sha256, slot_size
+from ota_common.errors import OtaError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.errors import BusyError, CanceledError
-from bundler.format.errors import OtaError
-from bundler.format.text import clean
+from ota_common.errors import OtaError
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ record one bounded line.
 
 Events are cleaned when they are built, but a log call can still carry foreign
 text in a `%`-argument (a server's header, a file name, an exception). The
-formatter cleans the whole formatted line with `bundler.format.text.clean`, so
+formatter cleans the whole formatted line with `ota_common.text.clean`, so
 no record, whatever its arguments, can break a line, move the cursor or plant
 a line that looks like another log record. A traceback (only logged with -v)
 stays on the same line with its line breaks escaped.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from bundler.format.text import ERROR_LIMIT, clean
+from ota_common.text import ERROR_LIMIT, clean
 
 LINE_LIMIT = ERROR_LIMIT  # room for an event line: kind, version, slot and a 300-character reason
 TRACEBACK_LIMIT = 8000

@@ -64,7 +64,7 @@ from typing import Any
 
 from agent.events import LIMITS, Clock, Event, EventType, Result, iso, utcnow
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
-from hw.fsutil import atomic_write, fsync_dir
+from ota_common.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 

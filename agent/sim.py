@@ -23,9 +23,9 @@ from agent.errors import InstallError
 from agent.state import AgentState, SlotRecord, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import model, open_env
-from hw.fsutil import atomic_write
 from hw.slot import file_sha256
 from hw.watchdog import SimWatchdog
+from ota_common.fsutil import atomic_write
 
 BOOTNAMES = ("A", "B")
 MAX_BOOTS = 20

@@ -26,7 +26,7 @@ from agent.config import DownloadConfig
 from agent.errors import SourceError
 from agent.httpclient import HttpClient
 from agent.pace import Pace, PaceLimits
-from bundler.format.text import clean
+from ota_common.text import clean
 
 DEFAULT_CAP = DownloadConfig().max_bytes
 STDIN_FD = 0

@@ -6,7 +6,7 @@ the pending trial (which slot, which bundle, and why it failed if it did), and
 the last result. Does not own boot counting, which lives in the bootloader.
 
 Bounded by construction: every string in a record is cleaned (one line,
-`bundler.format.text.clean`) to its field limit when the record is built,
+`ota_common.text.clean`) to its field limit when the record is built,
 from code or from the file; integers are range-checked; at most `MAX_SLOTS`
 slot records. So the encoded state can never exceed `STATE_BOUND` bytes
 (about 37 KiB: every field at its limit in 4-byte characters; held by a test),
@@ -47,8 +47,8 @@ from agent.events import NAME_LIMIT, REASON_LIMIT, Event, EventType, Result, cle
 from agent.outbox import EventLog
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from bundler.format.manifest import HEX64, NAME
-from bundler.format.text import clean
-from hw.fsutil import atomic_write, open_regular
+from ota_common.fsutil import atomic_write, open_regular
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

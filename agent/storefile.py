@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from hw.fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular
+from ota_common.fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular
 
 NotRegularError = UnsafeFileError  # the path names a symlink, FIFO, device or directory
 

@@ -34,7 +34,6 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import OtaError
 from bundler.format.header import MAX_OPS, Header
 from bundler.format.manifest import (
     MAX_IMAGE_SIZE,
@@ -48,8 +47,9 @@ from bundler.format.manifest import (
 from bundler.format.ops import Op, OpType
 from bundler.format.reader import BundleReader
 from bundler.format.signing import MAX_SIGNATURES, Keyring, key_id, load_private_key, verify
-from bundler.format.text import clean
 from bundler.format.writer import op_table_digest, write_bundle_file
+from ota_common.errors import OtaError
+from ota_common.text import clean
 
 SEGMENT = 1 << 20
 CHUNK = 4 << 20

@@ -16,14 +16,15 @@ from typing import Any, NoReturn
 
 from bundler.build import BuildResult, BundleSpec, ImageSource, OptionError, build_full
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import FormatError, HashMismatchError, OtaError, TruncatedError
+from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
 from bundler.format.header import Header
 from bundler.format.manifest import Manifest, format_time, parse_time
 from bundler.format.ops import Op, OpType, produce, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, Signature, generate_key, unpack_signatures, verify
-from bundler.format.text import clean
-from hw.tty import Progress, run_reporting_errors, version_string
+from ota_common.errors import OtaError
+from ota_common.text import clean
+from ota_common.tty import Progress, run_reporting_errors, version_string
 
 PROG = "ota-bundle"
 _ZEROS = bytes(1 << 20)

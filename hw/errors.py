@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 
 
 class HwError(OtaError):

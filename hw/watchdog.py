@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hw.errors import WatchdogError
-from hw.fsutil import atomic_write, read_regular
+from ota_common.fsutil import atomic_write, read_regular
 
 Clock = Callable[[], float]
 

@@ -30,7 +30,7 @@ from agent.mqtt.journal import Clock, JobRecord, Journal
 from agent.mqtt.link import Link
 from agent.mqtt.reporter import Outbox, R, Reporter, Route
 from agent.mqtt.topics import Topics
-from bundler.format.text import clean
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

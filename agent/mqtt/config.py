@@ -21,7 +21,7 @@ from agent.mqtt.errors import TopicError
 from agent.mqtt.journal import DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY
 from agent.mqtt.reporter import DEFAULT_WINDOW
 from agent.mqtt.topics import DEFAULT_PREFIX, check_name, check_prefix
-from bundler.format.text import clean
+from ota_common.text import clean
 
 MAX_GROUPS = 32
 MAX_SESSION_EXPIRY = 0xFFFFFFFF  # MQTT 5: "never expires"

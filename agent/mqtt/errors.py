@@ -15,7 +15,7 @@ is one bounded line already).
 
 from __future__ import annotations
 
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 
 
 class JobError(OtaError):

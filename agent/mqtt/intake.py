@@ -42,7 +42,7 @@ from agent.mqtt.errors import JobError, JournalError, TopicError, TransitionErro
 from agent.mqtt.journal import Clock, JobRecord, Journal
 from agent.mqtt.schema import Job, JobStatus, encode, format_time, job_report, new_report_id, parse_job
 from agent.mqtt.topics import JobTopic, Topics
-from bundler.format.text import clean
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ records; a torn tail (a power cut mid-append: short frame or bad CRC) is cut
 off at the first bad frame, so the journal always holds a prefix of what was
 written. Memory and disk are bounded: the journal remembers the last
 `capacity` jobs (dropping finished ones first) and is compacted (rewritten
-atomically with `hw.fsutil.atomic_write`) when it holds more than about three
+atomically with `ota_common.fsutil.atomic_write`) when it holds more than about three
 records per remembered job.
 
 Forgetting a job raises the *watermark* to that job's `created` time: a job
@@ -41,8 +41,8 @@ from typing import Any
 from agent.mqtt.errors import JobError, JournalError, TopicError, TransitionError
 from agent.mqtt.schema import Job, JobStatus, JobType, encode, format_time, job_document, parse_job, parse_time
 from agent.mqtt.topics import check_name
-from bundler.format.text import clean
-from hw.fsutil import atomic_write, fsync_dir
+from ota_common.fsutil import atomic_write, fsync_dir
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

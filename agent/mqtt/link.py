@@ -50,8 +50,8 @@ from agent.mqtt.config import MqttConfig, MqttProtocol
 from agent.mqtt.reporter import LinkListener
 from agent.mqtt.schema import MAX_CHUNK, MAX_JOB_BYTES, encode, presence_report
 from agent.mqtt.topics import Topics
-from bundler.format.errors import OtaError
-from bundler.format.text import clean
+from ota_common.errors import OtaError
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

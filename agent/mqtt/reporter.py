@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from bundler.format.text import clean
+from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from agent.mqtt.errors import JobError, TopicError
 from agent.mqtt.topics import check_name
-from bundler.format.text import clean
+from ota_common.text import clean
 
 SCHEMA_VERSION = 1
 MAX_JOB_BYTES = 16 * 1024

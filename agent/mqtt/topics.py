@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 from agent.mqtt.errors import TopicError
-from bundler.format.text import clean
+from ota_common.text import clean
 
 LAYOUT = "v1"
 DEFAULT_PREFIX = "edge-ota"

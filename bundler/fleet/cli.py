@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bundler.fleet.serve import BundleServer
-from bundler.format.errors import OtaError
-from hw.tty import run_reporting_errors, version_string
+from ota_common.errors import OtaError
+from ota_common.tty import run_reporting_errors, version_string
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""Error tree of edge-ota, rooted here because the bundle format is the one piece
-every other package (bundler, agent, hw) builds on.
+"""Errors of the bundle format, under edge-ota's one error root `OtaError`
+(ota_common/errors.py, which every package shares).
 
     OtaError                      root of every error edge-ota raises on purpose
     +-- FormatError               bytes that are not a well-formed bundle
@@ -18,18 +18,7 @@ precise line and tests can assert on fields instead of on prose.
 
 from __future__ import annotations
 
-from bundler.format.text import ERROR_LIMIT, clean
-
-
-class OtaError(Exception):
-    """Root of all deliberate edge-ota errors. The message is made one bounded line
-    here (`text.clean`), so no subclass can carry a foreign value's newlines,
-    control characters or megabytes into a log, a terminal or the state."""
-
-    def __init__(self, *args: object) -> None:
-        if args and isinstance(args[0], str):
-            args = (clean(args[0], ERROR_LIMIT), *args[1:])
-        super().__init__(*args)
+from ota_common.errors import OtaError
 
 
 class FormatError(OtaError):

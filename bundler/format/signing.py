@@ -27,9 +27,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import FormatError, OtaError, SignatureError
+from bundler.format.errors import FormatError, SignatureError
 from bundler.format.header import Header
 from bundler.format.manifest import Manifest
+from ota_common.errors import OtaError
 
 DOMAIN = b"edge-ota bundle signature v1\x00"
 ALG_ED25519 = 1

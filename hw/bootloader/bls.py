@@ -51,7 +51,7 @@ from pathlib import Path
 
 from hw.bootloader.model import BootDecision, BootState, SlotBoot, SlotBootState
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write, fsync_dir, read_regular
+from ota_common.fsutil import atomic_write, fsync_dir, read_regular
 
 PREFIX = "ota-"
 SUFFIX = ".conf"

@@ -14,7 +14,7 @@ from pathlib import Path
 from hw.bootloader import model
 from hw.bootloader.model import BootEnv, BootState
 from hw.errors import BootEnvError
-from hw.fsutil import read_regular
+from ota_common.fsutil import read_regular
 
 CMDLINE_KEYS = ("ota.slot", "rauc.slot")
 MAX_CMDLINE = 64 * 1024

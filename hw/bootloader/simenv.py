@@ -11,7 +11,7 @@ from typing import Any
 
 from hw.bootloader.model import BootState, SlotBoot, SlotBootState
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write, read_regular
+from ota_common.fsutil import atomic_write, read_regular
 
 MAX_SIZE = 64 * 1024
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hw.errors import BootEnvError
-from hw.fsutil import atomic_write, kind_of, open_regular, read_regular
+from ota_common.fsutil import atomic_write, kind_of, open_regular, read_regular
 
 BACKEND = "uboot"
 MAX_ENV_SIZE = 8 * 1024 * 1024

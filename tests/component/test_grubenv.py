@@ -189,7 +189,7 @@ def test_corrupt_env_is_a_boot_env_error(tmp_path: Path, damage: object, message
 _CHILD = r"""
 import os, signal, sys
 from pathlib import Path
-import hw.fsutil
+import ota_common.fsutil
 from hw.bootloader.grub import GrubEnv
 from hw.bootloader.model import BootState, set_primary
 
@@ -198,7 +198,7 @@ env = GrubEnv(path, ("A", "B"))
 if mode == "cut-before-rename":
     def cut(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
-    hw.fsutil.os.replace = cut
+    ota_common.fsutil.os.replace = cut
     env.store(set_primary(env.load(), "B", 3))
 else:
     print("ready", flush=True)

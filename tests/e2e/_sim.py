@@ -24,7 +24,7 @@ from agent import sim
 from agent.cli import main as agent_main
 from hw.bootloader import model
 from hw.bootloader.simenv import SimEnv
-from hw.fsutil import atomic_write
+from ota_common.fsutil import atomic_write
 
 MiB = 1 << 20
 COMPATIBLE = "e2e-board-v1"

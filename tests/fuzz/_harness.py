@@ -27,8 +27,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler.format.errors import OtaError
 from bundler.format.signing import Keyring, key_id
+from ota_common.errors import OtaError
 
 # Deterministic so that the seed generator and the harnesses agree; trusts nothing real.
 TEST_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"edge-ota fuzz test key").digest())

@@ -3,8 +3,8 @@ keys, number literals, names, digests, times, the image entries)."""
 
 from __future__ import annotations
 
-from bundler.format.errors import OtaError
 from bundler.format.manifest import parse
+from ota_common.errors import OtaError
 from tests.fuzz._harness import main
 
 

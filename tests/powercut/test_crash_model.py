@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hw.fsutil import atomic_write, fsync_dir
 from hw.slot import IO_CHUNK, SlotWriter
+from ota_common.fsutil import atomic_write, fsync_dir
 from tests.powercut.conftest import Releases
 from tests.powercut.explore import untraced_changes
 from tests.powercut.replay import Baseline, Trace
@@ -140,7 +140,7 @@ def test_a_write_that_escapes_the_tracer_is_reported(root: Path, tmp_path: Path)
     assert untraced_changes(trace, root) == ["old.txt: content differs from the traced writes"]
 
 
-@pytest.mark.parametrize("missing", ["hw.fsutil:fsync_dir", "hw.slot:SlotWriter.sync"])
+@pytest.mark.parametrize("missing", ["ota_common.fsutil:fsync_dir", "hw.slot:SlotWriter.sync"])
 def test_the_explorer_finds_the_defect_when_an_fsync_is_missing(
     tmp_path: Path, releases: Releases, missing: str
 ) -> None:

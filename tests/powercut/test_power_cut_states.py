@@ -18,7 +18,7 @@ from agent.daemon import build_device
 from agent.installer import install
 from agent.sources import source_for
 from hw.bootloader import model
-from hw.fsutil import atomic_write
+from ota_common.fsutil import atomic_write
 from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
 from tests.powercut.explore import RESULTS, Explorer, Scenario
 

@@ -4,7 +4,7 @@
 marked in the same log. Exits with the agent's status.
 
 `--without MODULE:NAME` (repeatable) replaces a function with one that does
-nothing, e.g. ``hw.fsutil:fsync_dir``: the harness's own tests use it to prove
+nothing, e.g. ``ota_common.fsutil:fsync_dir``: the harness's own tests use it to prove
 that a missing fsync is found."""
 
 from __future__ import annotations

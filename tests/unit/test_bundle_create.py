@@ -21,9 +21,9 @@ import pytest
 
 from bundler.build import BundleSpec, build_full
 from bundler.cli import main
-from bundler.format.errors import OtaError
 from bundler.format.ops import Op, OpType
 from bundler.format.writer import write_bundle_file
+from ota_common.errors import OtaError
 from tests.unit.conftest import KeyPair, manifest_for
 
 MiB = 1 << 20

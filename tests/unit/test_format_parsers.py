@@ -23,12 +23,13 @@ import pytest
 import zstandard
 
 from bundler.format import manifest as manifest_mod
-from bundler.format.errors import BoundsError, FormatError, OtaError
+from bundler.format.errors import BoundsError, FormatError
 from bundler.format.header import MAX_MANIFEST, MAX_OPS, OP_RECORD_SIZE
 from bundler.format.manifest import format_time, parse, parse_time
 from bundler.format.ops import Op, OpTable, OpType, pack_table, produce, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import KeyFileError, load_private_key, load_public_key, unpack_signatures, verify
+from ota_common.errors import OtaError
 
 from .conftest import KeyPair, assemble, manifest_for
 

@@ -16,7 +16,7 @@ from agent.config import load
 from agent.events import Event
 from agent.outbox import EventLog
 from agent.state import StateStore
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 from tests.fuzz.seeds import CONFIG
 
 DEEP = 100_000  # nesting far past Python's recursion limit

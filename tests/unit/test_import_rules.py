@@ -1,10 +1,12 @@
 """The layering rules, held by walking every import statement (ast, no imports
 executed):
 
-- bundler/format/ imports only the standard library, zstandard, cryptography
-  and bundler.format itself (it is the one definition both sides share);
+- ota_common/ (the leaf: error root, text, file primitives, terminal output)
+  imports only the standard library and itself;
+- bundler/format/ imports only the standard library, zstandard, cryptography,
+  ota_common and bundler.format itself (it is the one definition both sides share);
 - agent/ imports nothing from bundler/ except bundler.format;
-- hw/ imports nothing from agent/.
+- hw/ imports nothing from agent/ or bundler/ (so hw and bundler form no cycle).
 
 Relative imports are resolved against the importing module's package, and
 `importlib.import_module("literal")` calls count as imports.
@@ -80,8 +82,12 @@ def within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def common_may_import(name: str) -> bool:
+    return within(name, "ota_common") or top(name) in sys.stdlib_module_names
+
+
 def format_may_import(name: str) -> bool:
-    if within(name, "bundler.format"):
+    if within(name, "bundler.format") or within(name, "ota_common"):
         return True
     if within(name, "bundler"):
         return False
@@ -93,7 +99,7 @@ def agent_may_import(name: str) -> bool:
 
 
 def hw_may_import(name: str) -> bool:
-    return not within(name, "agent")
+    return not within(name, "agent") and not within(name, "bundler")
 
 
 def test_bundle_format_imports_only_stdlib_zstandard_cryptography_and_itself() -> None:
@@ -105,9 +111,14 @@ def test_agent_imports_nothing_from_bundler_but_the_format() -> None:
     assert violations("agent", agent_may_import) == []
 
 
-def test_hw_imports_nothing_from_agent() -> None:
+def test_hw_imports_nothing_from_agent_or_bundler() -> None:
     assert python_files("hw"), "the walker sees the package"
     assert violations("hw", hw_may_import) == []
+
+
+def test_the_common_leaf_imports_only_the_standard_library_and_itself() -> None:
+    assert python_files("ota_common"), "the walker sees the package"
+    assert violations("ota_common", common_may_import) == []
 
 
 def test_walker_sees_real_imports() -> None:
@@ -127,7 +138,10 @@ def test_walker_sees_real_imports() -> None:
         ("import paho.mqtt.client", "bundler.format.x", format_may_import, "paho.mqtt.client"),
         ("from bundler import build", "bundler.format.x", format_may_import, "bundler.build"),
         ("from .. import cli", "bundler.format.x", format_may_import, "bundler.cli"),
-        ("from hw.tty import Progress", "bundler.format.x", format_may_import, "hw.tty"),
+        ("from hw.slot import SlotWriter", "bundler.format.x", format_may_import, "hw.slot"),
+        ("from bundler.format.errors import FormatError", "hw.x", hw_may_import, "bundler.format.errors"),
+        ("import zstandard", "ota_common.x", common_may_import, "zstandard"),
+        ("from agent.events import Event", "ota_common.x", common_may_import, "agent.events"),
         ("from bundler.build import build_full", "agent.x", agent_may_import, "bundler.build"),
         ("from bundler import cli", "agent.x", agent_may_import, "bundler.cli"),
         ("import importlib\nimportlib.import_module('bundler.build')", "agent.x", agent_may_import, "bundler.build"),

@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import BusyError
 from agent.jobs import JobContext, JobQueue, JobState, JobView
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 
 
 def test_a_second_job_while_one_runs_is_busy_and_names_the_running_job() -> None:

@@ -26,7 +26,7 @@ from agent.mqtt.schema import (
     parse_report,
     presence_report,
 )
-from bundler.format.errors import OtaError
+from ota_common.errors import OtaError
 
 T0 = "2026-05-01T12:00:00Z"
 

@@ -1,4 +1,4 @@
-"""The agent's own files are opened safely (hw.fsutil and every reader that
+"""The agent's own files are opened safely (ota_common.fsutil and every reader that
 uses it): no write through a link planted at a temp name or at the file itself,
 no open of a FIFO, device or directory where a regular file belongs (refused
 before it can block: a SIGALRM guard turns a regression into a failure, not a
@@ -21,13 +21,13 @@ from agent.events import Event
 from agent.outbox import EventLog
 from agent.state import AgentState, StateStore
 from bundler.format.signing import KeyFileError, Keyring, generate_key
-from hw import fsutil
 from hw.bootloader.bls import BlsEnv
 from hw.bootloader.grubenv import GrubEnvError, read_block
 from hw.bootloader.simenv import SimEnv
 from hw.bootloader.uboot_env import UBootEnvStore
 from hw.errors import BootEnvError
-from hw.fsutil import UnsafeFileError, atomic_write, open_regular, read_regular
+from ota_common import fsutil
+from ota_common.fsutil import UnsafeFileError, atomic_write, open_regular, read_regular
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,9 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bundler.format.errors import FormatError, OtaError
-from bundler.format.text import ERROR_LIMIT, clean
+from bundler.format.errors import FormatError
+from ota_common.errors import OtaError
+from ota_common.text import ERROR_LIMIT, clean
 
 
 def test_newlines_and_terminal_escapes_are_escaped_so_no_fake_log_line_can_be_planted() -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from bundler.format.text import ERROR_LIMIT, clean
+from ota_common.text import ERROR_LIMIT, clean
 
 
 class Progress:
