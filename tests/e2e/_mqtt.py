@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent import sim
 from agent.crashpoint import ENV as CRASHPOINT_ENV
 from agent.mqtt.topics import Topics
-from tests.e2e._sim import COMPATIBLE, SLOT_SIZE
+from tests.e2e._sim import COMPATIBLE, SLOT_SIZE, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "edge-ota/v1"
@@ -230,6 +230,19 @@ def outbox_lines(directory: Path) -> list[dict[str, Any]]:
         _, _, body = line.partition(b" ")
         with contextlib.suppress(ValueError):
             out.append(json.loads(body))
+    return out
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    """SHA-256 of the slots, the bootloader state and every file of the state directory,
+    leaving out atomic writes' temporary files (`.NAME.TOKEN.tmp`, there only mid-write)."""
+    paths = [directory / "slot-A.img", directory / "slot-B.img", directory / "bootloader.json"]
+    paths += sorted(p for p in (directory / "state").rglob("*") if not p.name.endswith(".tmp"))
+    out = {}
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_file():
+                out[p.relative_to(directory).as_posix()] = sha256_file(p)
     return out
 
 

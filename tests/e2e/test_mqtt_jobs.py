@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.e2e._mqtt import (
     Gate,
     Watcher,
     bundle_server,
+    fingerprint,
     job_doc,
     job_statuses,
     make_mqtt_device,
@@ -29,11 +31,11 @@ from tests.e2e._mqtt import (
     wait_final,
     wait_online,
 )
-from tests.e2e._sim import snapshot
 from tests.e2e.conftest import BundleFactory, Images, KeyPair
 from tests.fixtures.mosquitto import Mosquitto
 
 DEVICE = "gw-j"
+SLOTS_AND_BOOT = ("slot-A.img", "slot-B.img", "bootloader.json")
 TOPICS = Topics.for_device(DEVICE)
 
 
@@ -80,17 +82,23 @@ def test_a_replayed_job_is_answered_from_the_journal_and_not_run_again(
         doc = job_doc("replay-1", url=url("v2.otab"))
         rig.watcher.publish(TOPICS.job("replay-1"), doc)
         assert wait_final(rig.watcher, TOPICS, "replay-1")["status"] == "succeeded"
-        before = snapshot(rig.directory)
+        before = fingerprint(rig.directory)
         seen = len(answers(rig, "replay-1"))
         rig.watcher.publish(TOPICS.job("replay-1"), doc)
         until(lambda: len(answers(rig, "replay-1")) > seen, "the replay's answer")
         replay = answers(rig, "replay-1")[-1]
-    assert (replay["status"], replay["duplicate"]) == ("succeeded", True)
-    assert gate.requests == 1, "the bundle was downloaded again"
-    assert install_events(rig, "replay-1") == [("install", "started"), ("install", "ok")]
-    after = snapshot(rig.directory)
-    assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
-                                                                    before.bootloader)
+        assert (replay["status"], replay["duplicate"]) == ("succeeded", True)
+        assert gate.requests == 1, "the bundle was downloaded again"
+        assert install_events(rig, "replay-1") == [("install", "started"), ("install", "ok")]
+        after = fingerprint(rig.directory)
+        assert {k: after[k] for k in SLOTS_AND_BOOT} == {k: before[k] for k in SLOTS_AND_BOOT}
+        # A new job for the same bundle runs, finds it booted and committed, and writes nothing.
+        rig.watcher.publish(TOPICS.job("replay-2"), job_doc("replay-2", url=url("v2.otab")))
+        again = wait_final(rig.watcher, TOPICS, "replay-2")
+    assert again["status"] == "succeeded"
+    assert "already installed: the booted slot B holds these images" in str(again["reason"])
+    assert job_statuses(rig.watcher, TOPICS, "replay-2")[-2:] == ["installed", "succeeded"]
+    assert fingerprint(rig.directory)["bootloader.json"] == before["bootloader.json"]  # no reboot, no new trial
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
@@ -104,13 +112,13 @@ def test_a_replayed_job_is_answered_from_the_journal_and_not_run_again(
 def test_a_malformed_oversized_or_schema_violating_job_is_rejected_and_changes_nothing(
     rig: Rig, payload: bytes, reason: str
 ) -> None:
-    before = snapshot(rig.directory)
+    before = fingerprint(rig.directory)
     rig.watcher.publish(TOPICS.job("bad-1"), payload)
     until(lambda: answers(rig, "bad-1"), "the answer")
     (answer,) = answers(rig, "bad-1")
     assert answer["status"] == "rejected"
     assert reason in str(answer["reason"])
-    assert snapshot(rig.directory) == before  # slots, bootloader, state, outbox, journal
+    assert fingerprint(rig.directory) == before  # slots, bootloader, state, outbox, journal
     assert not (rig.directory / "state" / "mqtt-jobs.journal").exists()
     assert rig.daemon.running
 
@@ -143,7 +151,7 @@ def test_a_bundle_the_device_refuses_is_answered_rejected_with_the_installers_re
 ) -> None:
     (rig.www / "untrusted.otab").write_bytes(make_bundle("2.0", key=other_key).read_bytes())
     (rig.www / "other-board.otab").write_bytes(make_bundle("2.0", compatible="another-board").read_bytes())
-    before = snapshot(rig.directory)
+    before = fingerprint(rig.directory)
     with bundle_server(rig.www) as url:
         rig.watcher.publish(TOPICS.job("refuse-1"), job_doc("refuse-1", url=url("untrusted.otab")))
         first = wait_final(rig.watcher, TOPICS, "refuse-1")
@@ -154,6 +162,31 @@ def test_a_bundle_the_device_refuses_is_answered_rejected_with_the_installers_re
     assert second["status"] == "rejected"
     assert "bundle is for compatible 'another-board'" in str(second["reason"])
     assert job_statuses(rig.watcher, TOPICS, "refuse-1")[-1] == "rejected"
-    after = snapshot(rig.directory)
-    assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
-                                                                    before.bootloader)
+    after = fingerprint(rig.directory)
+    assert {k: after[k] for k in SLOTS_AND_BOOT} == {k: before[k] for k in SLOTS_AND_BOOT}
+
+
+def test_a_cancel_job_stops_the_running_install_at_a_safe_point(rig: Rig, make_bundle: BundleFactory) -> None:
+    bundle = make_bundle("2.0", security_version=2)
+    (rig.www / "v2.otab").write_bytes(bundle.read_bytes())
+    gate = Gate(after=bundle.stat().st_size // 2)
+    with bundle_server(rig.www, gate) as url:
+        rig.watcher.publish(TOPICS.job("long-2"), job_doc("long-2", url=url("v2.otab")))
+        assert gate.reached.wait(30)
+        rig.watcher.publish(TOPICS.job("stop-it"), job_doc("stop-it", "cancel", target="long-2"))
+        cancel = wait_final(rig.watcher, TOPICS, "stop-it")
+        gate.open()
+        canceled = wait_final(rig.watcher, TOPICS, "long-2")
+    assert cancel["status"] == "succeeded"
+    assert "cancel of job long-2 requested" in str(cancel["reason"])
+    assert canceled["status"] == "canceled"
+    assert "installed" not in job_statuses(rig.watcher, TOPICS, "long-2")
+
+    def idle() -> dict[str, Any] | None:
+        state: dict[str, Any] = rig.watcher.docs(TOPICS.status)[-1]["state"]
+        return state if state["job"] is None else None
+
+    until(idle, "the retained status without a running job")
+    state = idle()
+    assert state is not None
+    assert (state["booted"], state["primary"], state["slots"]["B"]["bootable"]) == ("A", "A", False)
