@@ -53,5 +53,5 @@ def front_ends(app: App) -> list[FrontEnd]:
     fronts: list[FrontEnd] = []
     mqtt = app.device.config.mqtt
     if mqtt is not None:
-        fronts.append(MqttFrontEnd(mqtt))
+        fronts.append(MqttFrontEnd(mqtt, reboot_in_process=sim_directory(app.device) is not None))
     return fronts

@@ -94,9 +94,12 @@ class _Active:
 class MqttFrontEnd:
     name = "mqtt"
 
-    def __init__(self, config: MqttConfig, *, status_interval: float = 5.0, settle_interval: float = 2.0,
-                 progress_interval: float = 1.0) -> None:
+    def __init__(self, config: MqttConfig, *, reboot_in_process: bool = False, status_interval: float = 5.0,
+                 settle_interval: float = 2.0, progress_interval: float = 1.0) -> None:
+        """`reboot_in_process`: the rebooter returns after the reboot (the simulator's power cycle);
+        otherwise a reboot ends this process and the job is settled when the agent starts again."""
         self.config = config
+        self.reboot_in_process = reboot_in_process
         self.status_interval = status_interval
         self.settle_interval = settle_interval
         self.progress_interval = progress_interval
@@ -259,7 +262,7 @@ class MqttFrontEnd:
         if not self._move(job.id, JobStatus.IN_PROGRESS, report=False):
             return
         self._publish_status(force=True)
-        doc = self._need_app().status()
+        doc = execute(self._need_app(), "status", {}, origin=ORIGIN).result or {}
         booted = doc.get("booted")
         slot = doc["slots"].get(booted) if booted else None
         version = slot.get("version") if isinstance(slot, dict) else None
@@ -355,6 +358,10 @@ class MqttFrontEnd:
             return
         text = getattr(view.result, "reason", None) or f"{active.phase} done"
         if job.type is JobType.REBOOT:
+            if not self.reboot_in_process:  # the system is going down: done when the agent is back
+                self._emit(job.id, JobStatus.IN_PROGRESS, "reboot requested; it succeeds when the agent is back")
+                self._release(job.id)
+                return
             text = f"rebooted; booted slot {self._booted()}"
         self._finish(job.id, JobStatus.SUCCEEDED, text)
 
