@@ -101,6 +101,9 @@ def _sim_init(args: argparse.Namespace) -> int:
         bootloader=args.bootloader,
         version=args.version,
         slot_size=args.slot_size,
+        mqtt=args.mqtt,
+        device_id=args.device_id,
+        groups=tuple(args.group),
     )
     path = sim.init(spec)
     print(f"simulated device ready: {path} (slots A and B hold {args.image}, A booted)")
@@ -146,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootloader", default="sim", choices=sorted(sim.ENV_PATHS), help="bootloader state format")
     p.add_argument("--version", default="factory", help="version recorded for the initial image")
     p.add_argument("--slot-size", type=int, default=0, help="slot file size in bytes (default 2x image, >= 64 MiB)")
+    p.add_argument("--mqtt", metavar="URL", help="broker for `run` (mqtt://host:port or mqtts://...): writes [mqtt]")
+    p.add_argument("--device-id", help="the device's MQTT id (with --mqtt)")
+    p.add_argument("--group", action="append", default=[], help="an MQTT group to join (repeatable)")
     p.set_defaults(func=_sim_init)
     p = simsub.add_parser("boot", help="power on the simulated device until it settles")
     p.add_argument("dir")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.mqtt.config import MqttConfig, load_mqtt
 from hw import slotid
 from hw.bootloader import BACKENDS
 from hw.watchdog import WATCHDOG_BACKENDS
@@ -77,6 +78,7 @@ class Config:
     health: HealthConfig
     watchdog: WatchdogConfig
     download: DownloadConfig = DownloadConfig()
+    mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -215,7 +217,7 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _load(path: Path) -> Config:
     doc = _parse(path)
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download"})
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -259,6 +261,7 @@ def _load(path: Path) -> Config:
         ),
         watchdog=WatchdogConfig(wd_backend, wd.path("path", "/dev/watchdog"), wd.integer("timeout", 30, 1, 3600)),
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
+        mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
     )
 
 

@@ -20,6 +20,7 @@ from agent.bootcheck import BootCheckOutcome, HealthOverride, Outcome, boot_chec
 from agent.config import MAX_TRIES
 from agent.daemon import build_device
 from agent.errors import InstallError
+from agent.mqtt.config import load_mqtt
 from agent.state import AgentState, SlotRecord, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import model, open_env
@@ -43,6 +44,9 @@ class SimSpec:
     bootloader: str = "sim"
     version: str = "factory"
     slot_size: int = 0  # 0: twice the image, at least 64 MiB
+    mqtt: str | None = None  # broker URL: write an [mqtt] table (with device_id) for `ota-agent run`
+    device_id: str | None = None
+    groups: tuple[str, ...] = ()
 
 
 def config_path(directory: Path) -> Path:
@@ -58,6 +62,7 @@ def init(spec: SimSpec) -> Path:
     if spec.bootloader not in ENV_PATHS:
         raise InstallError(f"unknown bootloader {spec.bootloader!r}; choose one of {', '.join(ENV_PATHS)}")
     Keyring.load(spec.keyring)  # refuse a broken keyring now, not at first install
+    mqtt = _mqtt_table(spec)  # and a broker setting the agent would refuse
     d.mkdir(parents=True, exist_ok=True)
     keys = d / "keys"
     keys.mkdir(exist_ok=True)
@@ -80,10 +85,32 @@ def init(spec: SimSpec) -> Path:
     env = open_env(spec.bootloader, env_path, BOOTNAMES)
     env.create()
     _set_cmdline(d / "cmdline", BOOTNAMES[0])
-    config_path(d).write_text(_config_text(spec, ENV_PATHS[spec.bootloader]))
+    config_path(d).write_text(_config_text(spec, ENV_PATHS[spec.bootloader]) + mqtt)
     records = {b: SlotRecord(spec.version, digest, 0, None) for b in BOOTNAMES}
     StateStore(d / "state").save(AgentState(slots=records))
     return config_path(d)
+
+
+def _mqtt_table(spec: SimSpec) -> str:
+    """The `[mqtt]` table for `--mqtt URL --device-id ID [--group G ...]`, checked as the agent will."""
+    if spec.mqtt is None and spec.device_id is None and not spec.groups:
+        return ""
+    if spec.mqtt is None or spec.device_id is None:
+        raise InstallError("--mqtt and --device-id go together (--group needs both)")
+    table = {"broker": spec.mqtt, "device_id": spec.device_id, "groups": list(spec.groups),
+             "reconnect_min": 1, "reconnect_max": 10, "reboot_after_install": True}
+    load_mqtt(table, config_path(spec.directory))
+    return f"""
+[mqtt]
+# Jobs and reports over a broker (docs/mqtt.md): `ota-agent -c THIS_FILE run`, then `ota-fleet`.
+broker = {json.dumps(spec.mqtt)}
+device_id = {json.dumps(spec.device_id)}
+groups = {json.dumps(list(spec.groups))}
+reconnect_min = 1
+reconnect_max = 10
+# After an install job, reboot to try the new slot (here: the simulated power cycle, in-process).
+reboot_after_install = true
+"""
 
 
 def _set_cmdline(path: Path, slot: str) -> None:

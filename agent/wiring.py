@@ -17,6 +17,7 @@ from pathlib import Path
 from agent import sim
 from agent.actions import App, Rebooter, command_rebooter
 from agent.daemon import Device, build_device
+from agent.mqtt.frontend import MqttFrontEnd
 from agent.service import FrontEnd
 
 log = logging.getLogger(__name__)
@@ -49,4 +50,8 @@ def build_app(config_path: Path) -> App:
 
 def front_ends(app: App) -> list[FrontEnd]:
     """The front ends the config enables (the local API, MQTT, ...)."""
-    return []
+    fronts: list[FrontEnd] = []
+    mqtt = app.device.config.mqtt
+    if mqtt is not None:
+        fronts.append(MqttFrontEnd(mqtt, reboot_in_process=sim_directory(app.device) is not None))
+    return fronts

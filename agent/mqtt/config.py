@@ -29,7 +29,7 @@ DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600
 KEYS = frozenset({
     "broker", "device_id", "groups", "protocol", "username", "password_file", "ca", "cert", "key",
     "keepalive", "topic_prefix", "session_expiry", "reconnect_min", "reconnect_max", "journal_jobs",
-    "report_window",
+    "report_window", "reboot_after_install",
 })
 
 
@@ -58,6 +58,7 @@ class MqttConfig:
     reconnect_max: int = 120
     journal_jobs: int = DEFAULT_CAPACITY
     report_window: int = DEFAULT_WINDOW
+    reboot_after_install: bool = True  # an install job reboots into the new slot once it is written
 
     @property
     def broker(self) -> str:
@@ -93,6 +94,7 @@ def load_mqtt(table: object, file: Path) -> MqttConfig:
         reconnect_max=t.integer("reconnect_max", max(120, reconnect_min), reconnect_min, 3600),
         journal_jobs=t.integer("journal_jobs", DEFAULT_CAPACITY, MIN_CAPACITY, MAX_CAPACITY),
         report_window=t.integer("report_window", DEFAULT_WINDOW, 1, 1000),
+        reboot_after_install=t.boolean("reboot_after_install", True),
     )
 
 
@@ -124,6 +126,12 @@ class _Checker:
             raise self.err(key, f"must be an integer, got {clean(repr(value), 60)}")
         if not low <= value <= high:
             raise self.err(key, f"= {value} is outside {low}..{high}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.doc.get(key, default)
+        if not isinstance(value, bool):
+            raise self.err(key, f"must be true or false, got {clean(repr(value), 60)}")
         return value
 
     def name(self, key: str, what: str) -> str:

@@ -91,7 +91,9 @@ class JobStatus(Enum):
 _S = JobStatus
 _NEXT: dict[JobStatus, frozenset[JobStatus]] = {
     _S.QUEUED: frozenset({_S.IN_PROGRESS, _S.REJECTED, _S.CANCELED, _S.TIMED_OUT, _S.FAILED}),
-    _S.IN_PROGRESS: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELED, _S.TIMED_OUT}),
+    # in-progress -> rejected: the device refused the job's bundle or request (signature, policy,
+    # compatibility, an unknown slot) after it started, before it changed anything.
+    _S.IN_PROGRESS: frozenset({_S.SUCCEEDED, _S.FAILED, _S.REJECTED, _S.CANCELED, _S.TIMED_OUT}),
     _S.INSTALLED: frozenset({_S.SUCCEEDED, _S.ROLLED_BACK, _S.FAILED}),
     **{s: frozenset() for s in JobStatus if s.terminal},
 }

@@ -17,7 +17,7 @@ def edit(text: str, case: str) -> str:
         case "unknown key":
             return text.replace("[device]\n", '[device]\ncolour = "blue"\n')
         case "unknown table":
-            return text + '\n[mqtt]\nbroker = "localhost"\n'
+            return text + '\n[telemetry]\nendpoint = "localhost"\n'
         case "unknown slot key":
             return text.replace('bootname = "B"\n', 'bootname = "B"\nsize = 1\n')
         case "wrong type":
@@ -39,7 +39,7 @@ def edit(text: str, case: str) -> str:
 
 CASES = [
     ("unknown key", ["device", "'colour'", "unknown key"]),
-    ("unknown table", ["unknown key 'mqtt'"]),
+    ("unknown table", ["unknown key 'telemetry'"]),
     ("unknown slot key", ["slots.1", "'size'", "unknown key"]),
     ("wrong type", ["[bootloader] tries", "must be an integer", "'3'"]),
     ("tries zero", ["[bootloader] tries", "= 0 is outside 1..15"]),

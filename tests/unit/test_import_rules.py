@@ -6,6 +6,9 @@ executed):
 - bundler/format/ imports only the standard library, zstandard, cryptography,
   ota_common and bundler.format itself (it is the one definition both sides share);
 - agent/ imports nothing from bundler/ except bundler.format;
+- bundler/ imports from agent/ only the MQTT wire schema (agent.mqtt.topics,
+  agent.mqtt.schema, agent.mqtt.errors: pure modules, the one definition the
+  operator's ota-fleet and the device share, as bundler/format/ is for bundles);
 - hw/ imports nothing from agent/ or bundler/ (so hw and bundler form no cycle).
 
 Relative imports are resolved against the importing module's package, and
@@ -98,6 +101,13 @@ def agent_may_import(name: str) -> bool:
     return not within(name, "bundler") or within(name, "bundler.format")
 
 
+WIRE_SCHEMA = ("agent.mqtt.topics", "agent.mqtt.schema", "agent.mqtt.errors")
+
+
+def bundler_may_import(name: str) -> bool:
+    return not within(name, "agent") or name == "agent.mqtt" or any(within(name, m) for m in WIRE_SCHEMA)
+
+
 def hw_may_import(name: str) -> bool:
     return not within(name, "agent") and not within(name, "bundler")
 
@@ -109,6 +119,21 @@ def test_bundle_format_imports_only_stdlib_zstandard_cryptography_and_itself() -
 
 def test_agent_imports_nothing_from_bundler_but_the_format() -> None:
     assert violations("agent", agent_may_import) == []
+
+
+def test_bundler_imports_only_the_wire_schema_from_agent() -> None:
+    assert violations("bundler", bundler_may_import) == []
+
+
+def test_the_wire_schema_modules_import_only_each_other_the_format_and_the_stdlib() -> None:
+    """What the operator's side pulls in with the schema stays pure (no IO layers, no paho)."""
+    for module in WIRE_SCHEMA:
+        path = ROOT / Path(*module.split(".")).with_suffix(".py")
+        for _, imported in imports_of(path.read_text(), module, False):
+            pure = top(imported) in sys.stdlib_module_names or within(imported, "bundler.format") or within(
+                imported, "ota_common"
+            )
+            assert pure or any(within(imported, m) for m in WIRE_SCHEMA), f"{module} imports {imported}"
 
 
 def test_hw_imports_nothing_from_agent_or_bundler() -> None:
@@ -147,6 +172,8 @@ def test_walker_sees_real_imports() -> None:
         ("import importlib\nimportlib.import_module('bundler.build')", "agent.x", agent_may_import, "bundler.build"),
         ("from agent.errors import X", "hw.x", hw_may_import, "agent.errors"),
         ("from ...agent import daemon", "hw.bootloader.x", hw_may_import, "agent.daemon"),
+        ("from agent.mqtt.link import Link", "bundler.fleet.x", bundler_may_import, "agent.mqtt.link"),
+        ("from agent.actions import App", "bundler.fleet.x", bundler_may_import, "agent.actions"),
     ],
 )
 def test_walker_catches_violations(source: str, module: str, rule: Callable[[str], bool], bad: str) -> None:
@@ -165,6 +192,7 @@ def test_walker_catches_violations(source: str, module: str, rule: Callable[[str
         ("from . import header", "bundler.format.x", format_may_import),
         ("from cryptography.hazmat.primitives import hashes", "bundler.format.x", format_may_import),
         ("from __future__ import annotations", "bundler.format.x", format_may_import),
+        ("from agent.mqtt.schema import parse_report", "bundler.fleet.x", bundler_may_import),
     ],
 )
 def test_walker_allows_the_permitted_imports(source: str, module: str, rule: Callable[[str], bool]) -> None:

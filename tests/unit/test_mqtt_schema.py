@@ -224,3 +224,10 @@ def test_the_last_will_is_told_apart_from_a_clean_offline_by_its_missing_time() 
     clean_stop = encode(presence_report("gw-1", False, datetime(2026, 5, 1, tzinfo=UTC)))
     assert will == b'{"device":"gw-1","online":false,"schema":1}'
     assert will != clean_stop
+
+
+def test_a_started_job_may_still_be_refused_but_an_installed_one_may_not() -> None:
+    """in-progress -> rejected: the device refused the bundle (signature, policy) before writing."""
+    assert S.REJECTED.can_follow(S.IN_PROGRESS, T.INSTALL)
+    assert S.REJECTED.can_follow(S.IN_PROGRESS, T.ROLLBACK)
+    assert not S.REJECTED.can_follow(S.INSTALLED, T.INSTALL)
