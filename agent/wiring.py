@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from agent import sim
+from agent import api_server, sim
 from agent.actions import App, Rebooter, command_rebooter
 from agent.daemon import Device, build_device
 from agent.service import FrontEnd
@@ -49,4 +49,6 @@ def build_app(config_path: Path) -> App:
 
 def front_ends(app: App) -> list[FrontEnd]:
     """The front ends the config enables (the local API, MQTT, ...)."""
-    return []
+    return [
+        *api_server.front_ends(app.device.config.api),
+    ]
