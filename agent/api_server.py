@@ -378,6 +378,8 @@ class ApiServer:
             else:
                 self._answered(conn, self._failure(req, command, result))
 
+        if command.name == "cancel":
+            log.info("local API: cancel requested by %s", conn.peer)
         conn.busy = True
         self._at_worker(lambda: execute(app, command.name, req.args, origin=req.origin), done)
 

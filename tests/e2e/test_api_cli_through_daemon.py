@@ -173,3 +173,26 @@ def test_cli_uses_a_daemon_whose_socket_path_is_longer_than_sun_path(
         run = device.install(make_bundle("2.0"))
         assert (run.rc, run.out) == (0, INSTALLED)
         assert "local API: install requested by uid" in daemon.log()
+
+
+def test_ctrl_c_of_a_cli_install_through_the_daemon_cancels_the_job_at_a_safe_point(
+    device: SimDevice, make_bundle: BundleFactory
+) -> None:
+    with running(device) as daemon, held_bundle(make_bundle("2.0")) as server:
+        install = cli(device, "install", server.url)
+        try:
+            job = running_job(daemon.socket)
+            install.send_signal(signal.SIGINT)
+            wait_for("the CLI's cancel request", lambda: "local API: cancel requested by uid" in daemon.log())
+            server.release()
+        finally:
+            server.release()
+            out, err = install.communicate(timeout=60)
+        status = status_over_socket(daemon.socket)
+    lines = err.decode().splitlines()
+    assert install.returncode == 1
+    assert out == b""
+    assert f"ota-agent: canceling job {job['id']} at its next safe point (Ctrl-C again to stop waiting)" in lines
+    assert lines[-1] == f"ota-agent: error: job {job['id']} canceled"
+    assert status["slots"]["B"]["boot_state"] == "bad"
+    assert (status["job"], status["primary"]) == (None, "A")
