@@ -3,7 +3,10 @@ install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
 `run` (the daemon) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
-and prints its reply. `main(argv) -> int`; one line per error (a traceback only
+and prints its reply. While `ota-agent run` serves the local API (docs/api.md) the
+command is sent to the daemon (so it joins the daemon's one job queue) and its reply
+printed the same way; with no daemon it runs in this process (`install -` and
+`boot-check` always do). `main(argv) -> int`; one line per error (a traceback only
 with -v). `--json` on every device command: one JSON object with the result on
 stdout, an error as one JSON object on stderr, and no log lines. `-c`/`-v` work
 before or after the device commands' name."""
@@ -13,14 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import service, sim, wiring
+from agent import api_client, service, sim, wiring
+from agent import config as config_mod
 from agent.bootcheck import HealthOverride
-from agent.commands import COMMANDS, Command, execute
+from agent.commands import COMMANDS, Command, Reply, execute
 from agent.daemon import Device, build_device
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
@@ -66,15 +71,20 @@ class CommandFailed(OtaError):
 
 
 def _command(args: argparse.Namespace) -> int:
-    """Every device command of the table: the CLI only parses and prints."""
+    """Every device command of the table: the CLI only parses and prints. Sent to
+    the running daemon when one serves the local API (so it joins the daemon's one
+    job queue), run in this process otherwise."""
     command = COMMANDS[args.command]
     cli_args = {p.name: getattr(args, p.name) for p in command.params if hasattr(args, p.name)}
-    app = wiring.build_app(Path(args.config))
     progress = _PhasedProgress()
-    if not args.json or sys.stderr.isatty():
-        app.queue.subscribe(progress)
+    show_progress = not args.json or sys.stderr.isatty()
     try:
-        reply = execute(app, command.name, cli_args, origin="cli")
+        reply = _through_daemon(Path(args.config), command, cli_args, progress if show_progress else None)
+        if reply is None:
+            app = wiring.build_app(Path(args.config))
+            if show_progress:
+                app.queue.subscribe(progress)
+            reply = execute(app, command.name, cli_args, origin="cli")
     finally:
         progress.finish()
     if reply.error is not None:
@@ -84,6 +94,26 @@ def _command(args: argparse.Namespace) -> int:
     else:
         print(reply.text)
     return 0 if reply.ok else 1
+
+
+STANDALONE = frozenset({"boot-check"})  # the boot's own assessment: runs before the daemon, in its own unit
+
+
+def _through_daemon(
+    config_path: Path, command: Command, cli_args: dict[str, Any], progress: _PhasedProgress | None
+) -> Reply | None:
+    """The command's reply from the daemon serving the config's API socket; None
+    when none answers (or the command runs in this process anyway)."""
+    source = cli_args.get("source")
+    if command.name in STANDALONE or source == "-":  # stdin is this process's, not the daemon's
+        return None
+    session = api_client.Session.open(config_mod.load(config_path).api)
+    if session is None:
+        return None
+    if isinstance(source, str) and "://" not in source:
+        cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
+    with session:
+        return session.call(command.name, cli_args, on_progress=progress)
 
 
 def _run(args: argparse.Namespace) -> int:

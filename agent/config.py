@@ -64,6 +64,18 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The local API socket `ota-agent run` serves and the CLI talks to (docs/api.md)."""
+
+    enabled: bool = True
+    socket: Path = Path("/run/edge-ota/agent.sock")
+    mode: int = 0o660  # who may connect: the socket file's permission bits ...
+    group: str | int | None = None  # ... and its group (a name or a gid); None: the agent's own
+    max_clients: int = 16
+    idle_timeout: float = 60.0  # seconds a connection may sit with nothing asked and nothing followed
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     compatible: str
@@ -79,6 +91,7 @@ class Config:
     watchdog: WatchdogConfig
     download: DownloadConfig = DownloadConfig()
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
+    api: ApiConfig = ApiConfig()
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -217,7 +230,7 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _load(path: Path) -> Config:
     doc = _parse(path)
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt"})
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -262,6 +275,7 @@ def _load(path: Path) -> Config:
         watchdog=WatchdogConfig(wd_backend, wd.path("path", "/dev/watchdog"), wd.integer("timeout", 30, 1, 3600)),
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
+        api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),
     )
 
 
@@ -277,6 +291,57 @@ def _download(t: _Table) -> DownloadConfig:
         deadline=t.number("deadline", d.deadline, 0.0, 30 * 86400.0),
         max_bytes=t.integer("max_bytes", d.max_bytes, 1, 1 << 50),
     )
+
+
+API_KEYS = {"enabled", "socket", "mode", "group", "max_clients", "idle_timeout"}
+MAX_SOCKET_NAME = 80  # bytes of the socket's file name; a long directory is reached through /proc/self/fd
+_MODE_TEXT = re.compile(r"(?:0o?)?([0-7]{3})")
+
+
+def _api(t: _Table) -> ApiConfig:
+    d = ApiConfig()
+    enabled = t.doc.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        raise t.err("enabled", f"must be true or false, got {_show(enabled)}")
+    socket = t.path("socket", str(d.socket))
+    if socket.name in ("", ".", "..") or len(os.fsencode(socket.name)) > MAX_SOCKET_NAME:
+        raise t.err("socket", f"must end in a file name of 1..{MAX_SOCKET_NAME} bytes, got {_show(socket.name)}")
+    return ApiConfig(
+        enabled=enabled,
+        socket=socket,
+        mode=_socket_mode(t),
+        group=_socket_group(t),
+        max_clients=t.integer("max_clients", d.max_clients, 1, 1024),
+        idle_timeout=t.number("idle_timeout", d.idle_timeout, 0.1, 86400.0),
+    )
+
+
+def _socket_mode(t: _Table) -> int:
+    """`mode = "0660"` (a string of octal digits) or `mode = 0o660` (a TOML octal integer)."""
+    v = t.doc.get("mode", ApiConfig().mode)
+    if isinstance(v, str) and (m := _MODE_TEXT.fullmatch(v)):
+        mode = int(m.group(1), 8)
+    elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777:
+        mode = v
+    else:
+        raise t.err("mode", f'must be permission bits such as "0660" or 0o660, got {_show(v)}')
+    if mode & 0o600 != 0o600:
+        raise t.err("mode", f"= {mode:#05o} must let the owner (the agent) read and write (0o600)")
+    if mode & 0o002:
+        raise t.err("mode", f"= {mode:#05o} would let every local user install, mark and reboot; "
+                            "grant access through `group` instead")
+    return mode
+
+
+def _socket_group(t: _Table) -> str | int | None:
+    v = t.doc.get("group")
+    if v is None:
+        return None
+    if isinstance(v, str) and v and len(v) <= 64 and "\0" not in v:
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 0xFFFFFFFF:
+        return v
+    raise t.err("group", f"must be a group name or a numeric gid, got {_show(v)}")
 
 
 def _check_slots(path: Path, slots: list[SlotConfig], spelled: list[str]) -> None:

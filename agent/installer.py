@@ -35,7 +35,7 @@ from agent import policy
 from agent.bootcheck import pending_trial
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
-from agent.errors import InstallError, LockBusyError
+from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
@@ -179,11 +179,12 @@ def _install(
         state = device.store.load()
         if state.trial is not None and state.trial.txn == txn:
             state = replace(state, trial=None)  # reported here, not as an interrupted install
+        canceled = isinstance(e, CanceledError)
         device.record(
             Event(
                 event=EventType.INSTALL,
-                result=Result.FAILED,
-                reason=str(e),
+                result=Result.CANCELLED if canceled else Result.FAILED,
+                reason=f"{e}; slot {target} stays unbootable" if canceled and target else str(e),
                 txn=txn,
                 bundle_version=version,
                 slot=target,

@@ -14,6 +14,7 @@ go through the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import threading
@@ -75,17 +76,32 @@ class JobView:
     error_type: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        result = self.result.to_json() if hasattr(self.result, "to_json") else self.result
         return {
             "id": self.id,
             "command": self.command,
             "origin": self.origin,
             "state": self.state.value,
             "progress": self.progress.to_json() if self.progress else None,
-            "result": result,
+            "result": jsonable(self.result),
             "error": self.error,
             "error_type": self.error_type,
         }
+
+
+def jsonable(value: Any) -> Any:
+    """A result value as JSON data: its own `to_json()`, else a dataclass's fields,
+    enums by value (the command table's renderings are the front ends' forms)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
 
 
 Listener = Callable[[JobView], None]
@@ -222,8 +238,8 @@ class JobQueue:
             entry.view = view
             self._current = None
             self._recent = [*self._recent, view][-self._history :]
+        self._notify(view)  # front ends get the final update before any waiter wakes
         entry.done.set()
-        self._notify(view)
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:

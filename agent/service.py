@@ -102,12 +102,13 @@ def run(
         notify.stopping("stopping")
         _stop_running_job(app, notify)
     finally:
-        unsubscribe()
         for front in reversed(started):
             try:
                 front.stop()
             except Exception:
                 log.exception("front end %s did not stop cleanly", front.name)
+        _stop_running_job(app, notify)  # one a front end started while the first stop ran
+        unsubscribe()
     return 0
 
 

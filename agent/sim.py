@@ -152,6 +152,11 @@ commands = []
 backend = "sim"
 path = "."
 timeout = 30
+
+[api]
+# The local API of `ota-agent run`; the CLI talks to a running daemon through it.
+socket = "agent.sock"
+mode = "0660"
 """
 
 

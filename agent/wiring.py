@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from agent import sim
+from agent import api_server, sim
 from agent.actions import App, Rebooter, command_rebooter
 from agent.daemon import Device, build_device
 from agent.mqtt.frontend import MqttFrontEnd
@@ -50,7 +50,7 @@ def build_app(config_path: Path) -> App:
 
 def front_ends(app: App) -> list[FrontEnd]:
     """The front ends the config enables (the local API, MQTT, ...)."""
-    fronts: list[FrontEnd] = []
+    fronts: list[FrontEnd] = [*api_server.front_ends(app.device.config.api)]
     mqtt = app.device.config.mqtt
     if mqtt is not None:
         fronts.append(MqttFrontEnd(mqtt, reboot_in_process=sim_directory(app.device) is not None))

@@ -27,7 +27,7 @@ def test_sim_init_with_a_broker_writes_an_mqtt_table_the_daemon_uses(
     assert (cfg.mqtt.broker, cfg.mqtt.device_id, cfg.mqtt.groups) == ("mqtt://127.0.0.1:1884", "gw-7",
                                                                       ("lab", "canary"))
     assert cfg.mqtt.reboot_after_install
-    assert [f.name for f in front_ends(build_app(d / "agent.toml"))] == ["mqtt"]
+    assert [f.name for f in front_ends(build_app(d / "agent.toml"))] == ["api", "mqtt"]
 
 
 def test_sim_init_without_a_broker_has_no_mqtt_front_end(
@@ -35,7 +35,7 @@ def test_sim_init_without_a_broker_has_no_mqtt_front_end(
 ) -> None:
     d = tmp_path / "dev"
     assert sim_init(capsys, d, images, signing_key, "--compatible", "board-1").rc == 0
-    assert front_ends(build_app(d / "agent.toml")) == []
+    assert [f.name for f in front_ends(build_app(d / "agent.toml"))] == ["api"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
