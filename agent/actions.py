@@ -32,7 +32,7 @@ from agent.events import Event, EventType, Result
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
-from agent.sources import source_for
+from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
 from hw.bootloader.model import SlotBootState
@@ -125,11 +125,15 @@ class App:
     # --- state-changing (each runs inside a job) -------------------------------
 
     def install(
-        self, ctx: JobContext, source: str, *, allow_downgrade: bool = False, reinstall: bool = False
+        self, ctx: JobContext, source: str | BundleSource, *, allow_downgrade: bool = False, reinstall: bool = False
     ) -> InstallOutcome:
+        """Install from `source`: a spec for `source_for` (path, `-`, URL), or a source
+        object a front end made (an MQTT stream), which the same path streams into the slot."""
         device = self.device
         try:
-            stream = source_for(source, device.config.download).open()
+            if isinstance(source, str):
+                source = source_for(source, device.config.download)
+            stream = source.open()
         except OtaError as e:
             # No bundle byte arrived, but the attempt still failed: report it like any other.
             device.record(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id))

@@ -19,6 +19,9 @@ the rest, in order, so no journal write or outbox append blocks the network:
     reboot, mark-good (the booted slot), rollback (with reboot)
                -> the command of the same name; a rollback succeeds when the
                   slot it went back to committed.
+    install-stream -> `install` from the job's chunk stream (agent.mqtt.stream: the
+                  bundle arrives on `.../jobs/<id>/chunks` with flow control on
+                  `.../credit`), then the same phases and outcomes as install.
     cancel     -> `cancel` of the target job; status -> the retained status is
                   published again and the job answered at once.
 
@@ -53,7 +56,7 @@ from agent.commands import execute
 from agent.errors import BusyError
 from agent.events import Event
 from agent.installer import InstallOutcome, InstallResult
-from agent.jobs import JobState, JobView
+from agent.jobs import JobContext, JobState, JobView
 from agent.mqtt import reports, settle
 from agent.mqtt.channel import MqttChannel
 from agent.mqtt.config import MqttConfig
@@ -62,6 +65,7 @@ from agent.mqtt.intake import JobAnswer
 from agent.mqtt.journal import JobRecord
 from agent.mqtt.reporter import Message
 from agent.mqtt.schema import Job, JobStatus, JobType, encode
+from agent.mqtt.stream import MqttStreamSource
 from agent.outbox import Record
 from hw.bootloader import model
 from ota_common.errors import OtaError
@@ -149,9 +153,6 @@ class MqttFrontEnd:
     # ---- JobSink (paho's network thread: decide, never wait) ----------------------------------------
 
     def submit(self, job: Job) -> JobAnswer:
-        if job.type is JobType.INSTALL_STREAM:
-            return JobAnswer.rejected("install-stream jobs are not supported by this agent yet; "
-                                      "publish the bundle over HTTP(S) and send an install job")
         if job.type in (JobType.STATUS, JobType.CANCEL):
             self._tasks.put(("start", job))
             return JobAnswer.queued()
@@ -238,6 +239,8 @@ class MqttFrontEnd:
             self._cancel_job(job)
         elif job.type is JobType.INSTALL:
             self._run_command(job, "install", {"source": job.url, "allow_downgrade": job.allow_downgrade})
+        elif job.type is JobType.INSTALL_STREAM:
+            self._run_stream(job)
         else:
             name, args = COMMANDS[job.type]
             self._run_command(job, name, args)
@@ -257,6 +260,33 @@ class MqttFrontEnd:
         self._active = _Active(job, name)
         what = f"installing from {job.url}" if job.type is JobType.INSTALL else f"{name} started"
         self._emit(job.id, JobStatus.IN_PROGRESS, what)
+
+    def _run_stream(self, job: Job) -> None:
+        """An install-stream job: `App.install` from the job's chunk stream (agent.mqtt.stream),
+        which subscribes to the job's chunk topic when the install opens it and unsubscribes
+        when it closes; from then on the same two phases as an install job."""
+        if not self._move(job.id, JobStatus.IN_PROGRESS, report=False):
+            self._release(job.id)
+            return
+        app, channel = self._need_app(), self._need_channel()
+        assert job.size is not None
+        assert job.sha256 is not None
+        source = MqttStreamSource(channel.link, channel.topics.chunks(job.id), channel.topics.credit(job.id),
+                                  size=job.size, sha256=job.sha256, chunk_size=job.chunk_size,
+                                  limits=app.device.config.download)
+        allow = job.allow_downgrade
+
+        def work(ctx: JobContext) -> InstallOutcome:
+            return app.install(ctx, source, allow_downgrade=allow)
+
+        try:
+            app.queue.submit("install", work, origin=ORIGIN, job_id=job.id)
+        except BusyError as e:
+            self._finish(job.id, JobStatus.REJECTED, f"busy: job {e.job_id} is running")
+            return
+        self._active = _Active(job, "install")
+        self._emit(job.id, JobStatus.IN_PROGRESS, f"installing from {job.size} bytes streamed over MQTT in chunks "
+                                                  f"of {job.chunk_size}")
 
     def _status_job(self, job: Job) -> None:
         if not self._move(job.id, JobStatus.IN_PROGRESS, report=False):

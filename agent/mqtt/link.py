@@ -92,6 +92,8 @@ class Link:
         self.clock = clock
         self.handler: Handler | None = None
         self.filters: list[str] = []
+        self.routes: dict[str, Handler] = {}  # exact topics with their own handler (a streamed job's chunks)
+        self._route_acks: dict[int, threading.Event] = {}
         self._listeners: list[LinkListener] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -99,6 +101,7 @@ class Link:
         self._attempt = 0
         self._random = random.Random()
         self._started = False
+        self._lock = threading.Lock()
         v5 = config.protocol is MqttProtocol.V5
         self._last_failure = ""
         self.client = _Client(
@@ -186,6 +189,23 @@ class Link:
             return None
         return info.mid
 
+    def add_route(self, topic: str, handler: Handler, timeout: float) -> bool:
+        """Subscribe to `topic` (QoS 1, again on every connect) with its own handler; True
+        once the broker granted it within `timeout` seconds."""
+        self.routes[topic] = handler
+        done = threading.Event()
+        with self._lock:
+            result, mid = self.client.subscribe(topic, 1)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._route_acks[mid] = done
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:  # not connected: the next connect subscribes
+            return self.wait_ready(timeout) and topic in self.routes
+        return done.wait(timeout)
+
+    def remove_route(self, topic: str) -> None:
+        if self.routes.pop(topic, None) is not None and self.connected:
+            self.client.unsubscribe(topic)
+
     def start(self) -> None:
         """Connect in the background and keep connecting; returns at once."""
         cfg = self.config
@@ -235,7 +255,7 @@ class Link:
         log.info("mqtt: connected to %s as %s (session %s)", self.config.broker, self.config.device_id,
                  "resumed" if flags.session_present else "new")
         self._publish_online()
-        wanted = [*self.filters, self.topics.presence]
+        wanted = [*self.filters, *self.routes, self.topics.presence]
         result, self._sub_mid = client.subscribe([(topic, 1) for topic in wanted])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("mqtt: subscribing failed: %s", paho.error_string(result))
@@ -254,6 +274,10 @@ class Link:
             log.error("mqtt: the broker refused a subscription: %s", clean(str(code), 120))
         if mid == self._sub_mid and not refused:
             self._subscribed.set()
+        with self._lock:
+            route = self._route_acks.pop(mid, None)
+        if route is not None and not refused:
+            route.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         reason = clean(self.client.last_error or "unknown reason", 200)
@@ -291,6 +315,10 @@ class Link:
                 return
             if topic == self.topics.presence:
                 self._on_presence(bytes(message.payload))
+                return
+            route = self.routes.get(topic)
+            if route is not None:
+                route(topic, bytes(message.payload))
                 return
             if self.handler is None:
                 log.warning("mqtt: no handler for a message on %s", clean(topic, 200))
