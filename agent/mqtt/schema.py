@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -409,4 +410,35 @@ def parse_report(payload: bytes) -> dict[str, Any]:
             JobStatus(doc.get("status"))
         except ValueError:
             raise JobError(f"{_show(doc.get('status'))} is not a job status", field="status") from None
+    return doc
+
+
+# ---- install-stream chunks and credit (agent.mqtt.stream, bundler.fleet.stream) ------------------
+
+CHUNK_HEADER = struct.Struct(">Q")  # a chunk message: the big-endian offset, then the chunk's bytes
+MAX_CREDIT_BYTES = 1024
+
+
+def chunk_message(offset: int, data: bytes) -> bytes:
+    """A chunk's payload (the operator's side)."""
+    return CHUNK_HEADER.pack(offset) + data
+
+
+def credit_message(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_credit(payload: bytes) -> dict[str, Any] | None:
+    """A credit document as the operator reads it; None if it is not one."""
+    if len(payload) > MAX_CREDIT_BYTES:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    credit, offset = doc.get("credit"), doc.get("next")
+    if type(credit) is not int or type(offset) is not int or credit < 0 or offset < 0:
+        return None
     return doc

@@ -29,9 +29,7 @@ Owns the reassembly and the credit; not the connection (link.py), not the job (f
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,12 +37,13 @@ from typing import Any, Protocol
 
 from agent.config import DownloadConfig
 from agent.errors import SourceError
+from agent.mqtt.schema import CHUNK_HEADER as HEADER
+from agent.mqtt.schema import credit_message
 from agent.pace import Pace
 from agent.sources import BundleSource, RawStream
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">Q")
 WINDOW_BYTES = 2 << 20  # at most this many bundle bytes granted beyond what the installer read
 WINDOW_CHUNKS = 8
 RESEND_AFTER = 5.0  # seconds without a chunk before the credit is sent again (with "resend")
@@ -63,31 +62,6 @@ class ChunkLink(Protocol):
 
 def window_chunks(chunk_size: int) -> int:
     return max(1, min(WINDOW_CHUNKS, WINDOW_BYTES // chunk_size))
-
-
-def chunk_message(offset: int, data: bytes) -> bytes:
-    """A chunk's payload (the operator's side)."""
-    return HEADER.pack(offset) + data
-
-
-def credit_message(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-
-def parse_credit(payload: bytes) -> dict[str, Any] | None:
-    """A credit document as the operator reads it; None if it is not one."""
-    if len(payload) > 1024:
-        return None
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    credit, offset = doc.get("credit"), doc.get("next")
-    if type(credit) is not int or type(offset) is not int or credit < 0 or offset < 0:
-        return None
-    return doc
 
 
 class Reassembly:

@@ -3,6 +3,7 @@
 
     ota-fleet serve DIR [--port P] [--bind ADDR]
     ota-fleet --broker URL deploy (--device ID ... | --group G) --url BUNDLE_URL [--wait] [--timeout S] [--json]
+    ota-fleet --broker URL deploy --device ID --file BUNDLE [--chunk-size N] [--wait] ...
     ota-fleet --broker URL status [--device ID ...] [--json]
 
 The broker options (`--broker`, `--ca`, `--cert`, `--key`, `--username`,
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.mqtt.schema import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK
 from bundler.fleet.broker import BrokerOptions, FleetError
 from bundler.fleet.deploy import DeploySpec, deploy
 from bundler.fleet.serve import BundleServer
@@ -54,9 +56,10 @@ def _options(args: argparse.Namespace) -> BrokerOptions:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    spec = DeploySpec(url=args.url, devices=args.device or None, group=args.group, wait=args.wait,
+    spec = DeploySpec(url=args.url or "", devices=args.device or None, group=args.group, wait=args.wait,
                       timeout=args.timeout, job_id=args.job_id, expires=args.expires, expect=args.expect,
-                      allow_downgrade=args.allow_downgrade, as_json=args.json)
+                      allow_downgrade=args.allow_downgrade, as_json=args.json, file=_path(args.file),
+                      chunk_size=args.chunk_size)
     return deploy(_options(args), spec)
 
 
@@ -90,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", action="append", help="a device id (repeatable): one job per device")
     who.add_argument("--group", help="a group name: one job for every member")
-    p.add_argument("--url", required=True, help="http(s) URL of the bundle, as the devices reach it")
+    bundle = p.add_mutually_exclusive_group(required=True)
+    bundle.add_argument("--url", help="http(s) URL of the bundle, as the devices reach it")
+    bundle.add_argument("--file", help="a bundle file streamed to one --device over the broker (install-stream)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                   help=f"--file: bytes per chunk message ({MIN_CHUNK}..{MAX_CHUNK}, default {DEFAULT_CHUNK})")
     p.add_argument("--wait", action="store_true", help="follow until every device succeeded, failed or rolled back")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds to follow (default 600 with --wait, else 60 for the first answers)")

@@ -29,6 +29,7 @@ Owns the operator's job lifecycle view; the connection is broker.py's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -37,12 +38,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TextIO
 
 from agent.mqtt.errors import JobError, TopicError
-from agent.mqtt.schema import Job, JobStatus, JobType, encode, job_document, parse_job, parse_report
+from agent.mqtt.schema import DEFAULT_CHUNK, Job, JobStatus, JobType, encode, job_document, parse_job, parse_report
 from agent.mqtt.topics import check_name
 from bundler.fleet.broker import BrokerOptions, FleetClient, FleetError, Message
+from bundler.fleet.stream import ChunkSender, digest
 from ota_common.text import clean
 
 log = logging.getLogger(__name__)
@@ -154,7 +157,7 @@ class Follower:
 
 @dataclass(frozen=True, slots=True)
 class DeploySpec:
-    url: str
+    url: str  # "" with `file`
     devices: list[str] | None  # None: a group job
     group: str | None
     wait: bool = False
@@ -164,12 +167,19 @@ class DeploySpec:
     expect: int = 0
     allow_downgrade: bool = False
     as_json: bool = False
+    file: Path | None = None  # stream this bundle over the broker (one device) instead of a URL
+    chunk_size: int = DEFAULT_CHUNK
 
 
 def build_job(spec: DeploySpec, now: datetime) -> Job:
-    job = Job(id=spec.job_id or new_job_id(now), type=JobType.INSTALL, created=now,
-              expires=now + timedelta(seconds=spec.expires) if spec.expires else None, url=spec.url,
-              allow_downgrade=spec.allow_downgrade)
+    expires = now + timedelta(seconds=spec.expires) if spec.expires else None
+    if spec.file is not None:
+        size, sha256 = digest(spec.file)
+        job = Job(id=spec.job_id or new_job_id(now), type=JobType.INSTALL_STREAM, created=now, expires=expires,
+                  size=size, sha256=sha256, chunk_size=spec.chunk_size, allow_downgrade=spec.allow_downgrade)
+    else:
+        job = Job(id=spec.job_id or new_job_id(now), type=JobType.INSTALL, created=now, expires=expires,
+                  url=spec.url, allow_downgrade=spec.allow_downgrade)
     try:  # the device will judge it the same way: refuse a bad one here, before it is sent
         parse_job(encode(job_document(job)))
     except (JobError, TopicError) as e:
@@ -184,11 +194,24 @@ def deploy(options: BrokerOptions, spec: DeploySpec, out: TextIO | None = None,
         _checked("--device", device)
     if spec.group is not None:
         _checked("--group", spec.group)
+    if spec.file is not None and (spec.devices is None or len(spec.devices) != 1):
+        raise FleetError("--file streams the bundle to one device over the broker: name exactly one --device "
+                         "(serve it over HTTP and use --url for several devices or a group)")
     job = build_job(spec, clock())
     root = options.root
     timeout = spec.timeout or (600.0 if spec.wait else 60.0)
-    with FleetClient(options) as client:
+    with FleetClient(options) as client, contextlib.ExitStack() as stack:
         client.subscribe([f"{root}/devices/+/jobs/{job.id}/status"])
+        sender: ChunkSender | None = None
+        credit_topic = ""
+        if spec.file is not None and spec.devices is not None:
+            device = spec.devices[0]
+            credit_topic = f"{root}/devices/{device}/jobs/{job.id}/credit"
+            assert job.size is not None
+            sender = ChunkSender(client, f"{root}/devices/{device}/jobs/{job.id}/chunks", spec.file, job.size,
+                                 job.chunk_size)
+            stack.callback(sender.close)
+            client.subscribe([credit_topic])
         members: set[str] = set()
         if spec.group is not None:
             client.subscribe([f"{root}/devices/+/status"])
@@ -206,7 +229,9 @@ def deploy(options: BrokerOptions, spec: DeploySpec, out: TextIO | None = None,
         else:
             client.publish(f"{root}/groups/{spec.group}/jobs/{job.id}", payload)
         target = ", ".join(spec.devices) if spec.devices is not None else f"group {spec.group}"
-        print(f"ota-fleet: job {job.id} (install {clean(spec.url, 200)}) sent to {target}", file=sys.stderr)
+        what = (f"install {clean(str(spec.file), 200)}, {job.size} bytes streamed in chunks of {job.chunk_size}"
+                if spec.file is not None else f"install {clean(spec.url, 200)}")
+        print(f"ota-fleet: job {job.id} ({what}) sent to {target}", file=sys.stderr)
         deadline = time.monotonic() + timeout
         while not follower.done(spec.wait):
             remaining = deadline - time.monotonic()
@@ -214,6 +239,9 @@ def deploy(options: BrokerOptions, spec: DeploySpec, out: TextIO | None = None,
                 break
             message = client.next(min(remaining, 0.5))
             if message is None:
+                continue
+            if sender is not None and message.topic == credit_topic:
+                sender.credit(message.payload)
                 continue
             changed = _feed(follower, message)
             if changed is not None and (not spec.as_json or _reportable(changed, spec.wait)):

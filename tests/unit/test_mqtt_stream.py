@@ -12,7 +12,8 @@ import pytest
 
 from agent.config import DownloadConfig
 from agent.errors import SourceError
-from agent.mqtt.stream import MqttStreamSource, Reassembly, chunk_message, parse_credit, window_chunks
+from agent.mqtt.schema import chunk_message, parse_credit
+from agent.mqtt.stream import MqttStreamSource, Reassembly, window_chunks
 
 CHUNK = 1024
 DATA = bytes(range(256)) * 37  # 9472 bytes: 9 full chunks and one of 256
