@@ -23,6 +23,8 @@
   the broker drops an oversized job instead of making the device read it into
   memory; with 3.1.1 the broker's own limit (mosquitto `message_size_limit`) is
   the only guard before the job's own 16 KiB check.
+- Routes: an exact topic with its own handler (`add_route`, the chunk topic of a
+  streamed install while it runs), subscribed at once and again on every connect.
 - Everything foreign (topics, broker reason strings) is cleaned before logging.
 
 Owns the client and the connection; what a job means is intake.py's, what a
@@ -192,18 +194,20 @@ class Link:
     def add_route(self, topic: str, handler: Handler, timeout: float) -> bool:
         """Subscribe to `topic` (QoS 1, again on every connect) with its own handler; True
         once the broker granted it within `timeout` seconds."""
-        self.routes[topic] = handler
         done = threading.Event()
         with self._lock:
+            self.routes[topic] = handler
             result, mid = self.client.subscribe(topic, 1)
             if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._route_acks[mid] = done
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:  # not connected: the next connect subscribes
-            return self.wait_ready(timeout) and topic in self.routes
+            return self.wait_ready(timeout)
         return done.wait(timeout)
 
     def remove_route(self, topic: str) -> None:
-        if self.routes.pop(topic, None) is not None and self.connected:
+        with self._lock:
+            known = self.routes.pop(topic, None) is not None
+        if known and self.connected:
             self.client.unsubscribe(topic)
 
     def start(self) -> None:
@@ -255,7 +259,9 @@ class Link:
         log.info("mqtt: connected to %s as %s (session %s)", self.config.broker, self.config.device_id,
                  "resumed" if flags.session_present else "new")
         self._publish_online()
-        wanted = [*self.filters, *self.routes, self.topics.presence]
+        with self._lock:
+            routes = list(self.routes)
+        wanted = [*self.filters, *routes, self.topics.presence]
         result, self._sub_mid = client.subscribe([(topic, 1) for topic in wanted])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("mqtt: subscribing failed: %s", paho.error_string(result))
