@@ -13,11 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt.schema import parse_credit
+from agent.mqtt.schema import chunk_message, parse_credit
 from agent.mqtt.stream import window_chunks
 from agent.mqtt.topics import Topics
 from bundler.fleet.cli import main as fleet_main
-from tests.e2e._mqtt import PREFIX, Daemon, Watcher, daemons, make_mqtt_device, wait_online
+from tests.e2e._mqtt import (
+    PREFIX,
+    Daemon,
+    Watcher,
+    daemons,
+    final_status,
+    job_doc,
+    make_mqtt_device,
+    until,
+    wait_final,
+    wait_online,
+)
 from tests.e2e.conftest import BundleFactory, Images, KeyPair
 from tests.fixtures.mosquitto import Mosquitto
 
@@ -74,6 +85,54 @@ def _closing(watcher: Watcher) -> Iterator[None]:
         yield
     finally:
         watcher.close()
+
+
+def test_a_stream_with_the_wrong_hash_or_that_stalls_fails_and_the_device_stays_on_its_slot(
+    tmp_path: Path, mosquitto: Mosquitto, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
+) -> None:
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    config = make_mqtt_device(tmp_path / DEVICE, images.factory.path, signing_key.public, url, DEVICE)
+    config.write_text(config.read_text() + "\n[download]\nstall_bytes = 1\nstall_seconds = 2\n")
+    daemon = Daemon(tmp_path / DEVICE)
+    data = make_bundle("2.0", security_version=2).read_bytes()
+    topics = Topics.for_device(DEVICE)
+    watcher = Watcher(mosquitto.host, mosquitto.port, [f"{PREFIX}/devices/+/status", f"{topics.base}/jobs/+/credit",
+                                                       f"{topics.base}/jobs/+/status"])
+    with daemons(daemon), _closing(watcher):
+        daemon.start()
+        wait_online(watcher, topics, daemon)
+
+        # the right size, a wrong digest: every chunk is sent as credit allows
+        watcher.publish(topics.job("bad-hash"), job_doc("bad-hash", "install-stream", size=len(data),
+                                                        sha256="0" * 64, chunk_size=CHUNK))
+        sent = 0
+        while final_status(watcher, topics, "bad-hash") is None:
+            grants = [g for m in watcher.on(topics.credit("bad-hash")) if (g := parse_credit(m.payload))]
+            limit = max((g["next"] + g["credit"] * CHUNK for g in grants), default=0)
+            if sent < min(limit, len(data)):
+                watcher.publish(topics.chunks("bad-hash"), chunk_message(sent, data[sent : sent + CHUNK]))
+                sent += CHUNK
+            else:
+                seen = len(watcher.on(topics.credit("bad-hash")))
+                until(lambda: len(watcher.on(topics.credit("bad-hash"))) > seen  # noqa: B023 (used at once)
+                      or final_status(watcher, topics, "bad-hash"), "more credit or the end", 60)
+        doc = wait_final(watcher, topics, "bad-hash")
+        assert doc["status"] == "failed", doc
+        assert "not the job's 0000" in doc["reason"]
+
+        # nothing is ever sent: the [download] stall limit ends it
+        watcher.publish(topics.job("stalled"), job_doc("stalled", "install-stream", size=len(data),
+                                                       sha256="1" * 64, chunk_size=CHUNK))
+        doc = wait_final(watcher, topics, "stalled")
+        assert doc["status"] == "failed", doc
+        assert "stalled: fewer than 1 bytes in 2 s after 0 bytes" in doc["reason"]
+        resent = [parse_credit(m.payload) for m in watcher.on(topics.credit("stalled"))]
+        assert resent[0] == {"credit": window_chunks(CHUNK), "next": 0}
+        assert resent[-1] == {"closed": True, "credit": 0, "next": 0}
+
+        status = watcher.docs(topics.status)[-1]
+        assert status["state"]["booted"] == "A", status
+    assert daemon.stop() == 0
 
 
 def test_deploy_file_needs_exactly_one_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
