@@ -220,3 +220,19 @@ def http_server(tmp_path: Path) -> Iterator[HttpServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str
+    port: int
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def any_broker(request: pytest.FixtureRequest) -> Broker:
+    """The broker under test: a fresh mosquitto, or the session's RabbitMQ node."""
+    if request.param == "mosquitto":
+        m = request.getfixturevalue("mosquitto")
+        return Broker(m.host, m.port)
+    endpoint = request.getfixturevalue("rabbitmq").endpoint("plain")
+    return Broker(endpoint.host, endpoint.port)

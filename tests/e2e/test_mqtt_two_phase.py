@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import secrets
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.mqtt.schema import parse_report
 from agent.mqtt.topics import Topics
@@ -36,27 +33,11 @@ from tests.e2e._mqtt import (
     wait_online,
 )
 from tests.e2e._sim import SimDevice
-from tests.e2e.conftest import BundleFactory, Images, KeyPair
+from tests.e2e.conftest import Broker, BundleFactory, Images, KeyPair
 from tests.fixtures.mosquitto import Mosquitto
 
 DEVICE = "gw-1"
 TOPICS = Topics.for_device(DEVICE)
-
-
-@dataclass(frozen=True)
-class Broker:
-    host: str
-    port: int
-
-
-@pytest.fixture(params=["mosquitto", "rabbitmq"])
-def any_broker(request: pytest.FixtureRequest) -> Broker:
-    """The broker under test: a fresh mosquitto, or the session's RabbitMQ node."""
-    if request.param == "mosquitto":
-        m: Mosquitto = request.getfixturevalue("mosquitto")
-        return Broker(m.host, m.port)
-    endpoint = request.getfixturevalue("rabbitmq").endpoint("plain")
-    return Broker(endpoint.host, endpoint.port)
 
 
 def watch(broker: Mosquitto | Broker, topics: Topics = TOPICS) -> Watcher:
