@@ -42,7 +42,7 @@ from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import LockBusyError
 from agent.events import Event, EventType, Result
-from agent.health import HealthResult, run_checks
+from agent.health import HealthResult
 from agent.state import AgentState, SlotRecord, Trial
 from hw.bootloader import model
 from hw.bootloader.model import BootState, SlotBootState
@@ -331,4 +331,4 @@ def _health(device: Device, override: HealthOverride | None) -> HealthResult:
         return HealthResult(True, "health checks forced to pass")
     if override is HealthOverride.FAIL:
         return HealthResult(False, "health checks forced to fail")
-    return run_checks(device.config.health)
+    return device.health(device.config.health)

@@ -118,7 +118,7 @@ def _through_daemon(
 
 def _run(args: argparse.Namespace) -> int:
     app = wiring.build_app(Path(args.config))
-    return service.run(app, wiring.front_ends(app))
+    return service.run(app, wiring.front_ends(app), wiring.notifier())
 
 
 def _sim_init(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""The composition root: builds a `Device` (config, bootloader, state, events,
-clock, watchdog) from a config file. Everything else receives these objects; nothing
+"""The composition root of the device: builds a `Device` (config, bootloader,
+state, events, clock, watchdog, health checker, slot writers and read-back) from
+a config file. Everything else receives these objects; nothing
 else constructs backends."""
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from agent import config as config_mod
 from agent.config import Config
 from agent.errors import ConfigError
 from agent.events import Clock, Event, utcnow
+from agent.health import HealthChecker, run_checks
 from agent.outbox import EventLog
 from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
+from hw.slot import ReadBack, SlotOpener, SlotWriter, read_back_sha256
 from hw.watchdog import Watchdog, open_watchdog
 from ota_common.fsutil import ensure_private_dir
 
@@ -28,6 +31,9 @@ class Device:
     events: EventLog
     clock: Clock
     watchdog: Watchdog
+    health: HealthChecker = run_checks  # the configured checks -> their verdict
+    open_slot: SlotOpener = SlotWriter  # (path, bootname, booted=, booted_paths=) -> a writer
+    read_back: ReadBack = read_back_sha256  # (path, bootname, length, progress) -> SHA-256 from the medium
 
     def keyring(self) -> Keyring:
         return Keyring.load(self.config.keyring)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.config import HealthConfig
 
@@ -27,6 +28,10 @@ OUTPUT_LIMIT = 200
 class HealthResult:
     ok: bool
     reason: str
+
+
+class HealthChecker(Protocol):
+    def __call__(self, cfg: HealthConfig) -> HealthResult: ...
 
 
 def checks_of(cfg: HealthConfig) -> list[tuple[str, ...]]:

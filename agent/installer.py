@@ -44,7 +44,7 @@ from bundler.format.ops import Op, produce
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.model import SlotBootState
-from hw.slot import SlotWriter, read_back_sha256, slot_size
+from hw.slot import SlotWriter, slot_size
 from ota_common.errors import OtaError
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,9 @@ def _write(
     # is still written only after its own checks passed; at most two are in memory.
     try:
         for ip in plan.images:  # inside the try: a refusal of the second closes the first
-            writers[ip.image.slot_class] = SlotWriter(ip.slot.path, target, booted=booted, booted_paths=booted_paths)
+            writers[ip.image.slot_class] = device.open_slot(
+                ip.slot.path, target, booted=booted, booted_paths=booted_paths
+            )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
             pending: tuple[int, Op, Future[bytes] | None] | None = None
             for index, op, payload in reader.iter_payload(ops):
@@ -342,6 +344,6 @@ def _write(
             if progress:
                 progress(Phase.VERIFY, done, total)
 
-        actual = read_back_sha256(ip.slot.path, target, ip.image.size, tick)
+        actual = device.read_back(ip.slot.path, target, ip.image.size, tick)
         if actual != ip.image.sha256:
             raise HashMismatchError(f"slot {target} read-back", ip.image.sha256, actual)

@@ -1,5 +1,6 @@
 """The composition root of the application: builds the `App` (device, rebooter,
-job queue) and the front ends `ota-agent run` hosts, from one config file.
+job queue), the systemd notifier and the front ends `ota-agent run` hosts, from
+one config file.
 `agent.daemon.build_device` builds the device's backends; nothing else
 constructs either.
 
@@ -19,6 +20,7 @@ from agent.actions import App, Rebooter, command_rebooter
 from agent.daemon import Device, build_device
 from agent.mqtt.frontend import MqttFrontEnd
 from agent.service import FrontEnd
+from hw.sdnotify import SdNotify
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ def rebooter_for(device: Device) -> Rebooter:
 def build_app(config_path: Path) -> App:
     device = build_device(config_path)
     return App(device, rebooter=rebooter_for(device))
+
+
+def notifier() -> SdNotify:
+    """systemd's notification socket (NOTIFY_SOCKET; a no-op outside systemd)."""
+    return SdNotify()
 
 
 def front_ends(app: App) -> list[FrontEnd]:

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 from hw import slotid
 from hw.errors import SlotError
@@ -207,6 +208,16 @@ class SlotWriter:
             os.fsync(self.fd)
         except OSError as e:
             raise SlotError(self.name, f"fsync failed: {e.strerror}") from None
+
+
+class SlotOpener(Protocol):
+    """What opens a slot for writing (`SlotWriter`; a test or a new medium may give another)."""
+
+    def __call__(self, path: Path, name: str, *, booted: str, booted_paths: Sequence[Path]) -> SlotWriter: ...
+
+
+class ReadBack(Protocol):
+    def __call__(self, path: Path, name: str, length: int, progress: Callable[[int], None] | None = None) -> str: ...
 
 
 def read_back_sha256(path: Path, name: str, length: int, progress: Callable[[int], None] | None = None) -> str:
