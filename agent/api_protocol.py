@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.commands import COMMANDS, Command, CommandError, Reply, check_args
 from agent.jobs import JobState, JobView, Progress
+from ota_common import strictjson
 from ota_common.errors import OtaError
 from ota_common.text import clean
 
@@ -92,12 +93,8 @@ def parse(line: bytes) -> Request:
     except UnicodeDecodeError as e:
         raise RequestError(Code.BAD_JSON, f"not UTF-8 (byte {e.start})") from None
     try:
-        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except RecursionError:
-        raise RequestError(Code.BAD_JSON, "not JSON: nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(Code.BAD_JSON, f"not JSON: {e.msg} at column {e.colno}") from None
-    except ValueError as e:  # a duplicate key, NaN, an integer of thousands of digits
+        doc = strictjson.loads(text)
+    except strictjson.StrictJSONError as e:  # not JSON, a duplicate key, NaN, a huge integer, too deep
         raise RequestError(Code.BAD_JSON, f"not JSON: {clean(e, 200)}") from None
     problem = _deep_or_unclean(doc)
     if problem:
@@ -155,19 +152,6 @@ def _check_source(source: str, fail: Any) -> None:
     if "://" not in source and not PurePosixPath(source).is_absolute():
         raise fail(Code.BAD_ARGS, "install: a file source must be an absolute path (the agent does not "
                                   "share your working directory)")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {clean(key, 64)!r}")
-        doc[key] = value
-    return doc
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _deep_or_unclean(doc: object) -> str | None:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from agent.mqtt.errors import JobError, TopicError
 from agent.mqtt.topics import check_name
+from ota_common import strictjson
 from ota_common.text import clean
 
 SCHEMA_VERSION = 1
@@ -195,38 +196,13 @@ def _decode(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise JobError(f"job is not UTF-8 text (byte {e.start})") from None
     try:
-        doc = json.loads(text, object_pairs_hook=_object, parse_constant=_constant,
-                         parse_int=_integer, parse_float=_fraction)
-    except json.JSONDecodeError as e:
-        raise JobError(f"job is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise JobError("job is nested too deeply") from None
+        doc = strictjson.loads(text, max_digits=MAX_INT_DIGITS, integers_only=True)
+    except strictjson.StrictJSONError as e:
+        raise JobError(f"job is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise JobError(f"job must be a JSON object, got {_json_kind(doc)}")
     return doc
 
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise JobError(f"key {clean(key, 40)!r} appears twice")
-        doc[key] = value
-    return doc
-
-
-def _constant(name: str) -> Any:
-    raise JobError(f"{name} is not a JSON number")
-
-
-def _integer(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise JobError(f"an integer of {len(text)} digits is longer than the {MAX_INT_DIGITS} allowed")
-    return int(text)
-
-
-def _fraction(text: str) -> Any:
-    raise JobError(f"{clean(text, 40)} is not an integer (job numbers are integers)")
 
 
 def _json_kind(value: object) -> str:
@@ -398,8 +374,8 @@ def parse_report(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_REPORT_BYTES:
         raise JobError(f"report is {len(payload)} bytes, more than the {MAX_REPORT_BYTES} allowed")
     try:
-        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_object, parse_constant=_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = strictjson.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, strictjson.StrictJSONError) as e:
         raise JobError(f"report is not UTF-8 JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
         raise JobError(f"report is not a schema {SCHEMA_VERSION} object")
@@ -433,8 +409,8 @@ def parse_credit(payload: bytes) -> dict[str, Any] | None:
     if len(payload) > MAX_CREDIT_BYTES:
         return None
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = strictjson.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, strictjson.StrictJSONError):
         return None
     if not isinstance(doc, dict):
         return None

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 import unicodedata
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bundler.format.errors import FormatError
 from ota_common.errors import OtaError
+from ota_common.strictjson import StrictJSONError, loads
 from ota_common.text import ERROR_LIMIT, clean
 
 
@@ -52,3 +54,13 @@ def test_every_ota_error_message_is_bounded_and_single_line() -> None:
     assert len(str(e)) <= ERROR_LIMIT
     assert "\n" not in str(e)
     assert str(OtaError("plain")) == "plain"
+
+
+def test_the_strict_json_decoder_refuses_duplicates_constants_huge_integers_and_deep_nesting() -> None:
+    assert loads('{"a": [1, 2.5]}') == {"a": [1, 2.5]}
+    for text, message in [('{"a": 1, "a": 2}', "appears twice"), ("NaN", "not a JSON number"),
+                          ("1" * 30, "digits"), ("[" * 100_000, "nested too deeply"), ("{", "line 1")]:
+        with pytest.raises(StrictJSONError, match=message):
+            loads(text)
+    with pytest.raises(StrictJSONError, match="not an integer"):
+        loads("1.5", integers_only=True)
