@@ -147,6 +147,7 @@ class BundleHandler(http.server.BaseHTTPRequestHandler):
 
 class BundleServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 overflows when a group of devices starts at once
 
     def __init__(self, directory: Path, bind: str = "127.0.0.1", port: int = 0, *, quiet: bool = False) -> None:
         if not directory.is_dir():
