@@ -16,27 +16,22 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.fixtures.watcher import Watcher, until
 
 LOOPBACK = "127.0.0.1"
 MOSQUITTO = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
@@ -48,15 +43,6 @@ def free_port() -> int:
         s.bind((LOOPBACK, 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Wait for a condition; the deadline only keeps a broken test from hanging."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -208,56 +194,10 @@ class Broker:
         self.start()
 
 
-@dataclass
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
+def Operator(
+    port: int, filters: list[str], *, client_id: str = "", persistent: bool = False,
+    auth: tuple[str, str] | None = None,
+) -> Watcher:
+    """The other side on this broker: the shared `Watcher` on the loopback port."""
+    return Watcher(LOOPBACK, port, filters, client_id=client_id, persistent=persistent, auth=auth)
 
-    def json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.payload)
-        return doc
-
-
-class Operator:
-    """The other side: a paho client that subscribes to `filters` (again on every
-    connect) and keeps every message it receives."""
-
-    def __init__(self, port: int, filters: list[str], *, client_id: str = "", persistent: bool = False,
-                 auth: tuple[str, str] | None = None) -> None:
-        self.filters = filters
-        self.messages: list[Received] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=not persistent, protocol=paho.MQTTv311)
-        self.client.reconnect_delay_set(1, 1)
-        if auth is not None:
-            self.client.username_pw_set(*auth)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(LOOPBACK, port, keepalive=10)
-        self.client.loop_start()
-        until(self._subscribed.is_set, "the operator's subscription", 10)
-
-    def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        if self.filters:
-            client.subscribe([(f, 1) for f in self.filters])
-        else:
-            self._subscribed.set()
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def on(self, topic: str) -> list[Received]:
-        with self._lock:
-            return [m for m in self.messages if m.topic == topic]
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()

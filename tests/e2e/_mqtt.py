@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,25 +26,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
 from agent import sim
 from agent.crashpoint import ENV as CRASHPOINT_ENV
 from agent.mqtt.topics import Topics
 from tests.e2e._sim import COMPATIBLE, SLOT_SIZE, sha256_file
+from tests.fixtures.watcher import Watcher, until
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "edge-ota/v1"
-
-
-def until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    """Wait for a condition; the deadline only keeps a broken test from hanging."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def job_doc(job_id: str, kind: str = "install", **fields: Any) -> bytes:
@@ -136,56 +124,6 @@ def daemons(*running: Daemon) -> Iterator[None]:
 
 
 # ---- the operator's side --------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
-
-    def json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.payload)
-        return doc
-
-
-class Watcher:
-    """A paho client that subscribes to `filters` (QoS 1) and keeps everything it receives.
-    `persistent` keeps its session across a broker restart (messages for it are queued)."""
-
-    def __init__(self, host: str, port: int, filters: list[str], *, client_id: str = "",
-                 persistent: bool = False) -> None:
-        self.filters = filters
-        self.messages: list[Received] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
-                                  protocol=paho.MQTTv311)
-        self.client.reconnect_delay_set(1, 2)
-        self.client.on_connect = lambda client, *_: client.subscribe([(f, 1) for f in self.filters])
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-        until(self._subscribed.is_set, "the watcher's subscription", 15)
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def on(self, topic: str) -> list[Received]:
-        with self._lock:
-            return [m for m in self.messages if m.topic == topic]
-
-    def docs(self, topic: str) -> list[dict[str, Any]]:
-        return [m.json() for m in self.on(topic)]
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(15)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def job_statuses(watcher: Watcher, topics: Topics, job_id: str) -> list[str]:

@@ -11,29 +11,11 @@ import pytest
 from agent import config
 from agent.config import ApiConfig
 from agent.errors import ConfigError
-
-BASE = """
-[device]
-compatible = "acme"
-
-[bootloader]
-backend = "sim"
-path = "boot.json"
-
-[[slots]]
-bootname = "A"
-path = "a.img"
-
-[[slots]]
-bootname = "B"
-path = "b.img"
-"""
+from tests.unit._agent_toml import with_table
 
 
 def load(tmp_path: Path, table: str | None) -> ApiConfig:
-    p = tmp_path / "agent.toml"
-    p.write_text(BASE + (f"\n[api]\n{table}\n" if table is not None else ""))
-    return config.load(p).api
+    return config.load(with_table(tmp_path, "api", table)).api
 
 
 def test_without_an_api_table_the_daemon_serves_the_standard_socket(tmp_path: Path) -> None:

@@ -10,29 +10,11 @@ import pytest
 from agent import config
 from agent.config import DownloadConfig
 from agent.errors import ConfigError
-
-BASE = """
-[device]
-compatible = "acme"
-
-[bootloader]
-backend = "sim"
-path = "boot.json"
-
-[[slots]]
-bootname = "A"
-path = "a.img"
-
-[[slots]]
-bootname = "B"
-path = "b.img"
-"""
+from tests.unit._agent_toml import MINIMAL, with_table
 
 
 def write(tmp_path: Path, table: str | None) -> Path:
-    p = tmp_path / "agent.toml"
-    p.write_text(BASE + (f"\n[download]\n{table}\n" if table is not None else ""))
-    return p
+    return with_table(tmp_path, "download", table)
 
 
 def test_defaults_without_a_download_table() -> None:
@@ -71,6 +53,6 @@ def test_bad_values_name_the_table_and_key(tmp_path: Path, text: str, message: s
 
 def test_download_must_be_a_table(tmp_path: Path) -> None:
     p = tmp_path / "agent.toml"
-    p.write_text("download = 5\n" + BASE)
+    p.write_text("download = 5\n" + MINIMAL)
     with pytest.raises(ConfigError, match=r"\[download\].*must be a table"):
         config.load(p)
