@@ -108,6 +108,12 @@ class BootCheckOutcome:
         return self.outcome is Outcome.FAILED_REBOOT
 
 
+def trial_event(trial: Trial, event: EventType, result: Result, reason: str) -> Event:
+    """An event about the update a trial record describes (its txn, version and slot)."""
+    return Event(event=event, result=result, reason=reason, txn=trial.txn, bundle_version=trial.bundle_version,
+                 slot=trial.slot)
+
+
 def pending_trial(state: AgentState, boot: BootState, booted: str) -> Trial | None:
     """The installed update waiting in another slot that the next power-on boots
     (not tried yet, or marked good by the operator before its first boot), if any."""
@@ -201,14 +207,7 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             if failed.state is not SlotBootState.BAD:
                 bl.mark_bad(trial.slot)
             reason = f"{trial.cancelled}; slot {trial.slot} stays unbootable, {booted} runs on"
-            event = Event(
-                event=EventType.INSTALL,
-                result=Result.CANCELLED,
-                reason=reason,
-                txn=trial.txn,
-                bundle_version=trial.bundle_version,
-                slot=trial.slot,
-            )
+            event = trial_event(trial, EventType.INSTALL, Result.CANCELLED, reason)
             device.record(event, replace(state, trial=None))
             return BootCheckOutcome(Outcome.NOTHING, booted, reason)
         if pending_trial(state, boot_state, booted) is not None:
@@ -226,14 +225,7 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
                 f"(power cut or crash); slot {trial.slot} stays unbootable, {booted} runs on"
             )
             device.record(
-                Event(
-                    event=EventType.INSTALL,
-                    result=Result.FAILED,
-                    reason=reason,
-                    txn=trial.txn,
-                    bundle_version=trial.bundle_version,
-                    slot=trial.slot,
-                ),
+                trial_event(trial, EventType.INSTALL, Result.FAILED, reason),
                 state,
             )
             return BootCheckOutcome(Outcome.NOTHING, booted, reason)
@@ -257,14 +249,7 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
         else:
             reason = f"slot {trial.slot} was not booted (bootloader state: {failed.describe()})"
         reason = f"{reason}; running {booted} again"
-        event = Event(
-            event=EventType.ROLLBACK,
-            result=Result.ROLLED_BACK,
-            reason=reason,
-            txn=trial.txn,
-            bundle_version=trial.bundle_version,
-            slot=trial.slot,
-        )
+        event = trial_event(trial, EventType.ROLLBACK, Result.ROLLED_BACK, reason)
         # Recorded before the slot is marked bad: the reason above is read from the
         # bootloader state and the watchdog, which marking bad (or the next boot) changes.
         device.record(event, replace(state, trial=None))

@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from agent import policy
-from agent.bootcheck import pending_trial
+from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import CanceledError, InstallError, LockBusyError
@@ -117,7 +117,8 @@ def _install(
             )
         if booted_state.state is SlotBootState.BAD:
             raise InstallError(f"booted slot {booted} is marked bad; reboot into the good slot before installing")
-        unfinished = device.store.load().trial
+        state = device.store.load()  # under the state lock: nothing changes it until we do
+        unfinished = state.trial
         if unfinished is not None and unfinished.slot == booted and not unfinished.failure:
             # Committed in the bootloader, not yet in the state (a cut after mark-good):
             # replacing this trial record would lose the commit's security floor.
@@ -128,7 +129,6 @@ def _install(
         reader = BundleReader(stream)
         bundle = verify(reader.read_head(), device.keyring())
         version = bundle.manifest.bundle_version
-        state = device.store.load()
         policy.check(
             bundle,
             compatible=device.config.compatible,
@@ -258,16 +258,7 @@ def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
         why = f"replaced by the install of version {trial.bundle_version} before slot {pending.slot} was tried"
         device.store.save(replace(state, trial=replace(pending, cancelled=why)))
         crashpoint("after-cancel-pending")
-        device.events.emit(
-            Event(
-                event=EventType.INSTALL,
-                result=Result.CANCELLED,
-                reason=why,
-                txn=pending.txn,
-                bundle_version=pending.bundle_version,
-                slot=pending.slot,
-            )
-        )
+        device.events.emit(trial_event(pending, EventType.INSTALL, Result.CANCELLED, why))
     if pending.slot != trial.slot:
         device.bootloader.mark_bad(pending.slot)
 
