@@ -26,17 +26,12 @@ from agent import api_client, service, sim, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
-from agent.daemon import Device, build_device
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
 from ota_common.errors import OtaError
 from ota_common.tty import Progress, run_reporting_errors, version_string
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
-
-
-def _device(args: argparse.Namespace) -> Device:
-    return build_device(Path(args.config))
 
 
 class _PhasedProgress:
