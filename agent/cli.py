@@ -1,5 +1,5 @@
 """`ota-agent`: the device commands of the command table (`agent.commands`:
-install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
+install, media, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
 `run` (the daemon) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
@@ -107,6 +107,8 @@ def _through_daemon(
         return None
     if isinstance(source, str) and "://" not in source:
         cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
+    if isinstance(cli_args.get("path"), str):  # media PATH, likewise
+        cli_args = {**cli_args, "path": os.path.abspath(cli_args["path"])}
     with session:
         return session.call(command.name, cli_args, on_progress=progress)
 
