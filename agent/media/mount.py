@@ -6,8 +6,8 @@ mounted it, and unmounts it).
 
 Filesystems: vfat, exfat and ext2/3/4, by the kernel when it has the driver
 (/proc/filesystems), else by a FUSE driver when one is installed (`fusefat`,
-`mount.exfat-fuse`), read-only. The type is probed with `blkid -p`; anything
-else is refused unmounted.
+`mount.exfat-fuse`), read-only. The type is probed with `blkid -p` for these
+types only; anything else is refused unmounted.
 
 Writing back (receipts) asks for a read-write remount of a kernel mount only
 after every bundle descriptor is closed; a write-protected stick, a FUSE mount
@@ -73,11 +73,12 @@ def _tool_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def probe_type(device: Path) -> str:
-    """The filesystem on `device` (blkid's low-level probe), one of TYPES."""
-    result = _run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)])
+    """The filesystem on `device`: blkid's low-level probe for TYPES only (nothing
+    else is probed, so nothing else of the stick is read)."""
+    result = _run(["blkid", "-p", "-n", ",".join(TYPES), "-o", "value", "-s", "TYPE", str(device)])
     fstype = result.stdout.strip()
     if result.returncode != 0 or not fstype:
-        raise MediaError(f"{device}: no filesystem found")
+        raise MediaError(f"{device}: no {', '.join(TYPES)} filesystem found")
     if fstype not in TYPES:
         raise MediaError(f"{device}: filesystem {clean(fstype, 32)!r} is not one of {', '.join(TYPES)}")
     return fstype

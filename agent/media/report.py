@@ -86,6 +86,6 @@ def write_back(root_fd: int, r: Receipt) -> str:
 
 
 def describe_error(e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "a symbolic link is in the way on the stick"
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # O_NOFOLLOW met a link (or a file stands there)
+        return "a symbolic link or a file is in the way on the stick"
     return clean(e.strerror or e, 120)
