@@ -77,6 +77,9 @@ def _walk(dir_fd: int, where: tuple[str, ...], depth: int, limits: Limits, out: 
             continue
         if not layout.is_bundle_name(name):
             continue
+        if kind != "file":
+            out.skipped.append(layout.Ignored(show(parts), "not a regular file"))
+            continue
         if len(out.candidates) >= limits.candidates:
             out.skipped.append(layout.Ignored(show(parts), f"more than {limits.candidates} bundles: not read"))
             continue
