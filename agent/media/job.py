@@ -79,7 +79,8 @@ def run(device: Device, ctx: JobContext, path: Path, install: Installer) -> Medi
     old = installed.version if installed is not None else None
     base: dict[str, Any] = {"device": device_id(device), "txn": ctx.job_id, "old_version": old}
     try:
-        with medium(path, device.config.state_dir / "media") as m:
+        slots = [(s.bootname, s.path) for s in device.config.slots]
+        with medium(path, device.config.state_dir / "media", slots) as m:
             receipt, error = _visit(device, ctx, m, install, base=base, installed=installed)
             written, why = _write_back(device, m, receipt)
     except MediaError as e:  # not mounted or not readable: the outbox has the receipt

@@ -9,6 +9,9 @@ Filesystems: vfat, exfat and ext2/3/4, by the kernel when it has the driver
 `mount.exfat-fuse`), read-only. The type is probed with `blkid -p` for these
 types only; anything else is refused unmounted.
 
+A block device that shares storage with a slot or the running root, or that
+is mounted already, is refused before anything is mounted (`check_foreign`).
+
 Writing back (receipts) asks for a read-write remount of a kernel mount only
 after every bundle descriptor is closed; a write-protected stick, a FUSE mount
 or a read-only directory yields no writable root, and the receipt goes to the
@@ -24,11 +27,12 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.media.errors import MediaError
+from hw import slotid
 from ota_common.fsutil import ensure_private_dir
 from ota_common.text import clean
 
@@ -92,9 +96,28 @@ def kernel_has(fstype: str) -> bool:
     return fstype in {line.split()[-1] for line in listed.splitlines() if line.split()}
 
 
+def check_foreign(path: Path, slots: Sequence[tuple[str, Path]]) -> None:
+    """Refuse a block device that is not a stick: one sharing storage with a
+    slot (bootname, path) or with the running root filesystem, or one already
+    mounted (a second mount shares its superblock: remounting ours read-write
+    for the receipt would make theirs writable too). Compared by identity
+    (`hw.slotid`: device numbers, sysfs, the mount table), never by name."""
+    stick = slotid.identity(path)
+    for bootname, slot_path in slots:
+        why = slotid.overlap(stick, slotid.identity(slot_path))
+        if why is not None:
+            raise MediaError(f"{path} is not removable media: it shares storage with slot {bootname} ({why})")
+    if slotid.backs_root(stick):
+        raise MediaError(f"{path} is not removable media: it holds the running root filesystem")
+    where = slotid.mounted_at(stick)
+    if where is not None:
+        raise MediaError(f"{path} is already mounted at {clean(where, 200)}; pass that directory instead")
+
+
 @contextlib.contextmanager
-def medium(path: Path, work_dir: Path) -> Iterator[Medium]:
-    """The medium at `path` (a block device or a directory) for the block."""
+def medium(path: Path, work_dir: Path, slots: Sequence[tuple[str, Path]] = ()) -> Iterator[Medium]:
+    """The medium at `path` (a block device or a directory) for the block;
+    `slots` (bootname, path) are refused as media (`check_foreign`)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -108,6 +131,7 @@ def medium(path: Path, work_dir: Path) -> Iterator[Medium]:
         return
     if not stat.S_ISBLK(st.st_mode):
         raise MediaError(f"{path}: not a block device or a directory")
+    check_foreign(path, slots)
     fstype = probe_type(path)
     fuse = not kernel_has(fstype)
     if fuse and (fstype not in FUSE_DRIVERS or shutil.which(FUSE_DRIVERS[fstype]) is None):

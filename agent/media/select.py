@@ -150,6 +150,8 @@ def select(
                                                       f"than {m.bundle_version} ({name})"))
                 best.close()
             out.chosen = head
+        if tick:
+            tick(len(candidates), len(candidates))
         return out
     except BaseException:
         out.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from bundler.cli import main as ota_bundle
@@ -245,4 +246,30 @@ def test_through_a_running_daemon_the_visit_is_the_daemons_job_and_busy_while_an
     assert (seen["command"], seen["origin"], seen["state"]) == ("media", "cli", "succeeded")
     assert f"mounted {dev} (ext4) read-only" in log
     assert "local API: media requested by uid" in log
+    assert_nothing_left_mounted(device)
+
+
+def test_a_slot_or_an_already_mounted_device_is_refused_as_a_stick_and_nothing_is_mounted(
+    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    before = device.snapshot()
+    with loop_device(device.slot_path("A")) as dev:  # the booted slot, seen through another name
+        r = media(device, dev)
+    assert r.returncode == 1
+    assert "is not removable media: it shares storage with slot A" in r.stderr.splitlines()[-1]
+    image = ext4_stick(tmp_path / "stick.img", tree(tmp_path / "stick", {"v2.otab": make_bundle("2.0")}))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(image) as dev:
+        subprocess.run(["mount", "-o", "ro", str(dev), str(mnt)], check=True)
+        try:
+            mounted = media(device, dev)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    assert mounted.returncode == 1
+    assert f"is already mounted at {mnt}; pass that directory instead" in mounted.stderr.splitlines()[-1]
+    after = device.snapshot()
+    assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
+                                                                   before.bootloader)
+    assert [e["result"] for e in media_events(device)] == ["failed", "failed"]
     assert_nothing_left_mounted(device)
