@@ -74,6 +74,8 @@ def device_id(device: Device) -> str:
 def run(device: Device, ctx: JobContext, path: Path, install: Installer) -> MediaOutcome:
     """The visit of the medium at `path`; raises MediaError (or CanceledError)
     after the receipt was queued when it failed."""
+    if not path.is_absolute():  # from a socket or a broker: no working directory is shared
+        raise MediaError(f"media: {path} is not an absolute path")
     booted = device.bootloader.booted_slot()
     installed = device.store.load().slots.get(booted)
     old = installed.version if installed is not None else None

@@ -273,3 +273,25 @@ def test_a_slot_or_an_already_mounted_device_is_refused_as_a_stick_and_nothing_i
                                                                    before.bootloader)
     assert [e["result"] for e in media_events(device)] == ["failed", "failed"]
     assert_nothing_left_mounted(device)
+
+
+def test_an_exfat_stick_installs(device: SimDevice, make_bundle: BundleFactory, tmp_path: Path) -> None:
+    image = tmp_path / "stick.img"
+    with image.open("wb") as f:
+        f.truncate(48 << 20)
+    subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(image) as dev:
+        # The test fills the stick through a read-write exFAT mount of its own.
+        subprocess.run(["mount.exfat-fuse", str(dev), str(mnt)], check=True, capture_output=True)
+        try:
+            (mnt / "edge-ota").mkdir()
+            shutil.copyfile(make_bundle("2.0"), mnt / "edge-ota" / "v2.otab")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        r = media(device, dev)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("installed version 2.0 into slot B from edge-ota/v2.otab")
+    assert f"mounted {dev} (exfat" in r.stderr
+    assert_nothing_left_mounted(device)
