@@ -131,13 +131,17 @@ def medium(path: Path, work_dir: Path, slots: Sequence[tuple[str, Path]] = ()) -
         return
     if not stat.S_ISBLK(st.st_mode):
         raise MediaError(f"{path}: not a block device or a directory")
+    try:
+        ensure_private_dir(work_dir)
+        _clean_leftovers(work_dir)  # before the check: a leftover of ours is "already mounted" too
+    except OSError as e:
+        raise MediaError(f"{work_dir}: unusable for mount points: {e.strerror}") from None
     check_foreign(path, slots)
     fstype = probe_type(path)
     fuse = not kernel_has(fstype)
     if fuse and (fstype not in FUSE_DRIVERS or shutil.which(FUSE_DRIVERS[fstype]) is None):
         raise MediaError(f"{path}: this kernel cannot mount {fstype} and no FUSE driver for it is installed")
     try:
-        ensure_private_dir(work_dir)
         point = Path(tempfile.mkdtemp(prefix="stick-", dir=work_dir))
     except OSError as e:
         raise MediaError(f"{work_dir}: cannot create a mount point: {e.strerror}") from None
@@ -154,6 +158,17 @@ def medium(path: Path, work_dir: Path, slots: Sequence[tuple[str, Path]] = ()) -
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(point)
+
+
+def _clean_leftovers(work_dir: Path) -> None:
+    """Mount points an agent killed mid-visit left behind: unmounted and removed."""
+    for entry in sorted(os.listdir(work_dir))[:64]:
+        point = work_dir / entry
+        if entry.startswith("stick-") and point.is_dir() and not point.is_symlink():
+            log.warning("unmounting %s, left by an interrupted visit", point)
+            unmount(point)
+            with contextlib.suppress(OSError):
+                os.rmdir(point)
 
 
 def _open_root(path: Path) -> int:

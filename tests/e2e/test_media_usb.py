@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
+from agent.crashpoint import ENV
 from bundler.cli import main as ota_bundle
 from tests.e2e._api import cli, held_bundle, running, running_job
 from tests.e2e._sim import SimDevice
@@ -29,6 +32,7 @@ from tests.e2e._stick import (
     media,
     media_events,
     needs_loop,
+    unmount_all_under,
 )
 from tests.e2e.conftest import BundleFactory, Images, KeyPair
 
@@ -294,4 +298,25 @@ def test_an_exfat_stick_installs(device: SimDevice, make_bundle: BundleFactory, 
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("installed version 2.0 into slot B from edge-ota/v2.otab")
     assert f"mounted {dev} (exfat" in r.stderr
+    assert_nothing_left_mounted(device)
+
+
+def test_an_agent_killed_mid_install_leaves_a_mount_the_next_visit_removes_and_then_installs(
+    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    image = ext4_stick(tmp_path / "stick.img", tree(tmp_path / "stick", {"v2.otab": make_bundle("2.0")}))
+    try:
+        with loop_device(image) as dev:
+            env = {**os.environ, ENV: "mid-payload"}
+            cmd = [sys.executable, "-m", "agent.cli", "-c", str(device.config), "media", str(dev)]
+            killed = subprocess.run(cmd, env=env, capture_output=True, timeout=120, check=False)
+            assert killed.returncode == -signal.SIGKILL
+            assert str(device.dir / "state" / "media") in Path("/proc/self/mounts").read_text()
+            device.boot()  # the power comes back: the interrupted install is told apart by boot-check
+            r = media(device, dev)
+    finally:
+        unmount_all_under(device.dir)
+    assert r.returncode == 0, r.stderr
+    assert "left by an interrupted visit" in r.stderr
+    assert device.status()["slots"]["B"]["version"] == "2.0"
     assert_nothing_left_mounted(device)
