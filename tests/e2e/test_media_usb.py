@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.crashpoint import ENV
 from bundler.cli import main as ota_bundle
 from tests.e2e._api import cli, held_bundle, running, running_job
@@ -214,7 +216,7 @@ def test_a_fat_stick_made_by_ota_bundle_usb_prepare_installs(
 
 
 def test_a_mounted_directory_gets_the_receipt_and_ota_bundle_usb_report_prints_it(
-    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path
+    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stick = tmp_path / "stick"
     assert ota_bundle(["usb", "prepare", str(stick), str(make_bundle("2.0"))]) == 0
@@ -224,6 +226,10 @@ def test_a_mounted_directory_gets_the_receipt_and_ota_bundle_usb_report_prints_i
     [receipt] = list((stick / "edge-ota" / "reports").glob("*.json"))
     assert json.loads(receipt.read_text())["new_version"] == "2.0"
     assert receipt.with_suffix(".txt").read_text().startswith("edge-ota: installed\n")
+    capsys.readouterr()
+    assert ota_bundle(["usb", "report", str(stick)]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.endswith(": installed (factory -> 2.0): installed; slot B will be tried on next boot (3 tries)")
 
 
 def test_through_a_running_daemon_the_visit_is_the_daemons_job_and_busy_while_another_runs(
