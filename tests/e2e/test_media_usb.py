@@ -326,3 +326,28 @@ def test_an_agent_killed_mid_install_leaves_a_mount_the_next_visit_removes_and_t
     assert "left by an interrupted visit" in r.stderr
     assert device.status()["slots"]["B"]["version"] == "2.0"
     assert_nothing_left_mounted(device)
+
+
+def test_a_stick_with_only_broken_or_untrusted_bundles_fails_with_each_reason(
+    device: SimDevice, make_bundle: BundleFactory, other_key: KeyPair, tmp_path: Path
+) -> None:
+    stick = tmp_path / "stick"
+    (stick / "edge-ota").mkdir(parents=True)
+    (stick / "edge-ota" / "garbage.otab").write_bytes(b"\x89OTAB\r\n\x1a" + bytes(100))
+    good = make_bundle("2.0").read_bytes()
+    (stick / "edge-ota" / "truncated.otab").write_bytes(good[:200])
+    shutil.copyfile(make_bundle("9.0", key=other_key), stick / "edge-ota" / "untrusted.otab")
+    before = device.snapshot()
+    r = media(device, stick)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == f"ota-agent: error: no installable bundle on {stick}: 3 broken or untrusted"
+    after = device.snapshot()
+    assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
+                                                                   before.bootloader)
+    [receipt] = [json.loads(p.read_text()) for p in (stick / "edge-ota" / "reports").glob("*.json")]
+    assert receipt["result"] == "failed"
+    reasons = {i["file"]: i["reason"] for i in receipt["ignored"]}
+    assert sorted(reasons) == ["edge-ota/garbage.otab", "edge-ota/truncated.otab", "edge-ota/untrusted.otab"]
+    assert all(r.startswith("not a valid bundle for this device: ") for r in reasons.values())
+    assert "truncated" in reasons["edge-ota/truncated.otab"]
+    assert [e["result"] for e in media_events(device)] == ["failed"]
