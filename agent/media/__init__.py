@@ -11,6 +11,7 @@
   report   the receipt: written back onto the stick when it is writable, and
            queued in the outbox for the fleet
   job      the whole visit (scan, select, install, report) as one job
+  poll     the fallback without udev: removable devices inserted since the last poll
 
 docs/media.md describes the layout, the receipts and the security rules.
 """
