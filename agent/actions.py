@@ -14,6 +14,7 @@ Actions:
   rollback()           make the other slot, whose content is known, the one to try next
   reboot()             reboot the device through the configured rebooter
   boot_check()         assess the booted slot after a boot (agent.bootcheck)
+  media(path)          install the newest bundle from a USB stick or directory (agent.media)
   status()             the device's status value
   cancel(job)          ask the running job to stop at its next safe point
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from agent.bootcheck import BootCheckOutcome, boot_check
@@ -32,6 +34,7 @@ from agent.events import Event, EventType, Result
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
+from agent.media import job as media_job
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
@@ -151,6 +154,11 @@ class App:
                 reinstall=reinstall,
                 txn=ctx.job_id,
             )
+
+    def media(self, ctx: JobContext, path: str) -> media_job.MediaOutcome:
+        """Mount (or take) the medium at `path`, choose its newest bundle for this
+        device by the signed manifests, install it like any other source, report."""
+        return media_job.run(self.device, ctx, Path(path), self.install)
 
     def mark(self, ctx: JobContext, slot: str, verdict: Verdict, *, force: bool = False) -> MarkOutcome:
         return mark(self.device, slot, verdict, force=force)

@@ -1,6 +1,6 @@
 """`ota-agent`: the device commands of the command table (`agent.commands`:
-install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
-`run` (the daemon) and the simulated device (`sim init`, `sim boot`).
+install, media, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
+`media-poll` (the USB stick polling fallback), `run` (the daemon) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
 and prints its reply. While `ota-agent run` serves the local API (docs/api.md) the
@@ -28,6 +28,7 @@ from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
+from agent.media import poll
 from ota_common.errors import OtaError
 from ota_common.tty import Progress, run_reporting_errors, version_string
 
@@ -107,8 +108,25 @@ def _through_daemon(
         return None
     if isinstance(source, str) and "://" not in source:
         cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
+    if isinstance(cli_args.get("path"), str):  # media PATH, likewise
+        cli_args = {**cli_args, "path": os.path.abspath(cli_args["path"])}
     with session:
         return session.call(command.name, cli_args, on_progress=progress)
+
+
+def _media_poll(args: argparse.Namespace) -> int:
+    """The polling fallback (agent.media.poll): `media` on every removable device
+    that appeared since the last poll; exit 1 when any of them failed."""
+    cfg = config_mod.load(Path(args.config))
+    failed = 0
+    for found in poll.new_devices(cfg.state_dir, Path(args.sysfs)):
+        path = Path(args.dev) / found.name
+        try:
+            _command(argparse.Namespace(command="media", path=str(path), config=args.config, json=False))
+        except OtaError as e:
+            failed += 1
+            print(f"ota-agent: error: {path}: {e}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in COMMANDS.values():
         _add_command(sub, command, reporting)
+
+    p = sub.add_parser("media-poll", parents=[common], help="run media on removable devices inserted since the "
+                       "last poll (the fallback where udev does not start ota-media@.service)")
+    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
+    p.set_defaults(func=_media_poll)
 
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
