@@ -93,7 +93,7 @@ class Config:
     download: DownloadConfig = DownloadConfig()
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
     api: ApiConfig = ApiConfig()
-    console: ConsoleConfig = ConsoleConfig()  # [console]: serial ports for technicians (docs/console.md)
+    console: ConsoleConfig = ConsoleConfig()  # noqa: RUF009 (frozen) [console]: serial ports (docs/console.md)
 
     @property
     def bootnames(self) -> tuple[str, ...]:
