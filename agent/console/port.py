@@ -25,6 +25,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ READ_SIZE = 16384
 READ_TIMEOUT = 0.05
 WRITE_TIMEOUT = 2.0
 REOPEN = 1.0
+FRAME_STALE = 0.5  # seconds of silence that end a frame begun but not finished
 MAX_QUEUED = 1024
 LOG_RING = 200
 Opener = Callable[..., Any]
@@ -167,11 +169,17 @@ class ConsolePort:
         assert session is not None
         splitter = Splitter()
         stalled = False
+        last_data = time.monotonic()
         while not self._stop.is_set():
             data = ser.read(min(max(ser.in_waiting, 1), READ_SIZE))
             if data:
+                last_data = time.monotonic()
                 for item in splitter.feed(data):
                     self._item(session, item)
+            elif splitter.buffered and time.monotonic() - last_data > FRAME_STALE:
+                expired = splitter.expire()
+                if expired is not None:
+                    self._item(session, expired)
             session.tick()
             stalled = self._flush(ser, stalled)
 

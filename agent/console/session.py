@@ -35,6 +35,7 @@ import os
 import shlex
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -297,16 +298,19 @@ class Session:
         self.emit(pending.run())
 
     def _run(self, command: Command, checked: dict[str, Any]) -> Answer:
+        job_id = uuid.uuid4().hex[:12]
+        if command.changes_state:
+            self._watch(job_id, command)  # before it starts: a job may end before submit returns
         try:
-            reply = execute(self.app, command.name, checked, origin=ORIGIN, wait=False)
+            reply = execute(self.app, command.name, checked, origin=ORIGIN, wait=False, job_id=job_id)
         except OtaError as e:
+            self._unwatch(job_id)
             running = self.app.queue.running()
             extra = {"job": running.to_json(), "progress": job_line(running)} if isinstance(e, BusyError) and running \
                 else {}
             return Answer.failed(command.name, e, **extra)
         if reply.job is None:
             return Answer.of(reply)
-        self._watch(reply.job.id, command)
         text = f"job {reply.job.id} ({command.name}) started; its result follows"
         return Answer(command.name, True, text, None, extra={"job": reply.job.to_json(), "pending": True})
 
@@ -315,6 +319,10 @@ class Session:
     def _watch(self, job_id: str, command: Command | None) -> None:
         with self._lock:
             self._watching[job_id] = (command, 0.0)
+
+    def _unwatch(self, job_id: str) -> None:
+        with self._lock:
+            self._watching.pop(job_id, None)
 
     def on_job(self, view: JobView) -> None:
         """A job queue listener (the job's thread): progress and the result of our jobs."""
@@ -335,7 +343,7 @@ class Session:
             return
         if command is None:  # an upload's install
             answer = Answer.of(reply_of(COMMANDS["install"], view), "upload", done=True)
-            if self.upload is not None and self.upload.job is not None and self.upload.job.id == view.id:
+            if self.upload is not None and self.upload.job_id == view.id:
                 self.last_upload = (self.upload, answer)
                 self.upload = None
         else:
@@ -359,9 +367,9 @@ class Session:
         return size, sha256, allow
 
     def _upload_live(self) -> bool:
-        job = self.upload.job if self.upload else None
+        job_id = self.upload.job_id if self.upload else None
         running = self.app.queue.running()
-        return job is not None and running is not None and running.id == job.id
+        return job_id is not None and running is not None and running.id == job_id
 
     def _attach(self) -> None:
         upload = self.upload
@@ -374,13 +382,15 @@ class Session:
     def _start_upload(self, size: int, sha256: str, allow_downgrade: bool) -> Answer:
         frame = min(self.config.frame_size, MAX_PAYLOAD)
         upload = Upload(size, sha256, frame, self.app.device.config.download, self._send)
+        job_id = uuid.uuid4().hex[:12]
+        self.upload, self.last_upload = upload, None
+        self._watch(job_id, None)  # before it starts: a job may end before submit returns
         try:
-            job = upload.start(self.app, allow_downgrade=allow_downgrade)
+            job = upload.start(self.app, job_id, allow_downgrade=allow_downgrade)
         except OtaError as e:
+            self._unwatch(job_id)
+            self.upload = None
             return Answer.failed("upload", e)
-        self.upload = upload
-        self.last_upload = None
-        self._watch(job.id, None)
         text = (f"upload {upload.transfer}: send {size} bytes in frames of {frame} "
                 f"(ota-console put); install job {job.id}")
         return Answer("upload", True, text, upload.describe(), extra={"job": job.to_json(), "pending": True})

@@ -83,17 +83,19 @@ class Upload:
         self.source = SerialUploadSource(self.link, self.transfer, size=size, sha256=sha256, frame_size=frame_size,
                                          limits=limits)
         self.job: JobView | None = None
+        self.job_id: str | None = None
         self.naks = 0
         self.frames = 0
 
-    def start(self, app: App, *, allow_downgrade: bool = False) -> JobView:
+    def start(self, app: App, job_id: str, *, allow_downgrade: bool = False) -> JobView:
         """Queue the install from this upload (BusyError when a job runs)."""
         source = self.source
 
         def work(ctx: JobContext) -> InstallOutcome:
             return app.install(ctx, source, allow_downgrade=allow_downgrade)
 
-        self.job = app.queue.submit("install", work, origin=ORIGIN)
+        self.job_id = job_id
+        self.job = app.queue.submit("install", work, origin=ORIGIN, job_id=job_id)
         return self.job
 
     def matches(self, size: int, sha256: str) -> bool:
@@ -134,4 +136,4 @@ class Upload:
 
     def describe(self) -> dict[str, Any]:
         return {"transfer": self.transfer, "size": self.size, "sha256": self.sha256, "frame": self.frame_size,
-                "next": self.next_offset, "job": self.job.id if self.job else None}
+                "next": self.next_offset, "job": self.job_id}

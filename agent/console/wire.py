@@ -12,6 +12,7 @@ Sans-IO: `feed(bytes)` returns what was recognised; no threads, no port.
   dropped). A header whose CRC fails is noise: scanning resumes one byte later,
   so a corrupted length never makes the reader wait for bytes that will not come.
   A frame whose CRC-32 fails is `BadFrame` (with the offset its header named).
+  A frame left unfinished when the line goes quiet is dropped (`expire`).
 
 Owns splitting; not what a line means (agent.console.session) nor the port.
 """
@@ -107,6 +108,17 @@ class Splitter:
             self.dropped += len(buf) - keep
             del buf[: len(buf) - keep]
         return False
+
+    def expire(self) -> Item | None:
+        """The line went quiet: a frame begun but not finished (a cable pulled mid-frame)
+        will not be finished; drop it, so the next line is not swallowed as its payload.
+        A partial text line stays (a person types slowly)."""
+        if self._buf.startswith(MAGIC):
+            n = len(self._buf)
+            self._buf.clear()
+            self.dropped += n
+            return Noise(n)
+        return None
 
     def _drop(self, n: int, out: list[Item], *, partial_line: bool) -> None:
         del self._buf[:n]

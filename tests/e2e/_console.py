@@ -165,6 +165,8 @@ class Relay:
         self.cut_now = threading.Event()
         self._stop = threading.Event()
         self.moved = 0
+        self.to_device = 0  # bytes passed host -> device
+        self.corrupt_at: int | None = None  # flip one bit of the host -> device byte at this position
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
         self._thread.start()
 
@@ -180,6 +182,15 @@ class Relay:
         self.host.close()
         self.device.close()
 
+    def _maybe_corrupt(self, data: bytes) -> bytes:
+        at, start = self.corrupt_at, self.to_device
+        self.to_device += len(data)
+        if at is None or not start <= at < self.to_device:
+            return data
+        self.corrupt_at = None
+        i = at - start
+        return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :]
+
     def _run(self) -> None:
         ends = {self.host.master: self.device.master, self.device.master: self.host.master}
         pending = {self.host.master: b"", self.device.master: b""}
@@ -190,6 +201,8 @@ class Relay:
                 with contextlib.suppress(BlockingIOError, OSError):
                     data = os.read(fd, 4096 if self.rate is None else max(1, int(self.rate / 50)))
                     if not self.cut_now.is_set():
+                        if fd == self.host.master:
+                            data = self._maybe_corrupt(data)
                         pending[fd] += data
             for src, dst in ends.items():
                 if self.cut_now.is_set():
