@@ -29,6 +29,7 @@ nor what commands do (agent.actions).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import shlex
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,7 +131,10 @@ class Session:
         self.app = app
         self.config = config
         self.gate = gate
-        self._send = send
+        self._raw_send = send
+        self._out_lock = threading.Lock()
+        self._holder: int | None = None  # the thread answering a line: others' lines wait for its replies
+        self._deferred: list[str] = []
         self.log_lines = log_lines
         self.clock = clock
         self.json = False
@@ -145,6 +149,28 @@ class Session:
         self._noise_suppressed = 0
 
     # --- output ------------------------------------------------------------------------
+
+    def _send(self, line: str) -> None:
+        """Any thread. While a line is being answered, what other threads say (a job's
+        result, an upload's credit) waits until that line's replies are out."""
+        with self._out_lock:
+            if self._holder is not None and self._holder != threading.get_ident():
+                self._deferred.append(line)
+            else:
+                self._raw_send(line)
+
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        with self._out_lock:
+            self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._out_lock:
+                self._holder = None
+                for line in self._deferred:
+                    self._raw_send(line)
+                self._deferred.clear()
 
     def emit(self, answer: Answer) -> None:
         if answer is _SILENT:
@@ -190,6 +216,10 @@ class Session:
         self.active = False
 
     def frame(self, frame: Frame) -> None:
+        with self._answering():
+            self._frame(frame)
+
+    def _frame(self, frame: Frame) -> None:
         self.touch()
         if self.upload is None:
             self.notice("error: a data frame but no upload is running (upload SIZE SHA256 first)")
@@ -204,6 +234,10 @@ class Session:
             self.noise(f"a damaged frame ({reason})")
 
     def line(self, text: str) -> None:
+        with self._answering():
+            self._line(text)
+
+    def _line(self, text: str) -> None:
         self.touch()
         text = text.strip()
         if not text:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import COMMANDS
+from agent.commands import COMMANDS, Command, Param
 from tests.e2e._console import Pty, Technician, add_console, served
 from tests.e2e._sim import SimDevice
 from tests.e2e.conftest import BundleFactory
@@ -146,3 +146,27 @@ def test_collect_logs_writes_to_a_mounted_stick(device: SimDevice, console: Tech
         assert set(written["status"]) == set(device.status())
     finally:
         subprocess.run(["umount", str(stick)], check=True)
+
+
+def test_a_command_added_to_the_table_later_is_reachable_and_confirmed(
+        console: Technician, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+
+    def run(app: object, args: dict[str, object], ctx: object) -> dict[str, object]:
+        calls.append(dict(args))
+        return {"done": True}
+
+    future = Command("provision-like", "a command the console was not written for",
+                     (Param("identity", str, required=True), Param("force", bool, default=False),
+                      Param("count", int, default=1)),
+                     True, False, run, lambda r: dict(r), lambda r: "provisioned")
+    monkeypatch.setitem(COMMANDS, future.name, future)
+    console.line("json on")
+    console.reply("json")
+    doc = console.run("provision-like dev-7 --force count=3")
+    assert doc["ok"] is True, doc
+    assert doc["text"] == "provisioned"
+    assert calls == [{"identity": "dev-7", "force": True, "count": 3}]
+    console.line("provision-like dev-7 count=three")
+    refused = console.reply()
+    assert "is not a int" in refused["error"]["message"], refused
