@@ -139,7 +139,7 @@ class Technician:
     def run(self, command: str) -> dict[str, Any]:
         """JSON mode: `command`, confirmed with yes when asked, followed to its result."""
         self.line(command)
-        name = command.split()[0]
+        name = command.split(maxsplit=1)[0]
         doc = self.reply(name)
         if doc.get("confirm"):
             self.line("yes")

@@ -35,7 +35,7 @@ class Keys:
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     tech_dir = tmp_path / "technicians"
-    tech_key, _ = generate_key(tech_dir)
+    _tech_key, _ = generate_key(tech_dir)
     stranger_key, _ = generate_key(tmp_path / "stranger")
     (tech_dir / "signing.key").rename(tmp_path / "tech.key")  # the device's directory holds only .pub files
     return Keys(load_private_key(tmp_path / "tech.key"), tmp_path / "tech.key", load_private_key(stranger_key))
@@ -59,7 +59,7 @@ def tech(device: SimDevice, keys: Keys, tmp_path: Path) -> Iterator[Technician]:
 
 def _challenge(tech: Technician, command: str) -> dict[str, str]:
     tech.line(command)
-    doc = tech.reply(command.split()[0])
+    doc = tech.reply(command.split(maxsplit=1)[0])
     assert doc["ok"] is True, doc
     ask = doc["confirm"]
     assert ask["challenge"].startswith("edge-ota console challenge v1 ")
@@ -89,7 +89,8 @@ def test_a_signed_challenge_runs_the_command(device: SimDevice, tech: Technician
     doc = tech.reply("mark-good")
     assert doc["pending"] is True
     done = tech.reply("mark-good")
-    assert done["ok"] is True and done["done"] is True
+    assert done["ok"] is True
+    assert done["done"] is True
     assert _auth_events(device) == []
 
 

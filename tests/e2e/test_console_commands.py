@@ -8,7 +8,9 @@ run as jobs whose result follows; every command of the table is reachable."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def test_text_replies_are_for_people(console: Technician) -> None:
     console.line("slots")
     assert console.expect(r"^slot A\*")
     console.line("help")
-    seen = [console.expect(r"^commands of the device")] + console.quiet()
+    seen = [console.expect(r"^commands of the device"), *console.quiet()]
     for name in COMMANDS:
         assert any(line.strip().startswith(name) for line in seen), name
     console.line("progress")
@@ -75,7 +77,8 @@ def test_every_command_of_the_table_is_reachable_in_json(console: Technician) ->
             console.line("no")
             assert console.reply(name)["ok"] is False
         else:
-            assert "ok" in doc and "text" in doc
+            assert "ok" in doc
+            assert "text" in doc
 
 
 def test_console_only_commands_in_json(console: Technician) -> None:
@@ -84,7 +87,8 @@ def test_console_only_commands_in_json(console: Technician) -> None:
     for line, key in (("help", "commands"), ("slots", "slots"), ("log 3", "lines"), ("progress", "job")):
         console.line(line)
         doc = console.reply(line.split()[0])
-        assert doc["ok"] is True and key in doc["result"], doc
+        assert doc["ok"] is True, doc
+        assert key in doc["result"], doc
     console.line("json off")
     assert console.expect("^json off$")
 
@@ -97,7 +101,8 @@ def test_a_bundle_on_the_device_is_installed_after_confirmation(device: SimDevic
     doc = console.run(f"install {bundle}")
     assert doc["ok"] is True, doc
     assert doc["done"] is True
-    assert doc["result"]["bundle_version"] == "2.0" and doc["result"]["slot"] == "B"
+    assert doc["result"]["bundle_version"] == "2.0"
+    assert doc["result"]["slot"] == "B"
     assert device.status()["slots"]["B"]["version"] == "2.0"
 
 
@@ -159,7 +164,7 @@ def test_a_command_added_to_the_table_later_is_reachable_and_confirmed(
     future = Command("provision-like", "a command the console was not written for",
                      (Param("identity", str, required=True), Param("force", bool, default=False),
                       Param("count", int, default=1)),
-                     True, False, run, lambda r: dict(r), lambda r: "provisioned")
+                     True, False, run, dict, lambda r: "provisioned")
     monkeypatch.setitem(COMMANDS, future.name, future)
     console.line("json on")
     console.reply("json")
@@ -170,3 +175,37 @@ def test_a_command_added_to_the_table_later_is_reachable_and_confirmed(
     console.line("provision-like dev-7 count=three")
     refused = console.reply()
     assert "is not a int" in refused["error"]["message"], refused
+
+
+def test_ota_agent_console_serves_one_port_standalone_and_stops_on_sigterm(device: SimDevice) -> None:
+    pty = Pty.open()
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "-c", str(device.config), "console", "--port",
+                             pty.path, "--baud", "115200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        tech = Technician(pty.master)
+        tech.wait_ready()
+        tech.line("status")
+        assert tech.expect(r"^booted\s+A")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        pty.close()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('baud = 12345', "[console] baud: = 12345 is not a standard rate"),
+    ('ports = "/dev/ttyS0"', "[console] ports: must be a list of at most 8 paths"),
+    ('colour = "red"', "unknown key 'colour'"),
+    ('idle_timeout = 0', "[console] idle_timeout: must be a number in 1..86400"),
+])
+def test_console_config_errors_name_the_key(device: SimDevice, table: str, message: str) -> None:
+    with device.config.open("a") as f:
+        f.write(f"\n[console]\n{table}\n")
+    run = device.agent("status")
+    assert run.rc == 1
+    assert message in run.one_error_line()
