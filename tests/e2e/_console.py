@@ -17,39 +17,19 @@ import json
 import os
 import re
 import select
-import threading
 import time
-import tty
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import wiring
 from agent.actions import App
 from agent.console.port import ConsolePort
+from tests.fixtures.serial_line import Pty, Relay
+
+__all__ = ["Pty", "Relay", "Technician", "add_console", "served"]
 
 WAIT = 20.0
-
-
-@dataclass
-class Pty:
-    master: int
-    slave: int  # kept open by the test: the device side may close and reopen its own
-    path: str
-
-    @classmethod
-    def open(cls) -> Pty:
-        m, s = os.openpty()
-        tty.setraw(s)
-        tty.setraw(m)
-        os.set_blocking(m, False)
-        return cls(m, s, os.ttyname(s))
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 class Technician:
@@ -151,80 +131,6 @@ class Technician:
                 if doc.get("done") and doc["job"]["id"] == job:
                     break
         return doc
-
-
-class Relay:
-    """Two pty pairs joined back to back: the host's end and the device's end. `cut()`
-    drops every byte both ways (a pulled cable) until `join()`; `rate` bytes a second
-    at most, each way (a real line's speed), None for as fast as the ptys go."""
-
-    def __init__(self, rate: float | None = None) -> None:
-        self.host = Pty.open()
-        self.device = Pty.open()
-        self.rate = rate
-        self.cut_now = threading.Event()
-        self._stop = threading.Event()
-        self.moved = 0
-        self.to_device = 0  # bytes passed host -> device
-        self.corrupt_at: int | None = None  # flip one bit of the host -> device byte at this position
-        self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
-        self._thread.start()
-
-    def cut(self) -> None:
-        self.cut_now.set()
-
-    def join(self) -> None:
-        self.cut_now.clear()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.host.close()
-        self.device.close()
-
-    def _maybe_corrupt(self, data: bytes) -> bytes:
-        at, start = self.corrupt_at, self.to_device
-        self.to_device += len(data)
-        if at is None or not start <= at < self.to_device:
-            return data
-        self.corrupt_at = None
-        i = at - start
-        return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :]
-
-    def _run(self) -> None:
-        ends = {self.host.master: self.device.master, self.device.master: self.host.master}
-        pending = {self.host.master: b"", self.device.master: b""}
-        budget_at = time.monotonic()
-        while not self._stop.is_set():
-            ready, _, _ = select.select(list(ends), [], [], 0.02)
-            for fd in ready:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    data = os.read(fd, 4096 if self.rate is None else max(1, int(self.rate / 50)))
-                    if not self.cut_now.is_set():
-                        if fd == self.host.master:
-                            data = self._maybe_corrupt(data)
-                        pending[fd] += data
-            for src, dst in ends.items():
-                if self.cut_now.is_set():
-                    pending[src] = b""
-                    continue
-                if not pending[src]:
-                    continue
-                if self.rate is not None:  # pace: at most `rate` bytes per second of wall time
-                    now = time.monotonic()
-                    budget_at = max(budget_at, now - 0.05)
-                    if budget_at > now:
-                        continue
-                    n = min(len(pending[src]), max(1, int(self.rate * 0.01)))
-                    budget_at += n / self.rate
-                else:
-                    n = len(pending[src])
-                try:
-                    written = os.write(dst, pending[src][:n])
-                except (BlockingIOError, OSError):
-                    written = 0
-                pending[src] = pending[src][written:]
-                self.moved += written
 
 
 def add_console(config: Path, port: str, **keys: Any) -> None:
