@@ -107,6 +107,8 @@ class ConsolePort:
         self._ring = LogRing()
         self._unsubscribe: Callable[[], None] | None = None
         self.dropped_output = 0
+        self._ser: Any = None
+        self._thread_id: int | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -133,7 +135,12 @@ class ConsolePort:
         with self._out_lock:
             if len(self._out) == self._out.maxlen:
                 self.dropped_output += 1
+            wake = not self._out
             self._out.append(line)
+            ser = self._ser
+        if wake and ser is not None and threading.get_ident() != self._thread_id:
+            with contextlib.suppress(Exception):  # a port closing meanwhile
+                ser.cancel_read()  # the port's thread writes it now, not after its read times out
 
     # --- the port's thread -------------------------------------------------------------------
 
@@ -165,6 +172,15 @@ class ConsolePort:
             self._stop.wait(REOPEN if failed_before else 0)
 
     def _talk(self, ser: Any) -> None:
+        with self._out_lock:
+            self._ser, self._thread_id = ser, threading.get_ident()
+        try:
+            self._talk_on(ser)
+        finally:
+            with self._out_lock:
+                self._ser = None
+
+    def _talk_on(self, ser: Any) -> None:
         session = self.session
         assert session is not None
         splitter = Splitter()
