@@ -1,6 +1,7 @@
 """`ota-agent`: the device commands of the command table (`agent.commands`:
 install, media, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
-`media-poll` (the USB stick polling fallback), `run` (the daemon) and the simulated device (`sim init`, `sim boot`).
+`media-poll` (the USB stick polling fallback), `run` (the daemon), `console --port DEV`
+(one serial console, docs/console.md) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
 and prints its reply. While `ota-agent run` serves the local API (docs/api.md) the
@@ -26,6 +27,7 @@ from agent import api_client, service, sim, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
+from agent.console.port import ConsolePort
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
 from agent.media import poll
@@ -134,6 +136,13 @@ def _run(args: argparse.Namespace) -> int:
     return service.run(app, wiring.front_ends(app), wiring.notifier())
 
 
+def _console(args: argparse.Namespace) -> int:
+    """One serial console served by this process (systemd/ota-console@.service)."""
+    app = wiring.build_app(Path(args.config))
+    front = ConsolePort(app.device.config.console, args.port, baud=args.baud)
+    return service.run(app, [front], wiring.notifier())
+
+
 def _sim_init(args: argparse.Namespace) -> int:
     spec = sim.SimSpec(
         directory=Path(args.dir),
@@ -186,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("console", parents=[common], help="serve a technician's serial console on one port")
+    p.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyS0")
+    p.add_argument("--baud", type=int, help="line speed (default: [console] baud, 115200)")
+    p.set_defaults(func=_console)
 
     simp = sub.add_parser("sim", help="a simulated device in a directory")
     simsub = simp.add_subparsers(dest="sim_command", required=True)

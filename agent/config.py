@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.console.config import ConsoleConfig, load_console
 from agent.errors import ConfigError
 from agent.mqtt.config import MqttConfig, load_mqtt
 from hw import slotid
@@ -102,6 +103,7 @@ class Config:
     download: DownloadConfig = DownloadConfig()
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
     api: ApiConfig = ApiConfig()
+    console: ConsoleConfig = ConsoleConfig()  # noqa: RUF009 (frozen) [console]: serial ports (docs/console.md)
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -240,7 +242,8 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _load(path: Path) -> Config:
     doc = _parse(path)
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api"})
+    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api",
+                                "console"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -286,6 +289,7 @@ def _load(path: Path) -> Config:
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
         api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),
+        console=load_console(doc.get("console", {}), path),
     )
 
 
