@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():
         _add_command(sub, command, reporting)
 
+    bootp = sub.add_parser("bootloader", help="the bootloader's state (bootloader init: set up a new device)")
+    bootsub = bootp.add_subparsers(dest="bootloader_command", required=True)
+    _add_command(bootsub, COMMANDS["bootloader-init"], reporting, name="init")
+
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
 
@@ -189,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) -> None:
+def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser, name: str | None = None) -> None:
     """A subcommand from the table: a required string is a positional argument, an
     optional `slot`/`job` an optional positional one, a bool a --flag (--no-NAME when
     it defaults to true)."""
-    p = sub.add_parser(command.name, parents=[parent], help=command.help)
+    p = sub.add_parser(name or command.name, parents=[parent], help=command.help)
     for param in command.params:
         if param.type is bool:
             if param.default:
@@ -202,11 +206,14 @@ def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) ->
             else:
                 p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, action="store_true",
                                help=param.help)
+        elif param.option:
+            p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, required=param.required,
+                           default=param.default, help=param.help)
         elif param.required:
             p.add_argument(param.name, help=param.help)
         else:
             p.add_argument(param.name, nargs="?", default=param.default, help=param.help)
-    p.set_defaults(func=_command)
+    p.set_defaults(func=_command, command=command.name)
 
 
 def _not_failures(record: logging.LogRecord) -> bool:

@@ -22,6 +22,7 @@ from agent.actions import App, BootCheckResult, RebootOutcome, RollbackOutcome
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
+from agent.provision import boot as provision_boot
 from agent.status import DeviceStatus
 from ota_common.errors import OtaError
 from ota_common.text import clean
@@ -42,6 +43,7 @@ class Param:
     help: str = ""
     choices: tuple[str, ...] = ()
     max_len: int = MAX_ARG  # strings: what the front end's own message bound does not already cap
+    option: bool = False  # the CLI spells it --name VALUE (not a positional argument)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,10 @@ COMMANDS: dict[str, Command] = {
                 (Param("reboot", bool, default=True, help="reboot when the trial failed (default)"),), True, False,
                 lambda app, a, ctx: app.boot_check(_need(ctx), reboot=bool(a.get("reboot", True))),
                 BootCheckResult.to_json, BootCheckResult.text, ok=lambda r: bool(r.ok)),
+        Command("bootloader-init", "initialise the bootloader: every slot good, the first one primary",
+                (Param("force", bool, default=False, help="overwrite a valid or damaged state"),), True, False,
+                lambda app, a, ctx: provision_boot.bootloader_init(app.device, force=_bool_arg(a, "force")),
+                provision_boot.outcome_json, provision_boot.outcome_text),
         Command("cancel", "ask the running job to stop at its next safe point",
                 (Param("job", str, help="job id (default: the running one)"),), False, True, _run_cancel,
                 _job_json, _job_text),
