@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import doctor as doctor_mod
 from agent.actions import App, BootCheckResult, RebootOutcome, RollbackOutcome
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
@@ -143,6 +144,11 @@ def _run_job(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> JobView:
     return view
 
 
+def _run_doctor(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> doctor_mod.DoctorReport:
+    bundle = doctor_mod.bundle_head(app.device, a["bundle"]) if a.get("bundle") else None
+    return doctor_mod.doctor(app.device, bundle=bundle)
+
+
 _SLOT = Param("slot", str, default="booted", help="booted (default), other, or a bootname")
 _FORCE = Param("force", bool, default=False, help="mark good although the slot's content is not known complete")
 _FORCE_BAD = Param("force", bool, default=False, help="mark the booted slot bad although no other slot can boot")
@@ -190,6 +196,10 @@ COMMANDS: dict[str, Command] = {
                 (Param("force", bool, default=False, help="overwrite a valid or damaged state"),), True, False,
                 lambda app, a, ctx: provision_boot.bootloader_init(app.device, force=_bool_arg(a, "force")),
                 provision_boot.outcome_json, provision_boot.outcome_text),
+        Command("doctor", "check what a bring-up needs, one line per check with the fix",
+                (Param("bundle", str, help="also check the slots hold this bundle's images", option=True),), False,
+                True, _run_doctor, doctor_mod.DoctorReport.to_json, doctor_mod.DoctorReport.render,
+                ok=lambda r: bool(r.ok)),
         Command("cancel", "ask the running job to stop at its next safe point",
                 (Param("job", str, help="job id (default: the running one)"),), False, True, _run_cancel,
                 _job_json, _job_text),
