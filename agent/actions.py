@@ -16,6 +16,8 @@ Actions:
   boot_check()         assess the booted slot after a boot (agent.bootcheck)
   status()             the device's status value
   cancel(job)          ask the running job to stop at its next safe point
+  identity()           the device identity: key made on the device if missing, CSR, certificate
+  provision(bundle)    factory provisioning (agent.provision.run), resumable
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from agent.events import Event, EventType, Result
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
+from agent.provision import identity as identity_mod
+from agent.provision import record as provision_record
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, provision
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
@@ -151,6 +156,22 @@ class App:
                 reinstall=reinstall,
                 txn=ctx.job_id,
             )
+
+    def provision(self, ctx: JobContext, request: ProvisionRequest) -> ProvisionOutcome:
+        """Factory provisioning; each step is reported as job progress."""
+        return provision(self.device, request, progress=ctx.progress, txn=ctx.job_id)
+
+    def identity(
+        self, ctx: JobContext, *, device_id: str | None = None, cert: str | None = None, ca_cert: str | None = None
+    ) -> identity_mod.Identity:
+        """The identity a station needs before signing: made (key, CSR) if missing; with
+        `cert`, the factory CA's certificate for it is checked and installed."""
+        device = self.device
+        pcfg = device.config.provision
+        with device.store.lock():
+            known = provision_record.load(pcfg.dir).info.get("device_id")
+            return identity_mod.ensure_identity(pcfg.dir, key_type=pcfg.key_type, device_id=device_id,
+                                                known_id=known, cert=cert, ca_cert=ca_cert, now=device.clock())
 
     def mark(self, ctx: JobContext, slot: str, verdict: Verdict, *, force: bool = False) -> MarkOutcome:
         return mark(self.device, slot, verdict, force=force)

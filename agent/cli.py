@@ -91,6 +91,7 @@ def _command(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+PATH_PARAMS = ("source", "bundle", "cert", "ca_cert")  # file arguments: made absolute for the daemon
 STANDALONE = frozenset({"boot-check"})  # the boot's own assessment: runs before the daemon, in its own unit
 
 
@@ -105,8 +106,10 @@ def _through_daemon(
     session = api_client.Session.open(config_mod.load(config_path).api)
     if session is None:
         return None
-    if isinstance(source, str) and "://" not in source:
-        cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
+    for name in PATH_PARAMS:  # the daemon has its own working directory
+        value = cli_args.get(name)
+        if isinstance(value, str) and value != "-" and "://" not in value and not value.startswith("-----BEGIN"):
+            cli_args = {**cli_args, name: os.path.abspath(value)}
     with session:
         return session.call(command.name, cli_args, on_progress=progress)
 

@@ -1,0 +1,248 @@
+"""`provision`: a blank device becomes a fleet member, resumably (docs/factory.md).
+
+Owns the order of the steps and what "done" means for each; the work of each
+step is someone else's (identity.py, the installer, hw.bootloader.init):
+
+    preflight   (writes nothing) the bundle's signature, compatible string and
+                security version; a full bundle; no slot booted; slots large
+                enough and not mounted; bootloader storage writable; keyring
+    identity    the device key (made once, never remade), CSR, certificate
+    config      the device config: the factory config plus [mqtt] (broker,
+                device id, the identity as TLS client key and certificate)
+    image       the bundle into every slot (`installer.install_all_slots`: every
+                install check, one pass, each slot read back)
+    bootloader  every slot good, the first primary; the security floor raised
+                to the image's security version
+    record      the provisioning record complete, a `provision` event reported
+
+Each step is recorded durably (record.py) as soon as its effects are; a re-run
+after a power cut (or SIGKILL) skips the steps recorded and redoes at most the
+one that was cut, which is idempotent. The whole run holds the state lock. A
+provisioned device refuses to be provisioned again unless `force` (which the
+CLI spells --force and the console guards with the technician challenge); a
+forced run keeps the identity.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agent import config as config_mod
+from agent import doctor, policy
+from agent.crashpoint import crashpoint
+from agent.daemon import Device
+from agent.errors import ConfigError, InstallError
+from agent.events import Event, EventType, Result, iso
+from agent.installer import install_all_slots, refuse_delta
+from agent.provision import identity, record
+from agent.provision.boot import init_outside_lock
+from agent.sources import source_for
+from bundler.format.signing import VerifiedBundle
+from hw.bootloader.init import Found, init_env, probe
+from ota_common.errors import OtaError
+from ota_common.fsutil import atomic_write, read_regular
+from ota_common.text import clean
+
+MARK = "# --- written by ota-agent provision (docs/factory.md): everything below is replaced on a re-run ---"
+PREFLIGHT = (doctor.check_slot_marker, doctor.check_env_writable, doctor.check_slots, doctor.check_keyring)
+
+StepProgress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class ProvisionError(InstallError):
+    """Provisioning refused or cannot continue; nothing the message does not name was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionRequest:
+    bundle: str
+    device_id: str | None = None
+    cert: str | None = None  # PEM text or a path: the device certificate the factory CA signed
+    ca_cert: str | None = None  # PEM text or a path: the factory CA certificate
+    broker: str | None = None  # overrides [provision] broker
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionOutcome:
+    ident: identity.Identity
+    bundle_version: str
+    image_sha256: str
+    security_version: int
+    ran: tuple[str, ...]  # steps this run did
+    skipped: tuple[str, ...]  # steps a previous run had recorded
+    device_config: Path
+    record_path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.ident.to_json(), "bundle_version": self.bundle_version, "image_sha256": self.image_sha256,
+                "security_version": self.security_version, "steps_run": list(self.ran),
+                "steps_skipped": list(self.skipped), "device_config": str(self.device_config),
+                "record": str(self.record_path), "result": "provisioned"}
+
+    def text(self) -> str:
+        resumed = f" (resumed: {', '.join(self.skipped)} already done)" if self.skipped else ""
+        return (f"provisioned: {self.ident.text()}\n"
+                f"image {self.bundle_version} ({self.image_sha256[:16]}...) in every slot; "
+                f"config {self.device_config}{resumed}")
+
+
+def provision(device: Device, req: ProvisionRequest, *, progress: StepProgress | None = None,
+              txn: str | None = None) -> ProvisionOutcome:
+    txn = txn or uuid.uuid4().hex[:12]
+    with device.store.lock():
+        try:
+            return _provision(device, req, progress or (lambda phase, done, total: None), txn)
+        except OtaError as e:
+            device.events.emit(Event(event=EventType.PROVISION, result=Result.FAILED, reason=str(e), txn=txn))
+            raise
+
+
+def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, txn: str) -> ProvisionOutcome:
+    pcfg = device.config.provision
+    directory = pcfg.dir
+    try:
+        rec = record.load(directory)
+    except record.RecordError:
+        if not req.force:
+            raise
+        rec = record.Record(steps={"identity": "kept"} if (directory / identity.KEY_FILE).exists() else {})
+    if rec.complete:
+        if not req.force:
+            raise ProvisionError(
+                f"already provisioned as device {rec.info.get('device_id')} at {rec.info.get('provisioned')} "
+                f"(image {rec.info.get('bundle_version')}); re-provisioning needs --force (the identity is kept)"
+            )
+        rec = rec.restarted()
+    head = _preflight(device, req)
+    m = head.manifest
+    skipped = tuple(s for s in record.STEPS if rec.done(s))
+    ran: list[str] = []
+    rec = replace(rec, runs=rec.runs + 1)
+    total = len(record.STEPS)
+
+    def step_done(name: str, **info: Any) -> None:
+        nonlocal rec
+        rec = rec.with_step(name, iso(device.clock()), **info)
+        record.save(directory, rec)
+        ran.append(name)
+        progress(f"provision: {name} done", record.STEPS.index(name) + 1, total)
+        crashpoint(f"provision-after-{name}")
+
+    # identity: every run loads it (the outcome reports it); only a missing piece is made.
+    progress("provision: identity", 0, total)
+    ident = identity.ensure_identity(
+        directory, key_type=pcfg.key_type, device_id=req.device_id, known_id=rec.info.get("device_id"),
+        cert=req.cert, ca_cert=req.ca_cert, now=device.clock(),
+    )
+    if ident.created:
+        crashpoint("provision-after-key")
+    if not rec.done("identity") or req.cert is not None:
+        step_done("identity", device_id=ident.device_id, public_key_sha256=ident.fingerprint,
+                  key_type=ident.key_type)
+    if not rec.done("config") or req.cert is not None or req.broker is not None:
+        write_device_config(device, ident, broker=req.broker or pcfg.broker)
+        step_done("config", device_config=str(pcfg.device_config))
+    image_sha = m.images[0].sha256
+    if not (rec.done("image") and rec.info.get("image_sha256") == image_sha):
+        _ensure_bootloader_state(device)
+        with source_for(req.bundle, device.config.download).open() as stream:
+            install_all_slots(device, stream, txn=txn,
+                              progress=lambda phase, done, all_: progress(f"provision: image {phase.value}", done,
+                                                                          all_))
+        step_done("image", bundle_version=m.bundle_version, image_sha256=image_sha,
+                  security_version=m.security_version)
+    if not rec.done("bootloader"):
+        init_outside_lock(device, force=True)
+        state = device.store.load()
+        if state.committed_security_version < m.security_version:
+            device.store.save(replace(state, committed_security_version=m.security_version))
+        step_done("bootloader")
+    if not rec.done("record"):
+        reason = f"provisioned as device {ident.device_id} with image {m.bundle_version} in every slot"
+        device.record(Event(event=EventType.PROVISION, result=Result.OK, reason=reason, txn=txn,
+                            bundle_version=m.bundle_version))
+        rec = replace(rec, info={**rec.info, "provisioned": iso(device.clock())})
+        step_done("record")
+    return ProvisionOutcome(ident, m.bundle_version, image_sha, m.security_version, tuple(ran), skipped,
+                            pcfg.device_config, record.path_of(directory))
+
+
+def _preflight(device: Device, req: ProvisionRequest) -> VerifiedBundle:
+    """Everything that can refuse the run, checked before anything is written."""
+    if req.bundle == "-":
+        raise ProvisionError("provisioning reads the bundle twice (check, then write): give a file or URL, not -")
+    head = doctor.bundle_head(device, req.bundle)
+    policy.check(head, compatible=device.config.compatible,
+                 security_floor=device.store.load().committed_security_version, now=device.clock())
+    refuse_delta(head)
+    report = doctor.doctor(device, bundle=head, factory=True, checks=PREFLIGHT)
+    if not report.ok:
+        problems = "; ".join(f"{c.name}: {c.detail}" for c in report.failed())
+        raise ProvisionError(f"not ready to provision: {problems}")
+    return head
+
+
+def _ensure_bootloader_state(device: Device) -> None:
+    """The installer marks every slot bad before writing, so a state must exist: on a
+    device not yet provisioned whatever is there (nothing, or leftovers) is replaced."""
+    env = device.bootloader.env
+    if probe(env).found is not Found.VALID:
+        init_env(env, device.config.bootnames, force=True)
+
+
+# --- the device config -----------------------------------------------------------
+
+
+def render_device_config(factory_text: str, ident: identity.Identity, *, broker: str | None,
+                         directory: Path) -> str:
+    base = factory_text.split(MARK, 1)[0].rstrip("\n") + "\n"
+    try:
+        doc = tomllib.loads(base)
+    except tomllib.TOMLDecodeError as e:
+        raise ProvisionError(f"the factory config is not valid TOML: {e}") from None
+    if "mqtt" in doc:
+        raise ProvisionError("the factory config already has an [mqtt] table; provisioning writes it "
+                             "(move broker settings to [provision] broker)")
+    lines = [MARK, f"# device {ident.device_id}, {ident.key_type} key SHA-256 {ident.fingerprint}"]
+    if broker is not None:
+        lines += ["[mqtt]", f"broker = {_toml_str(broker)}", f"device_id = {_toml_str(ident.device_id)}"]
+        if ident.certificate:
+            lines += [f"cert = {_toml_str(str(directory / identity.CERT_FILE))}",
+                      f"key = {_toml_str(str(directory / identity.KEY_FILE))}"]
+    return base + "\n" + "\n".join(lines) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in escaped):
+        raise ProvisionError(f"{clean(value, 80)!r} holds a control character")
+    return f'"{escaped}"'
+
+
+def write_device_config(device: Device, ident: identity.Identity, *, broker: str | None) -> None:
+    pcfg = device.config.provision
+    try:
+        factory_text = read_regular(device.config.path, config_mod.MAX_CONFIG + 1).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProvisionError(f"cannot read the factory config {device.config.path}: {e}") from None
+    text = render_device_config(factory_text, ident, broker=broker, directory=pcfg.dir.resolve())
+    target = pcfg.device_config
+    check = target.with_name(f".{target.name}.check")
+    try:
+        atomic_write(check, text.encode(), mode=0o644)
+        try:
+            config_mod.load(check)  # the device config must load where it will live (relative paths)
+        finally:
+            os.unlink(check)
+        atomic_write(target, text.encode(), mode=0o644)
+    except ConfigError as e:
+        raise ProvisionError(f"the device config would not load: {e}") from None
+    except OSError as e:
+        raise ProvisionError(f"cannot write the device config {target}: {e.strerror}") from None
