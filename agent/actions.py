@@ -30,7 +30,7 @@ from typing import Any
 from agent.bootcheck import BootCheckOutcome, boot_check
 from agent.daemon import Device
 from agent.errors import LockBusyError, MarkError
-from agent.events import Event, EventType, Result
+from agent.events import Event, EventType, Result, iso
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
@@ -169,9 +169,14 @@ class App:
         device = self.device
         pcfg = device.config.provision
         with device.store.lock():
-            known = provision_record.load(pcfg.dir).info.get("device_id")
-            return identity_mod.ensure_identity(pcfg.dir, key_type=pcfg.key_type, device_id=device_id,
-                                                known_id=known, cert=cert, ca_cert=ca_cert, now=device.clock())
+            rec = provision_record.load(pcfg.dir)
+            ident = identity_mod.ensure_identity(pcfg.dir, key_type=pcfg.key_type, device_id=device_id,
+                                                 known_id=rec.info.get("device_id"), cert=cert, ca_cert=ca_cert,
+                                                 now=device.clock())
+            rec = rec.with_step("identity", iso(device.clock()), device_id=ident.device_id,
+                                public_key_sha256=ident.fingerprint, key_type=ident.key_type)
+            provision_record.save(pcfg.dir, rec)  # a later provision keeps this id
+            return ident
 
     def mark(self, ctx: JobContext, slot: str, verdict: Verdict, *, force: bool = False) -> MarkOutcome:
         return mark(self.device, slot, verdict, force=force)

@@ -111,8 +111,8 @@ def storage_paths(env: BootEnv) -> list[Path]:
     """The files or devices the backend writes (for `ota-agent doctor`)."""
     if isinstance(env, UBootEnv):
         return [c.device for c in env.storage.config().copies]
-    if isinstance(env, BlsEnv):
-        return [env.entries_dir, env.loader_conf]
+    if isinstance(env, BlsEnv):  # a new ESP has no loader/ yet: then the ESP itself must take it
+        return [env.entries_dir, env.loader_conf] if env.entries_dir.parent.exists() else [env.entries_dir.parent]
     path = getattr(env, "path", None)
     return [Path(path)] if path is not None else []
 
