@@ -36,7 +36,7 @@ from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
 from agent.provision import identity as identity_mod
 from agent.provision import record as provision_record
-from agent.provision.run import ProvisionOutcome, ProvisionRequest, provision
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
@@ -169,7 +169,7 @@ class App:
         device = self.device
         pcfg = device.config.provision
         with device.store.lock():
-            rec = provision_record.load(pcfg.dir)
+            rec = pin_device_id(pcfg.dir, provision_record.load(pcfg.dir), device_id)
             ident = identity_mod.ensure_identity(pcfg.dir, key_type=pcfg.key_type, device_id=device_id,
                                                  known_id=rec.info.get("device_id"), cert=cert, ca_cert=ca_cert,
                                                  now=device.clock())

@@ -137,6 +137,7 @@ def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, tx
 
     # identity: every run loads it (the outcome reports it); only a missing piece is made.
     progress("provision: identity", 0, total)
+    rec = pin_device_id(directory, rec, req.device_id)
     ident = identity.ensure_identity(
         directory, key_type=pcfg.key_type, device_id=req.device_id, known_id=rec.info.get("device_id"),
         cert=req.cert, ca_cert=req.ca_cert, now=device.clock(),
@@ -172,6 +173,17 @@ def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, tx
         step_done("record")
     return ProvisionOutcome(ident, m.bundle_version, image_sha, m.security_version, tuple(ran), skipped,
                             pcfg.device_config, record.path_of(directory))
+
+
+def pin_device_id(directory: Path, rec: record.Record, device_id: str | None) -> record.Record:
+    """Record the asked-for device id before a key exists: a run cut after the key is
+    made resumes with the same id even when the re-run does not name it."""
+    known = rec.info.get("device_id")
+    if device_id is None or known is not None:
+        return rec
+    rec = replace(rec, info={**rec.info, "device_id": identity.check_device_id(device_id)})
+    record.save(directory, rec)
+    return rec
 
 
 def _preflight(device: Device, req: ProvisionRequest) -> VerifiedBundle:
