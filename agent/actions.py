@@ -157,9 +157,12 @@ class App:
                 txn=ctx.job_id,
             )
 
-    def provision(self, ctx: JobContext, request: ProvisionRequest) -> ProvisionOutcome:
-        """Factory provisioning; each step is reported as job progress."""
-        return provision(self.device, request, progress=ctx.progress, txn=ctx.job_id)
+    def provision(
+        self, ctx: JobContext, request: ProvisionRequest, source: BundleSource | None = None
+    ) -> ProvisionOutcome:
+        """Factory provisioning; each step is reported as job progress. `source`: the
+        bundle as a stream a front end made (a console upload), else `request.bundle`."""
+        return provision(self.device, request, source=source, progress=ctx.progress, txn=ctx.job_id)
 
     def identity(
         self, ctx: JobContext, *, device_id: str | None = None, cert: str | None = None, ca_cert: str | None = None

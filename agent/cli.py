@@ -101,7 +101,7 @@ def _through_daemon(
     """The command's reply from the daemon serving the config's API socket; None
     when none answers (or the command runs in this process anyway)."""
     source = cli_args.get("source")
-    if command.name in STANDALONE or source == "-":  # stdin is this process's, not the daemon's
+    if command.name in STANDALONE or "-" in (source, cli_args.get("bundle")):  # stdin is ours, not the daemon's
         return None
     session = api_client.Session.open(config_mod.load(config_path).api)
     if session is None:

@@ -376,8 +376,9 @@ def refuse_delta(bundle: VerifiedBundle, ops: Sequence[Op] = ()) -> None:
 
 def install_all_slots(
     device: Device,
-    stream: Readable,
+    stream: Readable | BundleReader,
     *,
+    bundle: VerifiedBundle | None = None,
     progress: ProgressFn | None = None,
     txn: str | None = None,
 ) -> InstallOutcome:
@@ -388,7 +389,8 @@ def install_all_slots(
     and its record cleared before its first byte is written; afterwards each record
     names the image and the slots stay bad: the caller (provisioning) initialises
     the bootloader. No trial is recorded and nothing is set primary. The caller
-    holds the state lock."""
+    holds the state lock. A caller that already read and verified the head passes
+    the reader and `bundle` (provisioning checks the head before its first step)."""
     txn = txn or uuid.uuid4().hex[:12]
     version: str | None = None
     targets = device.config.bootnames
@@ -403,8 +405,9 @@ def install_all_slots(
                 "from a factory environment (initramfs, USB or network boot), not from a slot"
             )
         state = device.store.load()
-        reader = BundleReader(stream)
-        bundle = verify(reader.read_head(), device.keyring())
+        reader = stream if isinstance(stream, BundleReader) else BundleReader(stream)
+        if bundle is None:
+            bundle = verify(reader.read_head(), device.keyring())
         version = bundle.manifest.bundle_version
         policy.check(bundle, compatible=device.config.compatible, security_floor=state.committed_security_version,
                      now=device.clock())

@@ -3,7 +3,7 @@
 Owns the order of the steps and what "done" means for each; the work of each
 step is someone else's (identity.py, the installer, hw.bootloader.init):
 
-    preflight   (writes nothing) the bundle's signature, compatible string and
+    preflight   (writes nothing) the bundle's head, read from the stream: signature, compatible string and
                 security version; a full bundle; no slot booted; slots large
                 enough and not mounted; bootloader storage writable; keyring
     identity    the device key (made once, never remade), CSR, certificate
@@ -42,8 +42,9 @@ from agent.events import Event, EventType, Result, iso
 from agent.installer import install_all_slots, refuse_delta
 from agent.provision import identity, record
 from agent.provision.boot import init_outside_lock
-from agent.sources import source_for
-from bundler.format.signing import VerifiedBundle
+from agent.sources import BundleSource, source_for
+from bundler.format.reader import BundleReader
+from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.init import Found, init_env, probe
 from ota_common.errors import OtaError
 from ota_common.fsutil import atomic_write, read_regular
@@ -93,18 +94,25 @@ class ProvisionOutcome:
                 f"config {self.device_config}{resumed}")
 
 
-def provision(device: Device, req: ProvisionRequest, *, progress: StepProgress | None = None,
-              txn: str | None = None) -> ProvisionOutcome:
+def provision(device: Device, req: ProvisionRequest, *, source: BundleSource | None = None,
+              progress: StepProgress | None = None, txn: str | None = None) -> ProvisionOutcome:
+    """`source`: the bundle as a stream a front end made (a console upload); by
+    default `req.bundle` (a file, `-`, or a URL). The stream is read once, front to
+    back: its head is checked before the first step, its payload is the image step."""
     txn = txn or uuid.uuid4().hex[:12]
     with device.store.lock():
         try:
-            return _provision(device, req, progress or (lambda phase, done, total: None), txn)
+            src = source or source_for(req.bundle, device.config.download)
+            with src.open() as stream:
+                return _provision(device, req, BundleReader(stream), progress or (lambda phase, done, total: None),
+                                  txn)
         except OtaError as e:
             device.events.emit(Event(event=EventType.PROVISION, result=Result.FAILED, reason=str(e), txn=txn))
             raise
 
 
-def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, txn: str) -> ProvisionOutcome:
+def _provision(device: Device, req: ProvisionRequest, reader: BundleReader, progress: StepProgress,
+               txn: str) -> ProvisionOutcome:
     pcfg = device.config.provision
     directory = pcfg.dir
     try:
@@ -120,7 +128,7 @@ def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, tx
                 f"(image {rec.info.get('bundle_version')}); re-provisioning needs --force (the identity is kept)"
             )
         rec = rec.restarted()
-    head = _preflight(device, req)
+    head = _preflight(device, reader)
     m = head.manifest
     skipped = tuple(s for s in record.STEPS if rec.done(s))
     ran: list[str] = []
@@ -153,10 +161,8 @@ def _provision(device: Device, req: ProvisionRequest, progress: StepProgress, tx
     image_sha = m.images[0].sha256
     if not (rec.done("image") and rec.info.get("image_sha256") == image_sha):
         _ensure_bootloader_state(device)
-        with source_for(req.bundle, device.config.download).open() as stream:
-            install_all_slots(device, stream, txn=txn,
-                              progress=lambda phase, done, all_: progress(f"provision: image {phase.value}", done,
-                                                                          all_))
+        install_all_slots(device, reader, bundle=head, txn=txn,
+                          progress=lambda phase, done, all_: progress(f"provision: image {phase.value}", done, all_))
         step_done("image", bundle_version=m.bundle_version, image_sha256=image_sha,
                   security_version=m.security_version)
     if not rec.done("bootloader"):
@@ -186,11 +192,9 @@ def pin_device_id(directory: Path, rec: record.Record, device_id: str | None) ->
     return rec
 
 
-def _preflight(device: Device, req: ProvisionRequest) -> VerifiedBundle:
+def _preflight(device: Device, reader: BundleReader) -> VerifiedBundle:
     """Everything that can refuse the run, checked before anything is written."""
-    if req.bundle == "-":
-        raise ProvisionError("provisioning reads the bundle twice (check, then write): give a file or URL, not -")
-    head = doctor.bundle_head(device, req.bundle)
+    head = verify(reader.read_head(), device.keyring())
     policy.check(head, compatible=device.config.compatible,
                  security_floor=device.store.load().committed_security_version, now=device.clock())
     refuse_delta(head)

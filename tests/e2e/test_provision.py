@@ -13,6 +13,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from bundler.format.ops import Op, OpType
 from bundler.format.signing import load_private_key
 from bundler.format.writer import op_table_digest, write_bundle_file
 from hw.bootloader import model
-from tests.e2e._factory import BlankDevice
+from tests.e2e._factory import REPO, BlankDevice
 from tests.e2e._sim import COMPATIBLE
 from tests.e2e.conftest import BundleFactory, Images, KeyPair
 
@@ -182,3 +184,17 @@ def test_p256_identity_and_a_certificate_from_the_factory_ca(
     assert cfg.mqtt.cert == (device.dir / "provision" / "cert.pem").resolve()
     assert cfg.mqtt.key == (device.dir / "provision" / "key.pem").resolve()
     assert os.stat(device.dir / "provision" / "key.pem").st_mode & 0o077 == 0
+
+
+def test_the_bundle_is_read_once_front_to_back_so_it_may_come_on_stdin(
+    blank: BlankDevice, make_bundle: BundleFactory, images: Images
+) -> None:
+    bundle = make_bundle("1.0", image=images.v2)
+    cmd = [sys.executable, "-m", "agent.cli", "-c", str(blank.config), "provision", "--bundle", "-", "--json"]
+    with bundle.open("rb") as f:
+        proc = subprocess.run(cmd, stdin=f, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["image_sha256"] == images.v2.sha256
+    for b in ("A", "B"):
+        assert blank.slot_sha256(b, images.v2.size) == images.v2.sha256
