@@ -152,7 +152,7 @@ def _opt(a: Mapping[str, Any], name: str) -> str | None:
 
 
 def _run_provision(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> ProvisionOutcome:
-    request = ProvisionRequest(bundle=a["bundle"], device_id=_opt(a, "device_id"), cert=_opt(a, "cert"),
+    request = ProvisionRequest(bundle=_opt(a, "bundle"), device_id=_opt(a, "device_id"), cert=_opt(a, "cert"),
                                ca_cert=_opt(a, "ca_cert"), broker=_opt(a, "broker"), force=_bool_arg(a, "force"))
     return app.provision(_need(ctx), request)
 
@@ -229,8 +229,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "provision", "factory provisioning: identity, config, the image into every slot, bootloader, record",
             (
-                Param("bundle", str, required=True, help="full bundle file (or URL) for every slot", option=True,
-                      max_len=4096),
+                Param("bundle", str, help="full bundle file, - or URL (not needed once the image is written)",
+                      option=True, max_len=4096),
                 _DEVICE_ID, _CERT, _CA_CERT,
                 Param("broker", str, help="mqtt[s]://host:port for the device config (default [provision] broker)",
                       option=True, max_len=512),

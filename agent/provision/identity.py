@@ -16,6 +16,8 @@ validity period, and issued by the factory CA certificate when one is given
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import re
@@ -39,6 +41,7 @@ CSR_FILE = "csr.pem"
 CERT_FILE = "cert.pem"
 CA_FILE = "ca.pem"
 MAX_PEM = 64 * 1024
+B64_PREFIX = "base64:"
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -135,9 +138,16 @@ def make_csr(key: PrivateKey, device_id: str) -> str:
 
 
 def pem_text(value: str, what: str) -> bytes:
-    """PEM given as text (over the console) or as a path to a file (the CLI)."""
+    """A certificate given as PEM text, as ``base64:`` and its DER in base64 (one
+    word: what a console line can carry), or as a path to a PEM file (the CLI)."""
     if value.lstrip().startswith("-----BEGIN"):
         return value.encode()
+    if value.startswith(B64_PREFIX):
+        try:
+            der = base64.b64decode(value[len(B64_PREFIX):], validate=True)
+            return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        except (ValueError, binascii.Error):
+            raise IdentityError(f"the {what} after {B64_PREFIX!r} is not a base64 DER certificate") from None
     return _read(Path(value), what)
 
 

@@ -62,7 +62,7 @@ class ProvisionError(InstallError):
 
 @dataclass(frozen=True, slots=True)
 class ProvisionRequest:
-    bundle: str
+    bundle: str | None = None  # None: only when a previous run wrote the image already
     device_id: str | None = None
     cert: str | None = None  # PEM text or a path: the device certificate the factory CA signed
     ca_cert: str | None = None  # PEM text or a path: the factory CA certificate
@@ -100,18 +100,27 @@ def provision(device: Device, req: ProvisionRequest, *, source: BundleSource | N
     default `req.bundle` (a file, `-`, or a URL). The stream is read once, front to
     back: its head is checked before the first step, its payload is the image step."""
     txn = txn or uuid.uuid4().hex[:12]
+    quiet: StepProgress = lambda phase, done, total: None  # noqa: E731
     with device.store.lock():
         try:
-            src = source or source_for(req.bundle, device.config.download)
+            if source is None and req.bundle is None:
+                return _provision(device, req, None, progress or quiet, txn)
+            src = source or source_for(str(req.bundle), device.config.download)
             with src.open() as stream:
-                return _provision(device, req, BundleReader(stream), progress or (lambda phase, done, total: None),
-                                  txn)
+                return _provision(device, req, BundleReader(stream), progress or quiet, txn)
         except OtaError as e:
             device.events.emit(Event(event=EventType.PROVISION, result=Result.FAILED, reason=str(e), txn=txn))
             raise
 
 
-def _provision(device: Device, req: ProvisionRequest, reader: BundleReader, progress: StepProgress,
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    version: str
+    sha256: str
+    security_version: int
+
+
+def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | None, progress: StepProgress,
                txn: str) -> ProvisionOutcome:
     pcfg = device.config.provision
     directory = pcfg.dir
@@ -129,7 +138,14 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader, prog
             )
         rec = rec.restarted()
     head = _preflight(device, reader)
-    m = head.manifest
+    if head is not None:
+        m = head.manifest
+        image = ImageFacts(m.bundle_version, m.images[0].sha256, m.security_version)
+    elif rec.done("image"):  # the slots hold it already: a re-run needs no bundle
+        info = rec.info
+        image = ImageFacts(str(info["bundle_version"]), str(info["image_sha256"]), int(info["security_version"]))
+    else:
+        raise ProvisionError("the image is not in the slots yet: provisioning needs the bundle (--bundle)")
     skipped = tuple(s for s in record.STEPS if rec.done(s))
     ran: list[str] = []
     rec = replace(rec, runs=rec.runs + 1)
@@ -158,26 +174,27 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader, prog
     if not rec.done("config") or req.cert is not None or req.broker is not None:
         write_device_config(device, ident, broker=req.broker or pcfg.broker)
         step_done("config", device_config=str(pcfg.device_config))
-    image_sha = m.images[0].sha256
-    if not (rec.done("image") and rec.info.get("image_sha256") == image_sha):
+    if not (rec.done("image") and rec.info.get("image_sha256") == image.sha256):
+        if reader is None or head is None:
+            raise ProvisionError("the slots hold another image than the record names: provisioning needs the bundle")
         _ensure_bootloader_state(device)
         install_all_slots(device, reader, bundle=head, txn=txn,
                           progress=lambda phase, done, all_: progress(f"provision: image {phase.value}", done, all_))
-        step_done("image", bundle_version=m.bundle_version, image_sha256=image_sha,
-                  security_version=m.security_version)
+        step_done("image", bundle_version=image.version, image_sha256=image.sha256,
+                  security_version=image.security_version)
     if not rec.done("bootloader"):
         init_outside_lock(device, force=True)
         state = device.store.load()
-        if state.committed_security_version < m.security_version:
-            device.store.save(replace(state, committed_security_version=m.security_version))
+        if state.committed_security_version < image.security_version:
+            device.store.save(replace(state, committed_security_version=image.security_version))
         step_done("bootloader")
     if not rec.done("record"):
-        reason = f"provisioned as device {ident.device_id} with image {m.bundle_version} in every slot"
+        reason = f"provisioned as device {ident.device_id} with image {image.version} in every slot"
         device.record(Event(event=EventType.PROVISION, result=Result.OK, reason=reason, txn=txn,
-                            bundle_version=m.bundle_version))
+                            bundle_version=image.version))
         rec = replace(rec, info={**rec.info, "provisioned": iso(device.clock())})
         step_done("record")
-    return ProvisionOutcome(ident, m.bundle_version, image_sha, m.security_version, tuple(ran), skipped,
+    return ProvisionOutcome(ident, image.version, image.sha256, image.security_version, tuple(ran), skipped,
                             pcfg.device_config, record.path_of(directory))
 
 
@@ -192,12 +209,14 @@ def pin_device_id(directory: Path, rec: record.Record, device_id: str | None) ->
     return rec
 
 
-def _preflight(device: Device, reader: BundleReader) -> VerifiedBundle:
+def _preflight(device: Device, reader: BundleReader | None) -> VerifiedBundle | None:
     """Everything that can refuse the run, checked before anything is written."""
-    head = verify(reader.read_head(), device.keyring())
-    policy.check(head, compatible=device.config.compatible,
-                 security_floor=device.store.load().committed_security_version, now=device.clock())
-    refuse_delta(head)
+    head = None
+    if reader is not None:
+        head = verify(reader.read_head(), device.keyring())
+        policy.check(head, compatible=device.config.compatible,
+                     security_floor=device.store.load().committed_security_version, now=device.clock())
+        refuse_delta(head)
     report = doctor.doctor(device, bundle=head, factory=True, checks=PREFLIGHT)
     if not report.ok:
         problems = "; ".join(f"{c.name}: {c.detail}" for c in report.failed())

@@ -198,3 +198,17 @@ def test_the_bundle_is_read_once_front_to_back_so_it_may_come_on_stdin(
     assert json.loads(proc.stdout)["image_sha256"] == images.v2.sha256
     for b in ("A", "B"):
         assert blank.slot_sha256(b, images.v2.size) == images.v2.sha256
+
+
+def test_a_rerun_after_the_image_step_needs_no_bundle_and_a_fresh_device_does(
+    blank: BlankDevice, make_bundle: BundleFactory, images: Images
+) -> None:
+    assert "provisioning needs the bundle" in blank.agent("provision").one_error_line()
+    assert not (blank.dir / "provision").exists()
+    killed = blank.provision_killed_at("provision-after-image", make_bundle("1.0", image=images.v2))
+    assert killed.returncode == -9
+    r = blank.agent("provision", "--json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["steps_run"] == ["bootloader", "record"]
+    assert doc["image_sha256"] == images.v2.sha256
