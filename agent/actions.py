@@ -9,7 +9,8 @@ an install runs is answered "busy"), and take the state lock themselves, so a
 second process is refused too.
 
 Actions:
-  install(source)      stream a bundle into the inactive slot (cancelable between ops)
+  install(source)      stream a bundle into the inactive slot (cancelable between ops); on a device
+                       whose provisioning waits for its image: that image, into every slot
   mark(slot, verdict)  the operator's good/bad verdict (agent.marking)
   rollback()           make the other slot, whose content is known, the one to try next
   reboot()             reboot the device through the configured rebooter
@@ -36,7 +37,7 @@ from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
 from agent.provision import identity as identity_mod
 from agent.provision import record as provision_record
-from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision, waits_for_image
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
@@ -135,6 +136,8 @@ class App:
         """Install from `source`: a spec for `source_for` (path, `-`, URL), or a source
         object a front end made (an MQTT stream), which the same path streams into the slot."""
         device = self.device
+        if waits_for_image(device):
+            return self._provision_image(ctx, source)
         try:
             if isinstance(source, str):
                 source = source_for(source, device.config.download)
@@ -156,6 +159,19 @@ class App:
                 reinstall=reinstall,
                 txn=ctx.job_id,
             )
+
+    def _provision_image(self, ctx: JobContext, source: str | BundleSource) -> InstallOutcome:
+        """`install` on a device whose provisioning waits for its image (a factory
+        environment: no slot runs): the bundle is that image, for every slot, and the
+        provisioning goes on to its end (docs/factory.md). Any front end's install
+        (a console upload, a file) does it; the same checks apply."""
+        if isinstance(source, str):
+            source = source_for(source, self.device.config.download)
+        outcome = self.provision(ctx, ProvisionRequest(), source)
+        slots = " ".join(self.device.config.bootnames)
+        reason = f"provisioned: image {outcome.bundle_version} in every slot ({slots})"
+        return InstallOutcome(ctx.job_id, str(outcome.bundle_version), slots, outcome.security_version or 0,
+                              reason=reason)
 
     def provision(
         self, ctx: JobContext, request: ProvisionRequest, source: BundleSource | None = None

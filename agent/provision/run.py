@@ -51,6 +51,7 @@ from ota_common.fsutil import atomic_write, read_regular
 from ota_common.text import clean
 
 MARK = "# --- written by ota-agent provision (docs/factory.md): everything below is replaced on a re-run ---"
+WAITING = "waiting-for-image"
 PREFLIGHT = (doctor.check_slot_marker, doctor.check_env_writable, doctor.check_slots, doctor.check_keyring)
 
 StepProgress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -73,24 +74,31 @@ class ProvisionRequest:
 @dataclass(frozen=True, slots=True)
 class ProvisionOutcome:
     ident: identity.Identity
-    bundle_version: str
-    image_sha256: str
-    security_version: int
+    bundle_version: str | None  # None: no bundle was given yet (the outcome waits for the image)
+    image_sha256: str | None
+    security_version: int | None
     ran: tuple[str, ...]  # steps this run did
     skipped: tuple[str, ...]  # steps a previous run had recorded
     device_config: Path
     record_path: Path
 
+    @property
+    def waiting(self) -> bool:
+        return self.image_sha256 is None
+
     def to_json(self) -> dict[str, Any]:
         return {**self.ident.to_json(), "bundle_version": self.bundle_version, "image_sha256": self.image_sha256,
                 "security_version": self.security_version, "steps_run": list(self.ran),
                 "steps_skipped": list(self.skipped), "device_config": str(self.device_config),
-                "record": str(self.record_path), "result": "provisioned"}
+                "record": str(self.record_path), "result": WAITING if self.waiting else "provisioned"}
 
     def text(self) -> str:
         resumed = f" (resumed: {', '.join(self.skipped)} already done)" if self.skipped else ""
+        if self.waiting:
+            return (f"identity and config ready: {self.ident.text()}\n"
+                    "the image is next: install a full bundle (ota-console put, or provision --bundle)")
         return (f"provisioned: {self.ident.text()}\n"
-                f"image {self.bundle_version} ({self.image_sha256[:16]}...) in every slot; "
+                f"image {self.bundle_version} ({str(self.image_sha256)[:16]}...) in every slot; "
                 f"config {self.device_config}{resumed}")
 
 
@@ -138,14 +146,13 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | Non
             )
         rec = rec.restarted()
     head = _preflight(device, reader)
+    image: ImageFacts | None = None
     if head is not None:
         m = head.manifest
         image = ImageFacts(m.bundle_version, m.images[0].sha256, m.security_version)
     elif rec.done("image"):  # the slots hold it already: a re-run needs no bundle
         info = rec.info
         image = ImageFacts(str(info["bundle_version"]), str(info["image_sha256"]), int(info["security_version"]))
-    else:
-        raise ProvisionError("the image is not in the slots yet: provisioning needs the bundle (--bundle)")
     skipped = tuple(s for s in record.STEPS if rec.done(s))
     ran: list[str] = []
     rec = replace(rec, runs=rec.runs + 1)
@@ -174,6 +181,9 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | Non
     if not rec.done("config") or req.cert is not None or req.broker is not None:
         write_device_config(device, ident, broker=req.broker or pcfg.broker)
         step_done("config", device_config=str(pcfg.device_config))
+    if image is None:  # no bundle yet: identity and config are done, the image comes by `install`
+        return ProvisionOutcome(ident, None, None, None, tuple(ran), skipped, pcfg.device_config,
+                                record.path_of(directory))
     if not (rec.done("image") and rec.info.get("image_sha256") == image.sha256):
         if reader is None or head is None:
             raise ProvisionError("the slots hold another image than the record names: provisioning needs the bundle")
@@ -196,6 +206,16 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | Non
         step_done("record")
     return ProvisionOutcome(ident, image.version, image.sha256, image.security_version, tuple(ran), skipped,
                             pcfg.device_config, record.path_of(directory))
+
+
+def waits_for_image(device: Device) -> bool:
+    """A provisioning that wrote identity and config and waits for its bundle: then an
+    `install` on this device (which runs no slot) continues it (`App.install`)."""
+    try:
+        rec = record.load(device.config.provision.dir)
+    except record.RecordError:
+        return False
+    return rec.done("identity") and rec.done("config") and not rec.done("image")
 
 
 def pin_device_id(directory: Path, rec: record.Record, device_id: str | None) -> record.Record:

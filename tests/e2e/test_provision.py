@@ -200,11 +200,9 @@ def test_the_bundle_is_read_once_front_to_back_so_it_may_come_on_stdin(
         assert blank.slot_sha256(b, images.v2.size) == images.v2.sha256
 
 
-def test_a_rerun_after_the_image_step_needs_no_bundle_and_a_fresh_device_does(
+def test_a_rerun_after_the_image_step_needs_no_bundle(
     blank: BlankDevice, make_bundle: BundleFactory, images: Images
 ) -> None:
-    assert "provisioning needs the bundle" in blank.agent("provision").one_error_line()
-    assert not (blank.dir / "provision").exists()
     killed = blank.provision_killed_at("provision-after-image", make_bundle("1.0", image=images.v2))
     assert killed.returncode == -9
     r = blank.agent("provision", "--json")
@@ -212,3 +210,28 @@ def test_a_rerun_after_the_image_step_needs_no_bundle_and_a_fresh_device_does(
     doc = json.loads(r.out)
     assert doc["steps_run"] == ["bootloader", "record"]
     assert doc["image_sha256"] == images.v2.sha256
+
+
+def test_without_a_bundle_provisioning_waits_and_the_next_install_is_its_image(
+    blank: BlankDevice, make_bundle: BundleFactory, images: Images
+) -> None:
+    r = blank.agent("provision", "--device-id", "gw-0004", "--json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["result"] == "waiting-for-image"
+    assert doc["steps_run"] == ["identity", "config"]
+    before = blank.tree()
+    wrong = blank.agent("install", str(make_bundle("1.0", compatible="someone-elses-board")))
+    assert "bundle is for compatible 'someone-elses-board'" in wrong.one_error_line()
+    assert {k: v for k, v in blank.tree().items() if k.startswith("slot-")} == {
+        k: v for k, v in before.items() if k.startswith("slot-")}
+    r = blank.agent("install", str(make_bundle("1.0", image=images.v2)), "--json")
+    assert r.rc == 0, r.err
+    assert json.loads(r.out)["slot"] == "A B"
+    assert blank.record["complete"] is True
+    assert blank.record["device_id"] == "gw-0004"
+    for b in ("A", "B"):
+        assert blank.slot_sha256(b, images.v2.size) == images.v2.sha256
+    assert blank.boot_state() == INITIAL
+    # Provisioned now: an install is an update again, and needs a booted slot.
+    assert "no ota.slot=" in blank.agent("install", str(make_bundle("1.0", image=images.v2))).one_error_line()
