@@ -25,7 +25,7 @@ from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
 from agent.provision import boot as provision_boot
 from agent.provision.identity import Identity
-from agent.provision.run import ProvisionOutcome, ProvisionRequest
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, ProvisionStatus, provision_status
 from agent.status import DeviceStatus
 from ota_common.errors import OtaError
 from ota_common.text import clean
@@ -238,6 +238,9 @@ COMMANDS: dict[str, Command] = {
             ),
             True, False, _run_provision, ProvisionOutcome.to_json, ProvisionOutcome.text,
         ),
+        Command("provision-status", "how far provisioning got (the board's compatible string, the steps done)",
+                (), False, True, lambda app, a, ctx: provision_status(app.device), ProvisionStatus.to_json,
+                ProvisionStatus.text),
         Command("cancel", "ask the running job to stop at its next safe point",
                 (Param("job", str, help="job id (default: the running one)"),), False, True, _run_cancel,
                 _job_json, _job_text),

@@ -208,6 +208,44 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | Non
                             pcfg.device_config, record.path_of(directory))
 
 
+@dataclass(frozen=True, slots=True)
+class ProvisionStatus:
+    """What a station asks before it writes anything: the board, and how far it is."""
+
+    compatible: str
+    bootnames: tuple[str, ...]
+    record: record.Record | None  # None: unreadable (damaged); see `problem`
+    problem: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        rec = self.record
+        info = rec.info if rec else {}
+        return {"compatible": self.compatible, "slots": list(self.bootnames),
+                "complete": bool(rec and rec.complete), "steps": sorted(rec.steps) if rec else [],
+                "waiting_for_image": bool(rec and rec.done("identity") and rec.done("config")
+                                          and not rec.done("image")),
+                **{k: info.get(k) for k in record.FIELDS}, "problem": self.problem or None}
+
+    def text(self) -> str:
+        doc = self.to_json()
+        if doc["complete"]:
+            return (f"provisioned as device {doc['device_id']} at {doc['provisioned']} "
+                    f"(image {doc['bundle_version']})")
+        if self.problem:
+            return f"not provisioned: {self.problem}"
+        done = ", ".join(doc["steps"]) or "nothing"
+        return f"not provisioned ({self.compatible}); done so far: {done}"
+
+
+def provision_status(device: Device) -> ProvisionStatus:
+    cfg = device.config
+    try:
+        rec: record.Record | None = record.load(cfg.provision.dir)
+    except record.RecordError as e:
+        return ProvisionStatus(cfg.compatible, cfg.bootnames, None, str(e))
+    return ProvisionStatus(cfg.compatible, cfg.bootnames, rec)
+
+
 def waits_for_image(device: Device) -> bool:
     """A provisioning that wrote identity and config and waits for its bundle: then an
     `install` on this device (which runs no slot) continues it (`App.install`)."""

@@ -235,3 +235,22 @@ def test_without_a_bundle_provisioning_waits_and_the_next_install_is_its_image(
     assert blank.boot_state() == INITIAL
     # Provisioned now: an install is an update again, and needs a booted slot.
     assert "no ota.slot=" in blank.agent("install", str(make_bundle("1.0", image=images.v2))).one_error_line()
+
+
+def test_provision_status_tells_a_station_the_board_and_how_far_it_got(
+    blank: BlankDevice, make_bundle: BundleFactory, images: Images
+) -> None:
+    doc = json.loads(blank.agent("provision-status", "--json").out)
+    assert doc["compatible"] == COMPATIBLE
+    assert doc["complete"] is False
+    assert doc["steps"] == []
+    assert not (blank.dir / "provision").exists()  # asking writes nothing
+    blank.agent("provision", "--device-id", "gw-0005")
+    doc = json.loads(blank.agent("provision-status", "--json").out)
+    assert doc["waiting_for_image"] is True
+    assert doc["device_id"] == "gw-0005"
+    blank.agent("install", str(make_bundle("1.0", image=images.v2)))
+    doc = json.loads(blank.agent("provision-status", "--json").out)
+    assert doc["complete"] is True
+    assert doc["image_sha256"] == images.v2.sha256
+    assert "provisioned as device gw-0005" in blank.agent("provision-status").out
