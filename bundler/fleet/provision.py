@@ -3,10 +3,14 @@
 One worker thread per port, each driving one device through its console
 (`bundler.console.link.DeviceLink`, JSON mode): `identity` (the device makes its
 key and answers a CSR), the CSR signed with the factory CA when the station holds
-one (`provision_ca`), then `provision` with the certificate. The bundle is
-uploaded over the console (framed, resumable: `bundler.console.put`) only when
-the device does not have the image yet (`status` shows every slot holding it, as
-after a run cut after its image step); otherwise `provision` runs without it.
+one (`provision_ca`), then `provision` with the certificate, which writes
+identity and config and, when the slots do not hold the image yet, waits for it:
+the bundle is then uploaded over the console (framed, resumable:
+`bundler.console.put`) as an install, which on such a device is the image for
+every slot. A device whose image step was done already (a run cut after it) gets
+no upload. `provision-status` before anything (the board's compatible string
+against the bundle's: a wrong bundle is refused before anything is written) and
+after (the record complete, the image the bundle's).
 
 Every device ends as one JSON line appended to the factory log (`FactoryLog`:
 device id, port, public key fingerprint, image version and hash, result, reason,
@@ -42,6 +46,7 @@ from ota_common.errors import OtaError
 from ota_common.text import clean
 
 REASON_LIMIT = 300
+WAITING = "waiting-for-image"  # the device's provision result before its image arrives
 
 
 class StationError(OtaError):
@@ -150,6 +155,8 @@ def _b64_der(pem: str) -> str:
 
 def provision_one(link: Link, port_index: int, spec: StationSpec, manifest: Manifest, *, upload: Uploader,
                   lines: Lines, clock: Callable[[], float] = time.monotonic) -> DeviceRecord:
+    """One device: ask what it is (nothing written), make its identity, sign its CSR,
+    provision (uploading the bundle only when the slots do not hold it yet), check."""
     rec = DeviceRecord(port=link.port)
     started = clock()
     phase_start = started
@@ -162,6 +169,13 @@ def provision_one(link: Link, port_index: int, spec: StationSpec, manifest: Mani
 
     try:
         link.open()
+        before = link.call("provision-status")["result"]
+        if before.get("compatible") != manifest.compatible:
+            raise StationError(f"the bundle is for {manifest.compatible!r}, the device is "
+                               f"{clean(before.get('compatible'), 80)!r}: refused, nothing written")
+        if before.get("complete"):
+            raise StationError(f"already provisioned as device {clean(before.get('device_id'), 64)} "
+                               f"at {clean(before.get('provisioned'), 40)}")
         phase("connect")
         words = ["identity"]
         if spec.device_ids:
@@ -170,7 +184,7 @@ def provision_one(link: Link, port_index: int, spec: StationSpec, manifest: Mani
         rec.device_id, rec.public_key_sha256 = ident["device_id"], ident["public_key_sha256"]
         rec.key_type = ident["key_type"]
         lines.say(link.port, f"device {rec.device_id}: {rec.key_type} key {str(rec.public_key_sha256)[:16]}")
-        args = []
+        args = ["provision"]
         if spec.ca is not None:
             issued = sign_csr(spec.ca, ident["csr"])
             if issued.fingerprint != rec.public_key_sha256 or issued.device_id != rec.device_id:
@@ -180,32 +194,25 @@ def provision_one(link: Link, port_index: int, spec: StationSpec, manifest: Mani
         if spec.broker:
             args.append(f"broker={spec.broker}")
         phase("identity")
-        image = manifest.images[0].sha256
-        status = link.call("status")["result"]
-        has_image = all((s or {}).get("sha256") == image for s in (status.get("slots") or {}).values())
-        if has_image and status.get("slots"):
-            lines.say(link.port, "the device holds the image already: provisioning without upload")
-            reply = link.call(" ".join(["provision", *args]), on_notice=_notice(lines, link.port))
-        else:
+        first = link.call(" ".join(args), on_notice=_notice(lines, link.port))["result"]
+        phase("config")
+        if first.get("result") == WAITING:  # the slots do not hold the image: it comes as an install
             rec.uploaded = True
-            last = [-1]
-
-            def progress(done: int, total: int) -> None:
-                quarter = done * 4 // max(total, 1)
-                if quarter > last[0]:
-                    last[0] = quarter
-                    lines.say(link.port, f"upload {quarter * 25}% ({done >> 20} of {total >> 20} MiB)")
-
-            reply = upload(link, spec.bundle, " ".join(args), progress)
-        phase("provision")
-        result = reply.get("result") or {}
-        rec.image_version, rec.image_sha256 = result.get("bundle_version"), result.get("image_sha256")
-        rec.steps_run = list(result.get("steps_run") or [])
-        if result.get("public_key_sha256") != rec.public_key_sha256:
+            lines.say(link.port, f"uploading {spec.bundle.name} ({spec.bundle.stat().st_size >> 20} MiB)")
+            upload(link, spec.bundle, "", _upload_progress(lines, link.port))
+            phase("image")
+        after = link.call("provision-status")["result"]
+        if not after.get("complete"):
+            raise StationError(f"the device is not provisioned after the run (steps: {after.get('steps')})")
+        if after.get("public_key_sha256") != rec.public_key_sha256:
             raise StationError("the device reported another key at the end than at the start")
+        rec.image_version, rec.image_sha256 = after.get("bundle_version"), after.get("image_sha256")
+        if rec.image_sha256 != manifest.images[0].sha256:
+            raise StationError(f"the device holds image {clean(rec.image_sha256, 64)}, not the bundle's")
+        rec.steps_run = list(first.get("steps_run") or [])
         rec.result = "provisioned"
         lines.say(link.port, f"provisioned {rec.device_id} with {rec.image_version} in {clock() - started:.1f} s")
-    except (OtaError, KeyError, TypeError, ValueError) as e:
+    except (OtaError, KeyError, TypeError, ValueError, OSError) as e:
         rec.reason = clean(str(e) or type(e).__name__, REASON_LIMIT)
         lines.say(link.port, f"FAILED: {rec.reason}")
     finally:
@@ -213,6 +220,18 @@ def provision_one(link: Link, port_index: int, spec: StationSpec, manifest: Mani
     rec.duration_s = round(clock() - started, 3)
     rec.station_time = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return rec
+
+
+def _upload_progress(lines: Lines, port: str) -> Callable[[int, int], None]:
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        quarter = done * 4 // max(total, 1)
+        if quarter > last[0]:
+            last[0] = quarter
+            lines.say(port, f"upload {quarter * 25}% ({done >> 20} of {total >> 20} MiB)")
+
+    return progress
 
 
 def _notice(lines: Lines, port: str) -> Callable[[dict[str, Any]], None]:
