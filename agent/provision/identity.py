@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from agent.crashpoint import crashpoint
 from agent.errors import InstallError
 from ota_common.fsutil import atomic_write, read_regular
 from ota_common.text import clean
@@ -127,6 +128,7 @@ def load_or_create_key(directory: Path, key_type: str) -> tuple[PrivateKey, bool
                             serialization.NoEncryption())
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write(path, pem, mode=0o600)
+    crashpoint("provision-after-key")
     return key, True
 
 

@@ -173,8 +173,6 @@ def _provision(device: Device, req: ProvisionRequest, reader: BundleReader | Non
         directory, key_type=pcfg.key_type, device_id=req.device_id, known_id=rec.info.get("device_id"),
         cert=req.cert, ca_cert=req.ca_cert, now=device.clock(),
     )
-    if ident.created:
-        crashpoint("provision-after-key")
     if not rec.done("identity") or req.cert is not None:
         step_done("identity", device_id=ident.device_id, public_key_sha256=ident.fingerprint,
                   key_type=ident.key_type)
