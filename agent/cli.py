@@ -94,6 +94,7 @@ def _command(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+PATH_PARAMS = ("source", "path", "bundle", "cert", "ca_cert")  # file arguments: made absolute for the daemon
 STANDALONE = frozenset({"boot-check"})  # the boot's own assessment: runs before the daemon, in its own unit
 
 
@@ -103,15 +104,15 @@ def _through_daemon(
     """The command's reply from the daemon serving the config's API socket; None
     when none answers (or the command runs in this process anyway)."""
     source = cli_args.get("source")
-    if command.name in STANDALONE or source == "-":  # stdin is this process's, not the daemon's
+    if command.name in STANDALONE or "-" in (source, cli_args.get("bundle")):  # stdin is ours, not the daemon's
         return None
     session = api_client.Session.open(config_mod.load(config_path).api)
     if session is None:
         return None
-    if isinstance(source, str) and "://" not in source:
-        cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
-    if isinstance(cli_args.get("path"), str):  # media PATH, likewise
-        cli_args = {**cli_args, "path": os.path.abspath(cli_args["path"])}
+    for name in PATH_PARAMS:  # the daemon has its own working directory
+        value = cli_args.get(name)
+        if isinstance(value, str) and value != "-" and "://" not in value and not value.startswith("-----BEGIN"):
+            cli_args = {**cli_args, name: os.path.abspath(value)}
     with session:
         return session.call(command.name, cli_args, on_progress=progress)
 
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
     p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
     p.set_defaults(func=_media_poll)
+    bootp = sub.add_parser("bootloader", help="the bootloader's state (bootloader init: set up a new device)")
+    bootsub = bootp.add_subparsers(dest="bootloader_command", required=True)
+    _add_command(bootsub, COMMANDS["bootloader-init"], reporting, name="init")
 
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
@@ -227,11 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) -> None:
+def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser, name: str | None = None) -> None:
     """A subcommand from the table: a required string is a positional argument, an
     optional `slot`/`job` an optional positional one, a bool a --flag (--no-NAME when
     it defaults to true)."""
-    p = sub.add_parser(command.name, parents=[parent], help=command.help)
+    p = sub.add_parser(name or command.name, parents=[parent], help=command.help)
     for param in command.params:
         if param.type is bool:
             if param.default:
@@ -240,11 +244,14 @@ def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) ->
             else:
                 p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, action="store_true",
                                help=param.help)
+        elif param.option:
+            p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, required=param.required,
+                           default=param.default, help=param.help)
         elif param.required:
             p.add_argument(param.name, help=param.help)
         else:
             p.add_argument(param.name, nargs="?", default=param.default, help=param.help)
-    p.set_defaults(func=_command)
+    p.set_defaults(func=_command, command=command.name)
 
 
 def _not_failures(record: logging.LogRecord) -> bool:

@@ -61,6 +61,7 @@ class EventType(enum.StrEnum):
     STATE = "state"  # the state file was set aside or the floor lost
     OUTBOX = "outbox"  # the outbox was repaired
     PROGRESS = "progress"
+    PROVISION = "provision"  # factory provisioning (agent.provision)
     JOB = "job"  # a step of an MQTT job's lifecycle: `result` is its `agent.mqtt.schema.JobStatus` value
 
 
