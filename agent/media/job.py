@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.bootcheck import pending_trial
 from agent.daemon import Device
 from agent.errors import CanceledError
 from agent.events import iso
@@ -101,6 +102,7 @@ def _visit(
     found = scan(m.root_fd)
     log.info("%s: %d bundle(s) found, %d entries looked at", m.name, len(found.candidates), found.entries)
     state = device.store.load()
+    pending = pending_trial(state, device.bootloader.state(), device.bootloader.booted_slot())
     selection = Selection()
     error: OtaError | None = None
     new = slot = bundle = None
@@ -108,6 +110,7 @@ def _visit(
         selection = select(
             m.root_fd, found.candidates, keyring=device.keyring(), compatible=device.config.compatible,
             security_floor=state.committed_security_version, now=device.clock(), installed=installed,
+            pending=pending,
             tick=lambda i, n: ctx.progress(PHASE_SCAN, i, n),
         )
         chosen = selection.chosen
@@ -117,8 +120,9 @@ def _visit(
                     f"{selection.invalid} broken or untrusted"
                 error = MediaError(reason)
             elif found.candidates:
+                also = f" or the pending {pending.bundle_version}" if pending is not None else ""
                 result, reason = Outcome.NOTHING, f"nothing to install: no bundle on {m.name} is newer than " \
-                    f"version {base['old_version']} for this device"
+                    f"version {base['old_version']}{also} for this device"
             else:
                 result, reason = Outcome.NOTHING, f"nothing to install: no bundles on {m.name}"
         else:

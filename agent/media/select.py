@@ -28,7 +28,7 @@ from datetime import datetime
 from agent import policy
 from agent.errors import PolicyError
 from agent.media.scan import open_candidate, show
-from agent.state import SlotRecord
+from agent.state import SlotRecord, Trial
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, VerifiedBundle, verify
 from ota_common.errors import OtaError
@@ -111,13 +111,20 @@ def select(
     security_floor: int,
     now: datetime,
     installed: SlotRecord | None,
+    pending: Trial | None = None,
     tick: Callable[[int, int], None] | None = None,
 ) -> Selection:
-    """The newest installable candidate and every other one with its reason."""
+    """The newest installable candidate and every other one with its reason. It
+    must be newer than what the booted slot holds (`installed`) and than an update
+    already pending in the other slot (`pending`), which it would replace."""
     out = Selection()
-    current = None
+    current: list[tuple[tuple[int, tuple[tuple[int, int, str], ...]], str]] = []
     if installed is not None and installed.version is not None:
-        current = (installed.security_version or 0, version_key(installed.version))
+        current.append(((installed.security_version or 0, version_key(installed.version)),
+                        f"the installed {installed.version}"))
+    if pending is not None:
+        current.append(((pending.security_version, version_key(pending.bundle_version)),
+                        f"{pending.bundle_version}, pending in slot {pending.slot}"))
     try:
         for index, parts in enumerate(candidates):
             if tick:
@@ -135,8 +142,9 @@ def select(
                 continue
             m = head.bundle.manifest
             why = _refusal(head, compatible, security_floor, now)
-            if why is None and current is not None and head.key[:2] <= current:
-                why = f"version {m.bundle_version} is not newer than the installed {installed.version}"  # type: ignore[union-attr]
+            for key, what in current:
+                if why is None and head.key[:2] <= key:
+                    why = f"version {m.bundle_version} is not newer than {what}"
             best = out.chosen
             if why is None and best is not None and head.key <= best.key:
                 newest = best.bundle.manifest.bundle_version

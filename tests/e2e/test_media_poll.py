@@ -63,6 +63,7 @@ def test_each_insertion_is_handled_once_and_again_after_reinsertion(
         attach(sysfs, dev, diskseq="8")  # inserted again
         third = poll(device, sysfs)
     assert third.returncode == 0, third.stderr
-    assert third.stdout.startswith("nothing to install: already installed")
+    assert third.stdout.startswith(f"nothing to install: no bundle on /dev/{dev.name} is newer than version "
+                                   "factory or the pending 2.0 for this device")
     assert [e["result"] for e in media_events(device)] == ["installed", "nothing-to-install"]
     assert_nothing_left_mounted(device)

@@ -351,3 +351,21 @@ def test_a_stick_with_only_broken_or_untrusted_bundles_fails_with_each_reason(
     assert all(r.startswith("not a valid bundle for this device: ") for r in reasons.values())
     assert "truncated" in reasons["edge-ota/truncated.otab"]
     assert [e["result"] for e in media_events(device)] == ["failed"]
+
+
+def test_an_older_bundle_never_replaces_a_pending_update(
+    device: SimDevice, make_bundle: BundleFactory, images: Images, tmp_path: Path
+) -> None:
+    assert device.install(make_bundle("3.0", image=images.v3)).rc == 0  # pending in slot B, not booted yet
+    stick, named = tmp_path / "stick", tmp_path / "v2.5.otab"
+    shutil.copyfile(make_bundle("2.5"), named)
+    assert ota_bundle(["usb", "prepare", str(stick), str(named)]) == 0
+    before = device.snapshot()
+    r = media(device, stick)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == [
+        f"nothing to install: no bundle on {stick} is newer than version factory or the pending 3.0 for this device",
+        "ignored edge-ota/v2.5.otab: version 2.5 is not newer than 3.0, pending in slot B",
+    ]
+    after = device.snapshot()
+    assert (after.slot("B"), after.bootloader) == (before.slot("B"), before.bootloader)
