@@ -208,3 +208,14 @@ def test_put_answers_an_error_with_a_non_zero_exit(device: SimDevice, relay: Rel
             link.call("mark-bad nosuchslot")
     finally:
         link.close()
+
+
+def test_install_from_stdin_is_refused_on_the_console_and_stray_frames_are_noise(tech: Technician) -> None:
+    tech.line("install -")
+    assert tech.expect(r"^error: install: '-' is the agent's own standard input here")
+    for offset in range(0, 40 * 4096, 4096):
+        tech.send(encode(1, offset, bytes(4096)))
+    seen = tech.quiet(1.0)
+    assert 1 <= sum("no upload is running" in line for line in seen) <= 2  # rate-limited, not one per frame
+    tech.line("progress")
+    assert tech.expect("^no job is running$")
