@@ -222,7 +222,7 @@ class Session:
     def _frame(self, frame: Frame) -> None:
         self.touch()
         if self.upload is None:
-            self.notice("error: a data frame but no upload is running (upload SIZE SHA256 first)")
+            self.noise("a data frame but no upload is running (upload SIZE SHA256 first)")
             return
         self.upload.feed(frame)
 
@@ -290,6 +290,9 @@ class Session:
             return
         command = lookup(name)
         checked = _table_args(command, args)
+        if checked.get("source") == "-":
+            raise ConsoleError(f"{name}: '-' is the agent's own standard input here; send the bundle with upload "
+                               "(ota-console PORT put BUNDLE)")
         self._confirm(text, lambda: self._run(command, checked), changes_state=command.changes_state,
                       while_busy=command.while_busy)
 

@@ -104,7 +104,10 @@ def _interactive(link: DeviceLink, as_json: bool) -> int:
     def ask(question: dict[str, Any]) -> bool:
         if question.get("challenge") and link.key is not None:
             return True  # the technician typed it and holds the key: signing is the confirmation
-        return input(f"{question.get('command')}: changes the device. Go ahead? [y/N] ").strip().lower() in ("y", "yes")
+        answer = input(f"{question.get('command')}: changes the device. Go ahead? [y/N] ")
+        if readline is not None and readline.get_current_history_length():  # the answer is no command
+            readline.remove_history_item(readline.get_current_history_length() - 1)
+        return answer.strip().lower() in ("y", "yes")
 
     print("ota-console: connected; 'help' lists the commands, Ctrl-D ends", file=sys.stderr)
     status = 0

@@ -8,16 +8,20 @@ run as jobs whose result follows; every command of the table is reachable."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.commands import COMMANDS, Command, Param
-from tests.e2e._console import Pty, Technician, add_console, served
+from tests.e2e._console import Pty, Relay, Technician, add_console, served
 from tests.e2e._sim import SimDevice
 from tests.e2e.conftest import BundleFactory
 
@@ -209,3 +213,59 @@ def test_console_config_errors_name_the_key(device: SimDevice, table: str, messa
     run = device.agent("status")
     assert run.rc == 1
     assert message in run.one_error_line()
+
+
+def test_interactive_ota_console_with_line_history(device: SimDevice, tmp_path: Path) -> None:
+    relay = Relay()
+    add_console(device.config, relay.device.path)
+    master, slave = os.openpty()  # the technician's own terminal (cooked, echoing), where ota-console runs
+    history = tmp_path / "history"
+    env = {**os.environ, "OTA_CONSOLE_HISTORY": str(history), "TERM": "dumb"}
+    try:
+        with served(device.config):
+            proc = subprocess.Popen([sys.executable, "-m", "bundler.console.cli", relay.host.path],
+                                    stdin=slave, stdout=slave, stderr=slave, env=env)
+            try:
+                screen = Screen(master)
+                screen.wait_for("connected; 'help' lists the commands")
+                screen.wait_for("ota> ")
+                os.write(master, b"status\r")
+                screen.wait_for(r"booted\s+A")
+                os.write(master, b"reboot\r")
+                screen.wait_for(r"Go ahead\? \[y/N\]")
+                os.write(master, b"n\r")
+                screen.wait_for("not confirmed")
+                screen.wait_for("ota> ")
+                os.write(master, b"\x04")  # Ctrl-D
+                assert proc.wait(30) == 1  # the last command was answered with an error
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        os.close(master)
+        os.close(slave)
+        relay.close()
+    assert history.read_text().splitlines()[-2:] == ["status", "reboot"]
+
+
+class Screen:
+    """What a terminal shows: everything written to it, searched as a whole."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = ""
+        self.pos = 0
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.compile(pattern).search(self.text, self.pos)
+            if m:
+                self.pos = m.end()
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not on the screen: {self.text[-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                self.text += os.read(self.fd, 65536).decode("utf-8", "replace")

@@ -10,6 +10,7 @@ still give the exact bundle."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -208,3 +209,28 @@ def test_put_answers_an_error_with_a_non_zero_exit(device: SimDevice, relay: Rel
             link.call("mark-bad nosuchslot")
     finally:
         link.close()
+
+
+def test_install_from_stdin_is_refused_on_the_console_and_stray_frames_are_noise(tech: Technician) -> None:
+    tech.line("install -")
+    assert tech.expect(r"^error: install: '-' is the agent's own standard input here")
+    for offset in range(0, 40 * 4096, 4096):
+        tech.send(encode(1, offset, bytes(4096)))
+    seen = tech.quiet(1.0)
+    assert 1 <= sum("no upload is running" in line for line in seen) <= 2  # rate-limited, not one per frame
+    tech.line("progress")
+    assert tech.expect("^no job is running$")
+
+
+def test_ota_console_cmd_status_json_prints_what_ota_agent_status_json_prints(
+        device: SimDevice, relay: Relay, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    rc = console_main([relay.host.path, "--cmd", "status", "--json", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out) == device.status()
+    rc = console_main([relay.host.path, "--cmd", "frobnicate", "--json", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert out == ""
+    assert json.loads(err)["error"]["message"].startswith("frobnicate: unknown command 'frobnicate'")
