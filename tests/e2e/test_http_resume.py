@@ -145,6 +145,8 @@ def test_client_errors_fail_at_once_and_server_errors_are_retried(
     line = device.install(lab.url(f"status/{status}/update.otab")).one_error_line()
     assert f"HTTP {status}" in line
     assert len(lab.proxy.requests) == attempts
+    last = device.status()["last_result"]
+    assert (last["result"], last["downloaded"]) == ("failed", 0)
     after = device.snapshot()
     assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
                                                                     before.bootloader)

@@ -208,3 +208,18 @@ def test_a_redirect_from_https_to_http_is_refused(
         assert plain_site.seen == []
     finally:
         next(serving, None)
+
+
+def test_configured_headers_are_not_sent_to_another_host_a_redirect_names(
+    device: SimDevice, tmp_path: Path, plain_site: Site, bundle: Path
+) -> None:
+    publish(plain_site, bundle)
+    serving = _serve(tmp_path / "www-redirect", None, plain_port=plain_site.port)
+    site = next(serving)
+    try:
+        download_table(device, headers={"Authorization": TOKEN})
+        device.install_ok(f"http://127.0.0.1:{site.port}/to-http")
+        assert site.seen[0].get("Authorization") == TOKEN
+        assert [h.get("Authorization") for h in plain_site.seen] == [None]  # another port: another origin
+    finally:
+        next(serving, None)
