@@ -10,7 +10,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench: venv
 	$(BIN)/python bench/install_vs_dd.py
 
 # The agent idle on a broker, then one deploy to 1000 simulated devices via mosquitto and a 2-node RabbitMQ cluster.
+bench-http: venv
+	@if ! command -v curl >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl >/dev/null; \
+	fi
+	$(BIN)/python -m bench.http_faults
+
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
 

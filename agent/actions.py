@@ -147,7 +147,9 @@ class App:
             stream = source.open()
         except OtaError as e:
             # No bundle byte arrived, but the attempt still failed: report it like any other.
-            device.record(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id))
+            device.record(
+                Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id, downloaded=0)
+            )
             raise
 
         def progress(phase: Phase, done: int, total: int) -> None:

@@ -90,7 +90,8 @@ class Reply:
 def _install_json(o: InstallOutcome) -> dict[str, Any]:
     already = o.result is InstallResult.ALREADY_INSTALLED
     return {"result": o.result.value, "txn": o.txn, "bundle_version": o.bundle_version, "slot": o.slot,
-            "security_version": o.security_version, "reason": o.reason, "reboot_to_try": not already}
+            "security_version": o.security_version, "reason": o.reason, "reboot_to_try": not already,
+            "downloaded": o.downloaded}
 
 
 def _install_text(o: InstallOutcome) -> str:
