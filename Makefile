@@ -7,10 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: venv
 # The agent idle on a broker, then one deploy to 1000 simulated devices via mosquitto and a 2-node RabbitMQ cluster.
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# Bundle upload over the serial console: framing efficiency, time at 115200 and 3 Mbaud, throughput over a pty relay.
+bench-console: venv
+	$(BIN)/python -m bench.console
 
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60

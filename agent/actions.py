@@ -15,6 +15,7 @@ Actions:
   rollback()           make the other slot, whose content is known, the one to try next
   reboot()             reboot the device through the configured rebooter
   boot_check()         assess the booted slot after a boot (agent.bootcheck)
+  media(path)          install the newest bundle from a USB stick or directory (agent.media)
   status()             the device's status value
   cancel(job)          ask the running job to stop at its next safe point
   identity()           the device identity: key made on the device if missing, CSR, certificate
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from agent.bootcheck import BootCheckOutcome, boot_check
@@ -35,6 +37,7 @@ from agent.events import Event, EventType, Result, iso
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
+from agent.media import job as media_job
 from agent.provision import identity as identity_mod
 from agent.provision import record as provision_record
 from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision, waits_for_image
@@ -160,6 +163,10 @@ class App:
                 txn=ctx.job_id,
             )
 
+    def media(self, ctx: JobContext, path: str) -> media_job.MediaOutcome:
+        """Mount (or take) the medium at `path`, choose its newest bundle for this
+        device by the signed manifests, install it like any other source, report."""
+        return media_job.run(self.device, ctx, Path(path), self.install)
     def _provision_image(self, ctx: JobContext, source: str | BundleSource) -> InstallOutcome:
         """`install` on a device whose provisioning waits for its image (a factory
         environment: no slot runs): the bundle is that image, for every slot, and the

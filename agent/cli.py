@@ -1,6 +1,7 @@
 """`ota-agent`: the device commands of the command table (`agent.commands`:
-install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
-`run` (the daemon) and the simulated device (`sim init`, `sim boot`).
+install, media, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
+`media-poll` (the USB stick polling fallback), `run` (the daemon), `console --port DEV`
+(one serial console, docs/console.md) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
 and prints its reply. While `ota-agent run` serves the local API (docs/api.md) the
@@ -26,8 +27,10 @@ from agent import api_client, service, sim, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
+from agent.console.port import ConsolePort
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
+from agent.media import poll
 from ota_common.errors import OtaError
 from ota_common.tty import Progress, run_reporting_errors, version_string
 
@@ -91,7 +94,7 @@ def _command(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
-PATH_PARAMS = ("source", "bundle", "cert", "ca_cert")  # file arguments: made absolute for the daemon
+PATH_PARAMS = ("source", "path", "bundle", "cert", "ca_cert")  # file arguments: made absolute for the daemon
 STANDALONE = frozenset({"boot-check"})  # the boot's own assessment: runs before the daemon, in its own unit
 
 
@@ -114,9 +117,31 @@ def _through_daemon(
         return session.call(command.name, cli_args, on_progress=progress)
 
 
+def _media_poll(args: argparse.Namespace) -> int:
+    """The polling fallback (agent.media.poll): `media` on every removable device
+    that appeared since the last poll; exit 1 when any of them failed."""
+    cfg = config_mod.load(Path(args.config))
+    failed = 0
+    for found in poll.new_devices(cfg.state_dir, Path(args.sysfs)):
+        path = Path(args.dev) / found.name
+        try:
+            _command(argparse.Namespace(command="media", path=str(path), config=args.config, json=False))
+        except OtaError as e:
+            failed += 1
+            print(f"ota-agent: error: {path}: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     app = wiring.build_app(Path(args.config))
     return service.run(app, wiring.front_ends(app), wiring.notifier())
+
+
+def _console(args: argparse.Namespace) -> int:
+    """One serial console served by this process (systemd/ota-console@.service)."""
+    app = wiring.build_app(Path(args.config))
+    front = ConsolePort(app.device.config.console, args.port, baud=args.baud)
+    return service.run(app, [front], wiring.notifier())
 
 
 def _sim_init(args: argparse.Namespace) -> int:
@@ -163,12 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():
         _add_command(sub, command, reporting)
 
+    p = sub.add_parser("media-poll", parents=[common], help="run media on removable devices inserted since the "
+                       "last poll (the fallback where udev does not start ota-media@.service)")
+    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
+    p.set_defaults(func=_media_poll)
     bootp = sub.add_parser("bootloader", help="the bootloader's state (bootloader init: set up a new device)")
     bootsub = bootp.add_subparsers(dest="bootloader_command", required=True)
     _add_command(bootsub, COMMANDS["bootloader-init"], reporting, name="init")
 
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("console", parents=[common], help="serve a technician's serial console on one port")
+    p.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyS0")
+    p.add_argument("--baud", type=int, help="line speed (default: [console] baud, 115200)")
+    p.set_defaults(func=_console)
 
     simp = sub.add_parser("sim", help="a simulated device in a directory")
     simsub = simp.add_subparsers(dest="sim_command", required=True)

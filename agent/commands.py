@@ -23,6 +23,7 @@ from agent.actions import App, BootCheckResult, RebootOutcome, RollbackOutcome
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
+from agent.media.job import MediaOutcome
 from agent.provision import boot as provision_boot
 from agent.provision.identity import Identity
 from agent.provision.run import ProvisionOutcome, ProvisionRequest, ProvisionStatus, provision_status
@@ -194,6 +195,12 @@ COMMANDS: dict[str, Command] = {
                 Param("reinstall", bool, default=False, help="write the bundle although a slot already holds it"),
             ),
             True, False, _run_install, _install_json, _install_text,
+        ),
+        Command(
+            "media", "install the newest bundle for this device from a USB stick (or a mounted directory)",
+            (Param("path", str, required=True, help="block device (mounted read-only) or mounted directory"),),
+            True, False, lambda app, a, ctx: app.media(_need(ctx), a["path"]), MediaOutcome.to_json,
+            MediaOutcome.text,
         ),
         Command("mark-good", "mark a slot good (of the booted slot on trial: commit it)", (_SLOT, _FORCE), True,
                 False, _run_mark(Verdict.GOOD), _mark_json, _mark_text),

@@ -12,10 +12,11 @@ import os
 import re
 import reprlib
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.console.config import ConsoleConfig, load_console
 from agent.errors import ConfigError
 from agent.mqtt.config import MqttConfig, load_mqtt
 from hw import slotid
@@ -61,6 +62,16 @@ class DownloadConfig:
     stall_seconds: float = 60.0  # ... in this many seconds of waiting fails the source
     deadline: float = 0.0  # seconds for the whole download; 0 = none
     max_bytes: int = 1 << 40  # no bundle is larger; a source sending more is cut off
+    # HTTP(S) only: resume and retries (agent.ranged), TLS, headers, proxy
+    retries: int = 8  # attempts after a failure that brought no new byte (0: fail at the first)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubling (with jitter) ...
+    retry_backoff_max: float = 60.0  # ... up to this
+    ca_file: Path | None = None  # PEM CA bundle trusted instead of the system store
+    client_cert: Path | None = None  # PEM client certificate (chain) for mutual TLS ...
+    client_key: Path | None = None  # ... and its key (None: in client_cert)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # extra request headers; never logged
+    proxy: str | None = None  # http://host:port (CONNECT for https URLs, absolute-form for http)
+    no_proxy: tuple[str, ...] = ()  # host names (and their subdomains) reached directly; "*": all
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,7 @@ class Config:
     download: DownloadConfig = DownloadConfig()
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
     api: ApiConfig = ApiConfig()
+    console: ConsoleConfig = ConsoleConfig()  # noqa: RUF009 (frozen) [console]: serial ports (docs/console.md)
     provision: ProvisionConfig = ProvisionConfig()
 
     @property
@@ -245,7 +257,7 @@ def _parse(path: Path) -> dict[str, Any]:
 def _load(path: Path) -> Config:
     doc = _parse(path)
     top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api",
-                                     "provision"})
+                                "console", "provision"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -291,6 +303,7 @@ def _load(path: Path) -> Config:
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
         api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),
+        console=load_console(doc.get("console", {}), path),
         provision=_provision(_Table(path, "provision", doc.get("provision", {}), PROVISION_KEYS)),
     )
 
@@ -316,18 +329,62 @@ def _provision(t: _Table) -> ProvisionConfig:
     )
 
 
-DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes"}
+DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "retries",
+                 "retry_backoff", "retry_backoff_max", "ca_file", "client_cert", "client_key", "headers", "proxy",
+                 "no_proxy"}
+# Headers the HTTP client owns (framing, ranges, the connection): a config cannot override them.
+RESERVED_HEADERS = {"host", "range", "if-range", "connection", "content-length", "transfer-encoding", "te",
+                    "upgrade", "accept-encoding", "expect", "keep-alive", "trailer", "proxy-connection"}
+MAX_HEADERS = 32
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,4096}")
+_PROXY = re.compile(r"http://[A-Za-z0-9._\-\[\]:]+/?")
 
 
 def _download(t: _Table) -> DownloadConfig:
     d = DownloadConfig()
+    backoff = t.number("retry_backoff", d.retry_backoff, 0.0, 3600.0)
+    proxy = t.doc.get("proxy")
+    if proxy is not None and not (isinstance(proxy, str) and _PROXY.fullmatch(proxy)):
+        raise t.err("proxy", f"must be an http://HOST:PORT URL, got {_show(proxy)}")
+    cert = t.path("client_cert") if "client_cert" in t.doc else None
+    if "client_key" in t.doc and cert is None:
+        raise t.err("client_key", "needs client_cert")
     return DownloadConfig(
         connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.1, 3600.0),
         stall_bytes=t.integer("stall_bytes", d.stall_bytes, 1, 1 << 30),
         stall_seconds=t.number("stall_seconds", d.stall_seconds, 0.1, 86400.0),
         deadline=t.number("deadline", d.deadline, 0.0, 30 * 86400.0),
         max_bytes=t.integer("max_bytes", d.max_bytes, 1, 1 << 50),
+        retries=t.integer("retries", d.retries, 0, 1000),
+        retry_backoff=backoff,
+        retry_backoff_max=t.number("retry_backoff_max", max(d.retry_backoff_max, backoff), backoff, 86400.0),
+        ca_file=t.path("ca_file") if "ca_file" in t.doc else None,
+        client_cert=cert,
+        client_key=t.path("client_key") if "client_key" in t.doc else None,
+        headers=_headers(t),
+        proxy=proxy,
+        no_proxy=t.strings("no_proxy"),
     )
+
+
+def _headers(t: _Table) -> tuple[tuple[str, str], ...]:
+    """`headers = { Authorization = "Bearer ..." }`; errors never show a value."""
+    v = t.doc.get("headers", {})
+    if not isinstance(v, dict):
+        raise t.err("headers", 'must be a table of strings, e.g. { Authorization = "Bearer TOKEN" }')
+    if len(v) > MAX_HEADERS:
+        raise t.err("headers", f"{len(v)} headers, at most {MAX_HEADERS}")
+    out = []
+    for name, value in v.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise t.err("headers", f"{_show(name)} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise t.err("headers", f"{name!r} is set by the agent itself and cannot be configured")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise t.err(f"headers.{name}", "must be a string of printable ASCII, at most 4096 characters")
+        out.append((name, value.strip()))
+    return tuple(out)
 
 
 API_KEYS = {"enabled", "socket", "mode", "group", "max_clients", "idle_timeout"}
