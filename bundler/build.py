@@ -358,7 +358,7 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
         with _mapped(base, base_size, "base image") as old:
             base_digest = _sha256(old, base_size)
             target_bytes, base_bytes = bytes(target), bytes(old)  # the similarity search scans both
-        plan = plan_delta(target_bytes, size, base_bytes, base_size)
+        plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
         inputs = Inputs(target_bytes, base_bytes)
         ops = execute(plan, inputs, run.spool, run.pool, level=run.level, in_flight=run.in_flight, tick=run.tick)
         if _sha256_bytes(target_bytes) != digest:

@@ -5,9 +5,11 @@ compressed, so memory stays bounded.
 
 REPLACE: one zstd frame at the bundle's level, its content size declared.
 DELTA: the frame is compressed against the concatenation of its dictionary
-extents as raw content (zstd's patch-from), with parameters chosen for it
-(btultra2, a window covering dictionary and extent, long-distance matching);
-the extent is also compressed as a REPLACE, and the smaller one is kept.
+extents (inflated where they are streams) as raw content (zstd's
+patch-from), with parameters chosen for it (btultra2, a window covering
+dictionary and extent, long-distance matching); a deflate-aware DELTA
+compresses the uncompressed content of its streams. The extent is also
+compressed as a REPLACE, and the smaller one is kept.
 SOURCE_COPY and ZERO need no payload.
 """
 
@@ -23,7 +25,8 @@ from typing import Protocol
 
 import zstandard
 
-from bundler.format.ops import MAX_DELTA_WINDOW, DictExtent, Op, OpType, Origin, pack_delta
+from bundler.format.deflate import Codec, inflate
+from bundler.format.ops import MAX_DELTA_WINDOW, DictExtent, Op, OpType, Origin, Piece, pack_delta
 from bundler.planner import Buffer, Planned
 
 DELTA_LEVEL = 19
@@ -67,6 +70,17 @@ def _delta_frame(data: bytes, dictionary: bytes) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
 
 
+def _content(data: bytes, pieces: tuple[Piece, ...]) -> bytes:
+    """What a deflate-aware DELTA's frame decodes to: raw pieces as they are, streams inflated."""
+    parts: list[bytes] = []
+    at = 0
+    for piece in pieces:
+        raw = data[at : at + piece.out_length]
+        parts.append(raw if piece.codec is Codec.RAW else inflate(raw, piece.codec, piece.in_length, "piece"))
+        at += piece.out_length
+    return b"".join(parts)
+
+
 def make_op(planned: Planned, inputs: Inputs, level: int) -> tuple[Op, bytes]:
     """The op record (payload offset 0, fixed by the caller) and its payload piece."""
     start, length = planned.dst_offset, planned.dst_length
@@ -83,16 +97,19 @@ def make_op(planned: Planned, inputs: Inputs, level: int) -> tuple[Op, bytes]:
     frame = _replace_compressor(level).compress(data)
     best = Op(OpType.REPLACE, start, length, 0, len(frame), hashlib.sha256(frame).digest(), dst_hash), frame
     if planned.type is OpType.DELTA:
+        assert inputs.base is not None
+        images = {Origin.BASE: inputs.base, Origin.TARGET: inputs.target}
         extents: list[DictExtent] = []
-        pieces: list[bytes] = []
-        for origin, offset, size in planned.dictionary:
-            source = inputs.base if origin is Origin.BASE else inputs.target
-            assert source is not None
-            piece = bytes(source[offset : offset + size])
-            pieces.append(piece)
-            extents.append(DictExtent(origin, offset, size, hashlib.sha256(piece).digest()))
-        dictionary = b"".join(pieces)
-        payload = pack_delta(extents, _delta_frame(data, dictionary))
+        parts: list[bytes] = []
+        for unit in planned.dictionary:
+            image = images[unit.origin]
+            raw = bytes(image[unit.offset : unit.offset + unit.length])
+            parts.append(raw if unit.codec is Codec.RAW else inflate(raw, unit.codec, unit.produces, "unit"))
+            digest = hashlib.sha256(raw).digest()
+            extents.append(DictExtent(unit.origin, unit.offset, unit.length, digest, unit.codec, unit.produces))
+        dictionary = b"".join(parts)
+        content = data if not planned.pieces else _content(data, planned.pieces)
+        payload = pack_delta(extents, planned.pieces, _delta_frame(content, dictionary))
         if len(payload) < len(frame):
             digest = hashlib.sha256(payload).digest()
             op = Op(OpType.DELTA, start, length, 0, len(payload), digest, dst_hash, 0, len(dictionary))

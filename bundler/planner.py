@@ -14,18 +14,27 @@ Against a base image (`plan_delta`):
    DELTA stretches of up to `DELTA_TARGET` bytes, each with a dictionary of up
    to MAX_DICT bytes chosen by content similarity (`bundler.similarity`) from
    anywhere in the base and from the target already written; a stretch with no
-   similar region at all is a REPLACE.
+   similar unit at all is a REPLACE;
+3. deflate-aware (docs/delta.md): compressed streams of the target that the
+   device's deflate reproduces exactly (`bundler.streams`) are carried as their
+   uncompressed content and recompressed on the device (output pieces), and
+   the dictionary may hold inflated streams of the base, so similarity works on
+   uncompressed data; streams that do not reproduce stay raw bytes.
 The executor still picks per op whichever of DELTA and REPLACE is smaller.
 """
 
 from __future__ import annotations
 
+import bisect
 import mmap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bundler.format.ops import MAX_DICT, MAX_DICT_EXTENTS, MAX_OP_DST, OpType, Origin
-from bundler.similarity import MIN_SCORE, REGION, REGION_SHIFT, RegionIndex, score
+from bundler.format.deflate import Codec, inflate
+from bundler.format.ops import MAX_DICT, MAX_DICT_EXTENTS, MAX_OP_DST, MAX_STREAM_EXTENT, OpType, Origin, Piece
+from bundler.similarity import MIN_SCORE, REGION, UnitIndex, score
+from bundler.streams import Stream, find_streams
 
 SEGMENT = 1 << 20
 CHUNK = MAX_OP_DST
@@ -46,7 +55,8 @@ class Planned:
     dst_offset: int
     dst_length: int
     src_offset: int = 0  # SOURCE_COPY: where in the base
-    dictionary: tuple[tuple[Origin, int, int], ...] = ()  # DELTA: (origin, offset, length), in order
+    dictionary: tuple[Unit, ...] = ()  # DELTA: its dictionary, in order
+    pieces: tuple[Piece, ...] = ()  # DELTA: how its decoded content becomes the extent (none: as it is)
 
 
 def plan_full(image: Buffer, size: int) -> Iterator[Planned]:
@@ -129,48 +139,168 @@ def _runs(sources: list[int]) -> Iterator[tuple[int, int, int]]:
         i = j
 
 
-def _extents(
-    target: bytes, span: tuple[int, int], base_index: RegionIndex, target_index: RegionIndex | None, base_size: int
-) -> tuple[tuple[Origin, int, int], ...]:
-    """The dictionary of a DELTA stretch: similar regions, best last, within MAX_DICT."""
-    start, end = span
-    in_base, in_target = score(target, start, end, base_index, target_index)
-    ranked = [(n, Origin.BASE, r) for r, n in in_base.items() if n >= MIN_SCORE]
-    ranked += [(n, Origin.TARGET, r) for r, n in in_target.items() if n >= MIN_SCORE]
-    ranked.sort(key=lambda x: (-x[0], x[1], x[2]))
-    chosen: list[tuple[int, Origin, int]] = []
-    budget = MAX_DICT
-    for n, origin, region in ranked:
-        limit = base_size if origin is Origin.BASE else start
-        length = min(REGION, limit - (region << REGION_SHIFT))
-        if length <= 0 or length > budget:
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A piece of an image a dictionary can take: raw bytes or one inflated stream."""
+
+    origin: Origin
+    offset: int
+    length: int
+    codec: Codec = Codec.RAW
+    produces: int = 0  # bytes it puts into a dictionary
+
+    def content(self, image: bytes) -> bytes:
+        raw = image[self.offset : self.offset + self.length]
+        return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
+
+
+def _units(origin: Origin, size: int, streams: list[Stream]) -> list[Unit]:
+    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between them."""
+    units: list[Unit] = []
+    at = 0
+
+    def raw_until(end: int) -> None:
+        nonlocal at
+        while at < end:
+            stop = min(end, (at // REGION + 1) * REGION)
+            units.append(Unit(origin, at, stop - at, Codec.RAW, stop - at))
+            at = stop
+
+    for s in streams:
+        if s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
             continue
-        chosen.append((n, origin, region))
-        budget -= length
-        if budget < REGION:
-            break
-    # Merge neighbouring regions into extents; keep at most MAX_DICT_EXTENTS (the best).
-    spans: dict[tuple[Origin, int], tuple[int, int]] = {}  # (origin, first region) -> (last region, best score)
-    for n, origin, region in sorted(chosen, key=lambda x: (x[1], x[2])):
-        merged = False
-        for (o, first), (last, best) in list(spans.items()):
-            if o is origin and last + 1 == region:
-                spans[(o, first)] = (region, max(best, n))
-                merged = True
+        raw_until(s.offset)
+        units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
+        at = s.offset + s.length
+    raw_until(size)
+    return units
+
+
+@dataclass
+class _Search:
+    """The similarity index over the base's and the target's units."""
+
+    base: bytes
+    target: bytes
+    units: list[Unit]
+    index: UnitIndex
+
+    @classmethod
+    def build(cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream]) -> _Search:
+        units = _units(Origin.BASE, len(base), base_streams) + _units(Origin.TARGET, len(target), target_streams)
+        index = UnitIndex()
+        for i, unit in enumerate(units):
+            image = base if unit.origin is Origin.BASE else target
+            if unit.codec is Codec.RAW:
+                index.add(i, image, unit.offset, unit.offset + unit.length)
+            else:
+                content = unit.content(image)
+                index.add(i, content, 0, len(content))
+        return cls(base, target, units, index)
+
+    def dictionary(self, content: bytes, before: int) -> tuple[Unit, ...]:
+        """Units like `content` (target units only if they end by `before`), best last, within MAX_DICT."""
+        units = self.units
+
+        def allowed(i: int) -> bool:
+            u = units[i]
+            return u.origin is Origin.BASE or u.offset + u.length <= before
+
+        hits = score(content, self.index, allowed)
+        ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
+        chosen: list[Unit] = []
+        budget = MAX_DICT
+        for _, i in reversed(ranked):
+            u = units[i]
+            if u.produces > budget:
+                continue
+            chosen.append(u)
+            budget -= u.produces
+            if budget < 4096 or len(chosen) == MAX_DICT_EXTENTS:
                 break
-        if not merged:
-            spans[(origin, region)] = (region, n)
-    ordered = sorted(spans.items(), key=lambda kv: kv[1][1])[-MAX_DICT_EXTENTS:]  # best last
-    out: list[tuple[Origin, int, int]] = []
-    for (origin, first), (last, _) in ordered:
-        limit = base_size if origin is Origin.BASE else start
-        offset = first << REGION_SHIFT
-        out.append((origin, offset, min((last + 1) << REGION_SHIFT, limit) - offset))
-    return tuple(out)
+        return tuple(reversed(chosen))
 
 
-def plan_delta(target: Buffer, size: int, base: Buffer, base_size: int) -> Iterator[Planned]:
-    """The ops of `target` against `base` (both whole images in memory or mapped)."""
+Segment = tuple[int, int, Stream | None]  # offset, length, the stream there (None: raw bytes)
+
+
+def _segments(start: int, end: int, streams: list[Stream], starts: list[int]) -> Iterator[Segment]:
+    """[start, end) as raw stretches and the verified streams wholly inside it."""
+    at = start
+    k = bisect.bisect_left(starts, start)
+    while k < len(streams) and streams[k].offset < end:
+        s = streams[k]
+        k += 1
+        if s.offset + s.length > end or s.offset < at:
+            continue
+        if s.offset > at:
+            yield at, s.offset - at, None
+        yield s.offset, s.length, s
+        at = s.offset + s.length
+    if at < end:
+        yield at, end - at, None
+
+
+def _stretches(
+    start: int, end: int, streams: list[Stream], starts: list[int]
+) -> Iterator[tuple[int, int, tuple[Segment, ...]]]:
+    """A changed run cut into DELTA stretches: at most DELTA_TARGET bytes of output and of
+    decoded content each, cut between streams (raw bytes anywhere)."""
+    pieces: list[Segment] = []
+    out = decoded = 0
+    first = start
+    for offset, length, stream in _segments(start, end, streams, starts):
+        at, left = offset, length
+        while left:
+            if stream is None:
+                take = min(left, DELTA_TARGET - out, DELTA_TARGET - decoded)
+                size = take
+            else:
+                take, size = length, stream.content_length
+                if out + take > DELTA_TARGET or decoded + size > DELTA_TARGET:
+                    take = 0
+            if take == 0:
+                assert pieces, "every stream fits an empty stretch (MAX_CONTENT < DELTA_TARGET)"
+                yield first, out, tuple(pieces)
+                pieces, out, decoded, first = [], 0, 0, at
+                continue
+            pieces.append((at, take, stream))
+            out += take
+            decoded += size
+            at += take
+            left -= take
+    if pieces:
+        yield first, out, tuple(pieces)
+
+
+def _delta_op(search: _Search, first: int, length: int, segments: tuple[Segment, ...]) -> Planned:
+    target = search.target
+    parts: list[bytes] = []
+    pieces: list[Piece] = []
+    for at, n, stream in segments:
+        if stream is None:
+            parts.append(target[at : at + n])
+            if pieces and pieces[-1].codec is Codec.RAW:
+                last = pieces[-1]
+                pieces[-1] = Piece(Codec.RAW, last.in_length + n, last.out_length + n)
+            else:
+                pieces.append(Piece(Codec.RAW, n, n))
+        else:
+            parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
+            pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
+    content = b"".join(parts)
+    dictionary = search.dictionary(content, first)
+    if all(p.codec is Codec.RAW for p in pieces):
+        pieces = []
+    if not dictionary and not pieces:
+        return Planned(OpType.REPLACE, first, length)
+    return Planned(OpType.DELTA, first, length, dictionary=dictionary, pieces=tuple(pieces))
+
+
+def plan_delta(
+    target: bytes, size: int, base: bytes, base_size: int, pool: ThreadPoolExecutor | None = None
+) -> Iterator[Planned]:
+    """The ops of `target` against `base` (both whole images in memory)."""
     sources = _block_sources(target, size, base, base_size)
     kinds: list[tuple[int, int, int]] = []  # (kind, first block, count), short runs turned _NEW
     for run, first, count in _runs(sources):
@@ -179,10 +309,9 @@ def plan_delta(target: Buffer, size: int, base: Buffer, base_size: int) -> Itera
             kinds[-1] = (_NEW, kinds[-1][1], kinds[-1][2] + count)
         else:
             kinds.append((kind, first, count))
-    base_bytes = base if isinstance(base, bytes) else bytes(base[:base_size])
-    target_bytes = target if isinstance(target, bytes) else bytes(target[:size])
-    base_index: RegionIndex | None = None
-    target_index: RegionIndex | None = None
+    search: _Search | None = None
+    streams: list[Stream] = []
+    starts: list[int] = []
     for kind, first, count in kinds:
         start = first * BLOCK
         end = min(size, (first + count) * BLOCK)
@@ -193,13 +322,9 @@ def plan_delta(target: Buffer, size: int, base: Buffer, base_size: int) -> Itera
                 length = min(MAX_OP_DST, end - at)
                 yield Planned(OpType.SOURCE_COPY, at, length, src_offset=kind + (at - start))
         else:
-            if base_index is None:
-                base_index = RegionIndex.build(base_bytes)
-                target_index = RegionIndex.build(target_bytes)
-            for at in range(start, end, DELTA_TARGET):
-                stop = min(end, at + DELTA_TARGET)
-                extents = _extents(target_bytes, (at, stop), base_index, target_index, base_size)
-                if extents:
-                    yield Planned(OpType.DELTA, at, stop - at, dictionary=extents)
-                else:
-                    yield Planned(OpType.REPLACE, at, stop - at)
+            if search is None:
+                streams = find_streams(target, pool)
+                starts = [s.offset for s in streams]
+                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams)
+            for first_byte, length, segments in _stretches(start, end, streams, starts):
+                yield _delta_op(search, first_byte, length, segments)

@@ -4,12 +4,13 @@ DELTA op can take them as its dictionary wherever the data moved to.
 
 Features are content-defined, so they survive shifts by any number of bytes:
 an anchor is every position whose two bytes fall into two fixed byte sets
-(about one position in 256 on uniform data, found by the regex engine in C),
+(about one position in 64 on uniform data, found by the regex engine in C),
 and the feature is the hash of the 32 bytes that start there. An index maps
-each feature to the regions holding it; a feature found in more than
-`MAX_REGIONS_PER_FEATURE` regions says nothing about where a stretch came
-from and is dropped. A stretch scores each region by the features they share;
-regions scoring at least `MIN_SCORE` are taken, best first, until the
+each feature to the units holding it (64 KiB regions of raw bytes, or the
+inflated content of one compressed stream); a feature found in more than
+`MAX_REGIONS_PER_FEATURE` units says nothing about where a stretch came
+from and is dropped. A stretch scores each unit by the features they share;
+the planner takes units scoring at least `MIN_SCORE`, best first, until the
 dictionary budget is full.
 
 Host-side only (the bundler); the device never searches.
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 REGION_SHIFT = 16  # 64 KiB regions
 REGION = 1 << REGION_SHIFT
@@ -54,54 +54,39 @@ def features(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[i
         yield p, hash(raw[q : q + FEATURE_LENGTH])
 
 
-@dataclass
-class RegionIndex:
-    """feature -> the regions (offset >> REGION_SHIFT) that hold it."""
+class UnitIndex:
+    """feature -> the units (any integer ids: a 64 KiB region, an inflated stream) that hold it."""
 
-    table: dict[int, int | list[int]]
+    def __init__(self) -> None:
+        self.table: dict[int, int | list[int]] = {}
 
-    @classmethod
-    def build(cls, data: bytes, step: int = 64 << 20) -> RegionIndex:
-        table: dict[int, int | list[int]] = {}
-        for chunk in range(0, len(data), step):
-            end = min(len(data), chunk + step + FEATURE_LENGTH)
-            for pos, feature in features(data, chunk, end):
-                if pos >= chunk + step:
-                    break
-                region = pos >> REGION_SHIFT
-                held = table.get(feature)
-                if held is None:
-                    table[feature] = region
-                elif isinstance(held, int):
-                    if held not in (region, _MULTI):
-                        table[feature] = [held, region]
-                elif region not in held:
-                    if len(held) >= MAX_REGIONS_PER_FEATURE:
-                        table[feature] = _MULTI
-                    else:
-                        held.append(region)
-        return cls(table)
+    def add(self, unit: int, data: bytes, start: int, end: int) -> None:
+        table = self.table
+        for _, feature in features(data, start, end):
+            held = table.get(feature)
+            if held is None:
+                table[feature] = unit
+            elif isinstance(held, int):
+                if held not in {unit, _MULTI}:
+                    table[feature] = [held, unit]
+            elif unit not in held:
+                if len(held) >= MAX_REGIONS_PER_FEATURE:
+                    table[feature] = _MULTI
+                else:
+                    held.append(unit)
 
-    def regions(self, feature: int) -> list[int]:
+    def units(self, feature: int) -> list[int]:
         held = self.table.get(feature)
         if held is None or held == _MULTI:
             return []
         return [held] if isinstance(held, int) else held
 
 
-def score(
-    target: bytes, start: int, end: int, base: RegionIndex, written: RegionIndex | None
-) -> tuple[Counter[int], Counter[int]]:
-    """How many features target[start:end) shares with each base region and with
-    each target region that ends at or before `start` (already written)."""
-    in_base: Counter[int] = Counter()
-    in_target: Counter[int] = Counter()
-    limit = start >> REGION_SHIFT  # target regions wholly before `start`
-    for _, feature in features(target, start, end):
-        for region in base.regions(feature):
-            in_base[region] += 1
-        if written is not None:
-            for region in written.regions(feature):
-                if region < limit:
-                    in_target[region] += 1
-    return in_base, in_target
+def score(content: bytes, index: UnitIndex, allowed: Callable[[int], bool]) -> Counter[int]:
+    """How many features `content` shares with each unit that `allowed` admits."""
+    hits: Counter[int] = Counter()
+    for _, feature in features(content, 0, len(content)):
+        for unit in index.units(feature):
+            if allowed(unit):
+                hits[unit] += 1
+    return hits

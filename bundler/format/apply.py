@@ -26,8 +26,9 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from bundler.format.deflate import Codec, deflate, inflate
 from bundler.format.errors import FormatError, HashMismatchError
-from bundler.format.ops import Buffer, Op, OpType, Origin, parse_delta, produce
+from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce
 
 
 class SourceError(FormatError):
@@ -122,14 +123,50 @@ def apply_op(
         raise FormatError(f"op {index}: {op.type.name} op without its payload", region="payload")
     if op.type is OpType.REPLACE:
         return produce(op, payload, index)
-    extents, frame = parse_delta(op, payload, index, base_size)
+    delta = parse_delta(op, payload, index, base_size)
     dictionary = bytearray(op.src_length)
     view = memoryview(dictionary)
     at = 0
-    for extent in extents:
-        read_checked(
-            source, extent.origin, extent.offset, view[at : at + extent.length], sha256=extent.sha256, index=index
-        )
-        at += extent.length
-    del view
-    return produce(op, frame, index, dictionary)
+    for k, extent in enumerate(delta.extents):
+        into = view[at : at + extent.produces]
+        if extent.codec is Codec.RAW:
+            read_checked(source, extent.origin, extent.offset, into, sha256=extent.sha256, index=index)
+        else:
+            packed = bytearray(extent.length)
+            read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
+            into[:] = inflate(packed, extent.codec, extent.produces, f"op {index}: dictionary extent {k}")
+            del packed
+        at += extent.produces
+    del view, into
+    decoded = produce(op, delta.frame, index, dictionary, delta.decoded_length)
+    del dictionary
+    if not delta.pieces:
+        return decoded
+    return _recompress(op, decoded, delta.pieces, index)
+
+
+def _recompress(op: Op, decoded: bytes, pieces: tuple[Piece, ...], index: int) -> bytes:
+    """The extent from a deflate-aware DELTA's decoded pieces (bundler.format.deflate),
+    checked against dst_sha256."""
+    out = bytearray(op.dst_length)
+    src = memoryview(decoded)
+    at = done = 0
+    for k, piece in enumerate(pieces):
+        content = src[at : at + piece.in_length]
+        if piece.codec is Codec.RAW:
+            out[done : done + piece.out_length] = content
+        else:
+            packed = deflate(content, piece.codec, piece.level, piece.mem_level)
+            if len(packed) != piece.out_length:
+                raise FormatError(
+                    f"op {index}: output piece {k} recompresses to {len(packed)} bytes, not {piece.out_length}"
+                    " (this device's zlib deflates differently)", region="payload",
+                )
+            out[done : done + piece.out_length] = packed
+        at += piece.in_length
+        done += piece.out_length
+    del src
+    actual = hashlib.sha256(out).digest()
+    if actual != op.dst_sha256:
+        raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
+    return bytes(out)

@@ -28,6 +28,7 @@ from typing import overload
 
 import zstandard
 
+from bundler.format.deflate import Codec
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError
 from bundler.format.header import OP_RECORD_SIZE
 
@@ -36,12 +37,16 @@ MAX_OP_DST = 4 << 20  # produced bytes of one REPLACE/DELTA/SOURCE_COPY op: boun
 # ZSTD_COMPRESSBOUND(MAX_OP_DST): no zstd encoder's one-shot frame of MAX_OP_DST bytes is larger.
 MAX_OP_PAYLOAD = MAX_OP_DST + (MAX_OP_DST >> 8)
 MAX_WINDOW = MAX_OP_DST  # a frame's window never needs to exceed the op it produces
-MAX_DICT = 8 << 20  # dictionary bytes of one DELTA op (the sum of its extents)
-MAX_DICT_EXTENTS = 64
+MAX_DICT = 8 << 20  # dictionary bytes of one DELTA op (the sum of its extents' outputs)
+MAX_DICT_EXTENTS = 256
+MAX_STREAM_EXTENT = 1 << 20  # source bytes of one inflated (ZLIB/DEFLATE) dictionary extent
+MAX_PIECES = 4096
 MAX_DELTA_WINDOW = 16 << 20  # covers MAX_DICT + MAX_OP_DST, rounded up to a power of two
-DELTA_EXTENT_SIZE = 56  # one dictionary extent record in a DELTA payload
-# A DELTA payload: u32 extent count, the extent records, then one frame of at most MAX_OP_PAYLOAD.
-MAX_DELTA_PAYLOAD = 4 + MAX_DICT_EXTENTS * DELTA_EXTENT_SIZE + MAX_OP_PAYLOAD
+DELTA_EXTENT_SIZE = 64  # one dictionary extent record in a DELTA payload
+PIECE_SIZE = 16  # one output piece record
+# A DELTA payload: u32 extent count, u32 piece count, the extent records, the piece
+# records, then one zstd frame of at most MAX_OP_PAYLOAD.
+MAX_DELTA_PAYLOAD = 8 + MAX_DICT_EXTENTS * DELTA_EXTENT_SIZE + MAX_PIECES * PIECE_SIZE + MAX_OP_PAYLOAD
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Buffer = bytes | bytearray | memoryview  # what produce() and the table accept: any contiguous bytes
@@ -71,48 +76,95 @@ class Origin(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class DictExtent:
+    """`length` bytes at `offset` of the origin (whose SHA-256 is `sha256`), put into
+    the dictionary as they are (RAW) or inflated (ZLIB, DEFLATE) to `out_length` bytes."""
+
     origin: Origin
     offset: int
     length: int
     sha256: bytes
+    codec: Codec = Codec.RAW
+    out_length: int = -1  # -1: length (RAW)
+
+    @property
+    def produces(self) -> int:
+        return self.length if self.out_length < 0 else self.out_length
 
     def pack(self) -> bytes:
-        return _EXTENT.pack(self.origin, bytes(7), self.offset, self.length, self.sha256)
+        return _EXTENT.pack(self.origin, self.codec, bytes(6), self.offset, self.length, self.produces, self.sha256)
 
 
-_EXTENT = struct.Struct("<B7sQQ32s")
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One stretch of a deflate-aware DELTA's output: `in_length` decoded bytes,
+    copied (RAW) or recompressed (bundler.format.deflate) into `out_length` bytes."""
+
+    codec: Codec
+    in_length: int
+    out_length: int
+    level: int = 0
+    mem_level: int = 0
+
+    def pack(self) -> bytes:
+        return _PIECE.pack(self.codec, self.level, self.mem_level, 0, self.in_length, self.out_length)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaPayload:
+    extents: tuple[DictExtent, ...]
+    pieces: tuple[Piece, ...]  # empty: the decoded frame is the extent itself
+    frame: memoryview
+
+    @property
+    def decoded_length(self) -> int | None:
+        return sum(p.in_length for p in self.pieces) if self.pieces else None
+
+
+_EXTENT = struct.Struct("<BB6sQQQ32s")
 assert _EXTENT.size == DELTA_EXTENT_SIZE
-_COUNT = struct.Struct("<I")
+_PIECE = struct.Struct("<BBBBIQ")
+assert _PIECE.size == PIECE_SIZE
+_COUNTS = struct.Struct("<II")
 
 
-def pack_delta(extents: Sequence[DictExtent], frame: bytes) -> bytes:
-    return _COUNT.pack(len(extents)) + b"".join(e.pack() for e in extents) + frame
+def pack_delta(extents: Sequence[DictExtent], pieces: Sequence[Piece], frame: bytes) -> bytes:
+    head = _COUNTS.pack(len(extents), len(pieces))
+    return head + b"".join(e.pack() for e in extents) + b"".join(p.pack() for p in pieces) + frame
 
 
-def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> tuple[tuple[DictExtent, ...], memoryview]:
-    """The dictionary extents and the frame of a (hash-checked) DELTA payload.
-    Every extent is checked before anything is read: 1 to MAX_DICT_EXTENTS of
-    them, lengths summing to the op's src_length, base extents inside the base
-    image, target extents wholly before the op's destination, no two of one
-    origin overlapping."""
+def _bad(index: int, message: str) -> FormatError:
+    return FormatError(f"op {index}: {message}", region="payload")
+
+
+def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPayload:
+    """The dictionary extents, output pieces and frame of a (hash-checked) DELTA
+    payload. Every record is checked before anything is read: 1 to
+    MAX_DICT_EXTENTS extents whose outputs sum to the op's src_length, base
+    extents inside the base image, target extents wholly before the op's
+    destination, no two of one origin overlapping; pieces whose outputs sum to
+    dst_length from at most MAX_OP_DST decoded bytes, with valid deflate levels."""
     view = memoryview(payload).cast("B")
     region = f"op {index}"
-    if len(view) < _COUNT.size:
-        raise FormatError(f"op {index}: DELTA payload has no extent count", region="payload")
-    (count,) = _COUNT.unpack_from(view)
+    if len(view) < _COUNTS.size:
+        raise _bad(index, "DELTA payload has no extent and piece counts")
+    count, npieces = _COUNTS.unpack_from(view)
     if not 1 <= count <= MAX_DICT_EXTENTS:
         raise BoundsError("dictionary extents", count, 1, MAX_DICT_EXTENTS, region=region)
-    start = _COUNT.size + count * DELTA_EXTENT_SIZE
+    if npieces > MAX_PIECES:
+        raise BoundsError("output pieces", npieces, 0, MAX_PIECES, region=region)
+    pieces_at = _COUNTS.size + count * DELTA_EXTENT_SIZE
+    start = pieces_at + npieces * PIECE_SIZE
     if len(view) <= start:
-        raise FormatError(f"op {index}: DELTA payload ends inside its extent list", region="payload")
+        raise _bad(index, "DELTA payload ends inside its extent or piece list")
     extents: list[DictExtent] = []
     total = 0
     for k in range(count):
-        kind, reserved, offset, length, digest = _EXTENT.unpack_from(view, _COUNT.size + k * DELTA_EXTENT_SIZE)
-        if reserved != bytes(7) or kind not in {Origin.BASE, Origin.TARGET}:
-            message = f"op {index}: dictionary extent {k} has an unknown origin or reserved bytes"
-            raise FormatError(message, region="payload")
-        origin = Origin(kind)
+        kind, codec, reserved, offset, length, produced, digest = _EXTENT.unpack_from(
+            view, _COUNTS.size + k * DELTA_EXTENT_SIZE
+        )
+        if reserved != bytes(6) or kind not in _ORIGINS or codec not in _CODECS:
+            raise _bad(index, f"dictionary extent {k} has an unknown origin, codec or reserved bytes")
+        origin, how = Origin(kind), Codec(codec)
         limit = base_size if origin is Origin.BASE else op.dst_offset
         if not 1 <= length <= MAX_DICT or offset > limit or length > limit - offset:
             where = "the base image" if origin is Origin.BASE else "the target written before this op"
@@ -120,18 +172,45 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> tuple[tu
                 f"dictionary extent {k} [{offset}, +{length})", offset + length, 1, limit,
                 region=f"{region} (outside {where})",
             )
-        total += length
-        extents.append(DictExtent(origin, offset, length, digest))
+        if how is Codec.RAW and produced != length:
+            raise _bad(index, f"raw dictionary extent {k} of {length} bytes says it yields {produced}")
+        if how is not Codec.RAW and (length > MAX_STREAM_EXTENT or not 1 <= produced <= MAX_DICT):
+            raise BoundsError(f"stream extent {k} length", length, 1, MAX_STREAM_EXTENT, region=region)
+        total += produced
+        extents.append(DictExtent(origin, offset, length, digest, how, produced))
     if total != op.src_length:
-        message = f"op {index}: dictionary extents hold {total} bytes, op says {op.src_length}"
-        raise FormatError(message, region="payload")
+        raise _bad(index, f"dictionary extents hold {total} bytes, op says {op.src_length}")
     for origin in Origin:
         spans = sorted((e.offset, e.offset + e.length) for e in extents if e.origin is origin)
         for (_, end), (next_start, _) in itertools.pairwise(spans):
             if next_start < end:
-                message = f"op {index}: dictionary extents overlap at {origin.name} offset {next_start}"
-                raise FormatError(message, region="payload")
-    return tuple(extents), view[start:]
+                raise _bad(index, f"dictionary extents overlap at {origin.name} offset {next_start}")
+    pieces: list[Piece] = []
+    decoded = produced_total = 0
+    for k in range(npieces):
+        record = _PIECE.unpack_from(view, pieces_at + k * PIECE_SIZE)
+        codec, level, mem_level, reserved_byte, in_length, out_length = record
+        if codec not in _CODECS or reserved_byte:
+            raise _bad(index, f"output piece {k} has an unknown codec or reserved bytes")
+        how = Codec(codec)
+        if how is Codec.RAW and (level or mem_level or in_length != out_length):
+            raise _bad(index, f"raw output piece {k} is not a plain copy")
+        if how is not Codec.RAW and not (1 <= level <= 9 and 1 <= mem_level <= 9):
+            raise _bad(index, f"output piece {k}: deflate level {level} / memLevel {mem_level} outside 1..9")
+        if out_length < 1:
+            raise _bad(index, f"output piece {k} produces nothing")
+        decoded += in_length
+        produced_total += out_length
+        pieces.append(Piece(how, in_length, out_length, level, mem_level))
+    if pieces and decoded > MAX_OP_DST:
+        raise BoundsError("decoded bytes", decoded, 1, MAX_OP_DST, region=region)
+    if pieces and produced_total != op.dst_length:
+        raise _bad(index, f"output pieces produce {produced_total} bytes, op has {op.dst_length}")
+    return DeltaPayload(tuple(extents), tuple(pieces), view[start:])
+
+
+_ORIGINS = frozenset(Origin)
+_CODECS = frozenset(Codec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +388,9 @@ def validate_image_ops(
     return payload_cursor
 
 
-def produce(op: Op, payload: Buffer, index: int, dictionary: Buffer | None = None) -> bytes:
+def produce(
+    op: Op, payload: Buffer, index: int, dictionary: Buffer | None = None, decoded_length: int | None = None
+) -> bytes:
     """The extent an op produces from its (already hash-checked) payload, checked
     against the op's pinned destination hash. Not for ZERO ops.
 
@@ -321,7 +402,9 @@ def produce(op: Op, payload: Buffer, index: int, dictionary: Buffer | None = Non
 
     A DELTA's frame (`payload` is then the frame after the extent list) is
     decoded with `dictionary`, the concatenation of its checked extents, as raw
-    content; its window may reach MAX_DELTA_WINDOW (dictionary plus extent)."""
+    content; its window may reach MAX_DELTA_WINDOW (dictionary plus extent).
+    `decoded_length` replaces dst_length where the frame decodes to a deflate-aware
+    DELTA's uncompressed pieces; the caller checks the hash of what it makes of them."""
     if op.type is OpType.REPLACE:
         if dictionary is not None:
             raise FormatError(f"op {index}: a REPLACE op has no dictionary", region="op table")
@@ -344,21 +427,24 @@ def produce(op: Op, payload: Buffer, index: int, dictionary: Buffer | None = Non
         raise BoundsError("zstd window", params.window_size, 0, window, region=f"op {index}")
     if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
         raise FormatError(f"op {index}: zstd frame does not declare its content size", region="payload")
-    if params.content_size != op.dst_length:
-        raise FormatError(
-            f"op {index}: zstd frame declares {params.content_size} bytes, op has {op.dst_length}", region="payload"
-        )
+    expected = op.dst_length if decoded_length is None else decoded_length
+    if params.content_size != expected:
+        what = "op has" if decoded_length is None else "pieces take"
+        message = f"op {index}: zstd frame declares {params.content_size} bytes, {what} {expected}"
+        raise FormatError(message, region="payload")
     try:
         if dictionary is None:
             decoder = zstandard.ZstdDecompressor(max_window_size=window)
         else:
             raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             decoder = zstandard.ZstdDecompressor(dict_data=raw, max_window_size=window)
-        data: bytes = decoder.decompress(payload, max_output_size=op.dst_length, allow_extra_data=False)
+        data: bytes = decoder.decompress(payload, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise FormatError(f"op {index}: zstd frame does not decode: {e}", region="payload") from None
-    if len(data) != op.dst_length:
-        raise FormatError(f"op {index}: decoded {len(data)} bytes, expected {op.dst_length}", region="payload")
+    if len(data) != expected:
+        raise FormatError(f"op {index}: decoded {len(data)} bytes, expected {expected}", region="payload")
+    if decoded_length is not None:
+        return data
     actual = hashlib.sha256(data).digest()
     if actual != op.dst_sha256:
         raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)

@@ -6,9 +6,11 @@ refused with its own error before its extent is written."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ import zstandard
 from bundler.build import BundleSpec, build_full
 from bundler.executor import Inputs, make_op
 from bundler.format.apply import NoSource, SourceError, apply_op
+from bundler.format.deflate import Codec
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError
 from bundler.format.manifest import ImageEntry
 from bundler.format.ops import (
@@ -33,7 +36,8 @@ from bundler.format.ops import (
 )
 from bundler.format.reader import BundleReader
 from bundler.format.signing import verify
-from bundler.planner import Planned, plan_delta
+from bundler.planner import Planned, Unit, plan_delta
+from bundler.streams import find_streams
 from tests.unit.conftest import KeyPair, SimSlot, assemble, manifest_for, stream_install
 
 MiB = 1 << 20
@@ -96,7 +100,7 @@ def test_planner_copies_moved_blocks_and_deltas_changed_ones(pair: tuple[bytes, 
     assert moved.src_offset + (1536 * 1024 - moved.dst_offset) == 256 * 1024, "copied from where the file was"
     deltas = [p for p in planned if p.type is OpType.DELTA]
     edited = next(p for p in deltas if p.dst_offset <= 1 * MiB < p.dst_offset + p.dst_length)
-    assert any(o is Origin.BASE and off <= 1 * MiB < off + n for o, off, n in edited.dictionary)
+    assert any(u.origin is Origin.BASE and u.offset <= 1 * MiB < u.offset + u.length for u in edited.dictionary)
     zeros = [p for p in planned if p.type is OpType.ZERO]
     assert any(p.dst_offset <= 2688 * 1024 and p.dst_offset + p.dst_length >= 2816 * 1024 for p in zeros)
 
@@ -113,16 +117,20 @@ def test_planner_takes_dictionaries_from_target_already_written() -> None:
     assert first.type is OpType.REPLACE, "nothing like it in the base"
     last = planned[-1]
     assert (last.type, last.dst_offset) == (OpType.DELTA, 768 * 1024)
-    assert any(o is Origin.TARGET and off + n <= last.dst_offset for o, off, n in last.dictionary)
+    assert any(u.origin is Origin.TARGET and u.offset + u.length <= last.dst_offset for u in last.dictionary)
+
+
+def raw_unit(offset: int, length: int, origin: Origin = Origin.BASE) -> Unit:
+    return Unit(origin, offset, length, Codec.RAW, length)
 
 
 def test_executor_keeps_a_delta_only_when_it_is_smaller(pair: tuple[bytes, bytes]) -> None:
     v1, v2 = pair
     inputs = Inputs(v2, v1)
-    useless = Planned(OpType.DELTA, 0, 64 * 1024, dictionary=((Origin.BASE, 2 * MiB, 64 * 1024),))  # zeros
+    useless = Planned(OpType.DELTA, 0, 64 * 1024, dictionary=(raw_unit(2 * MiB, 64 * 1024),))  # zeros
     op, payload = make_op(useless, replace(inputs, target=bytes(random.Random(1).randbytes(64 * 1024))), 3)
     assert op.type is OpType.REPLACE
-    good = Planned(OpType.DELTA, 1 * MiB, 128 * 1024, dictionary=((Origin.BASE, 1 * MiB, 192 * 1024),))
+    good = Planned(OpType.DELTA, 1 * MiB, 128 * 1024, dictionary=(raw_unit(1 * MiB, 192 * 1024),))
     op, payload = make_op(good, inputs, 3)
     assert op.type is OpType.DELTA
     _, frame = make_op(Planned(OpType.REPLACE, 1 * MiB, 128 * 1024), inputs, 3)
@@ -178,8 +186,9 @@ BASE = random.Random(11).randbytes(256 * 1024)
 TARGET = BASE[: 64 * 1024] + BASE[128 * 1024 : 160 * 1024] + b"edited" + BASE[160 * 1024 + 6 : 192 * 1024]
 
 
-def delta_op(dictionary: tuple[tuple[Origin, int, int], ...]) -> tuple[Op, bytes]:
-    op, payload = make_op(Planned(OpType.DELTA, 64 * 1024, 64 * 1024, dictionary=dictionary), Inputs(TARGET, BASE), 3)
+def delta_op(offset: int = 128 * 1024, length: int = 64 * 1024) -> tuple[Op, bytes]:
+    planned = Planned(OpType.DELTA, 64 * 1024, 64 * 1024, dictionary=(raw_unit(offset, length),))
+    op, payload = make_op(planned, Inputs(TARGET, BASE), 3)
     assert op.type is OpType.DELTA
     return op, payload
 
@@ -213,60 +222,62 @@ def install(key: KeyPair, data: bytes) -> SimSlot:
 
 
 def test_the_hostile_fixtures_install_when_left_alone(signing_key: KeyPair) -> None:
-    slot = install(signing_key, signed(signing_key, [head(), delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))]))
+    slot = install(signing_key, signed(signing_key, [head(), delta_op()]))
     assert bytes(slot.data) == TARGET[: 128 * 1024]
 
 
 def with_extents(op: Op, payload: bytes, extents: list[DictExtent]) -> tuple[Op, bytes]:
-    frame = payload[4 + 56 * (len(payload) and int.from_bytes(payload[:4], "little")) :]
-    return replace(op, src_length=sum(e.length for e in extents)), pack_delta(extents, frame)
+    delta = parse_delta(op, payload, 0, len(BASE))
+    return replace(op, src_length=sum(e.produces for e in extents)), pack_delta(extents, (), bytes(delta.frame))
 
 
 def extents_of(op: Op, payload: bytes) -> list[DictExtent]:
-    return list(parse_delta(op, payload, 0, len(BASE))[0])
+    return list(parse_delta(op, payload, 0, len(BASE)).extents)
 
 
 def reframe(op: Op, payload: bytes, frame: bytes) -> tuple[Op, bytes]:
-    return op, pack_delta(extents_of(op, payload), frame)
+    return op, pack_delta(extents_of(op, payload), (), frame)
 
 
 Hostile = Callable[[], tuple[list[tuple[Op, bytes]], dict[str, Any]]]
 
 
 def lying_extent_hash() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     [e] = extents_of(op, payload)
     return [head(), with_extents(op, payload, [replace(e, sha256=hashlib.sha256(b"other").digest())])]
 
 
 def base_extent_past_the_end() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     [e] = extents_of(op, payload)
-    return [head(), with_extents(op, payload, [replace(e, offset=len(BASE) - 4096)])]
+    return [head(), with_extents(op, payload, [replace(e, offset=len(BASE) - 4096)])]  # 64 KiB, 4 KiB left
 
 
 def target_extent_over_its_own_destination() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     [e] = extents_of(op, payload)
     return [head(), with_extents(op, payload, [replace(e, origin=Origin.TARGET, offset=32 * 1024)])]
 
 
 def overlapping_extents() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     [e] = extents_of(op, payload)
-    twice = [replace(e, length=32 * 1024), replace(e, offset=e.offset + 16 * 1024, length=32 * 1024)]
+    half = 32 * 1024
+    first = replace(e, length=half, out_length=half)
+    twice = [first, replace(first, offset=e.offset + half // 2)]
     return [head(), with_extents(op, payload, twice)]
 
 
 def frame_of_the_wrong_size() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     d = zstandard.ZstdCompressionDict(BASE[128 * 1024 : 192 * 1024], dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     short = zstandard.ZstdCompressor(level=3, dict_data=d).compress(TARGET[64 * 1024 : 127 * 1024])
     return [head(), reframe(op, payload, short)]
 
 
 def window_beyond_the_bound() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     d = zstandard.ZstdCompressionDict(BASE[128 * 1024 : 192 * 1024], dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=(2 * MAX_DELTA_WINDOW).bit_length() - 1)
     stream = zstandard.ZstdCompressor(compression_params=params, dict_data=d).compressobj()
@@ -279,7 +290,7 @@ def window_beyond_the_bound() -> list[tuple[Op, bytes]]:
 
 
 def dictionary_length_that_lies() -> list[tuple[Op, bytes]]:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     return [head(), (replace(op, src_length=op.src_length - 1), payload)]
 
 
@@ -324,7 +335,7 @@ def test_source_copy_from_a_base_that_differs_fails_its_hash(signing_key: KeyPai
 
 
 def test_delta_ops_in_an_image_without_a_base_are_refused(signing_key: KeyPair) -> None:
-    op, payload = delta_op(((Origin.BASE, 128 * 1024, 64 * 1024),))
+    op, payload = delta_op()
     data = signed(signing_key, [head(), (op, payload)])
     raw = bytearray(data)
     reader = BundleReader(io.BytesIO(bytes(raw)))
@@ -342,3 +353,96 @@ def test_apply_op_without_a_source_refuses_source_reads() -> None:
     op, _ = head()
     with pytest.raises(SourceError, match="no base to read from"):
         apply_op(op, None, 0, NoSource(), len(BASE))
+
+
+# --- deflate-aware deltas -------------------------------------------------------
+
+
+def zlib_blocks(rng: random.Random, contents: list[bytes]) -> bytes:
+    """Back-to-back zlib streams (level 9, as squashfs writes its blocks) with short raw headers."""
+    return b"".join(rng.randbytes(2) + zlib.compress(c, 9) for c in contents)
+
+
+@pytest.fixture(scope="module")
+def compressed_pair() -> tuple[bytes, bytes]:
+    rng = random.Random(5)
+    files = [text_like(rng, 96 * 1024) for _ in range(12)]
+    edited = list(files)
+    edited[3] = edited[3][:5000] + b"patched" + edited[3][5000:]
+    edited[7] = edited[7][:100] + edited[7][300:]
+    gz = gzip.compress(files[0] * 2, compresslevel=9, mtime=0)  # a .gz file, as in an ext4 image
+    v1 = zlib_blocks(random.Random(1), files) + gz
+    v2 = b"shifted by a few bytes" + zlib_blocks(random.Random(2), edited) + gzip.compress(
+        edited[3] * 2, compresslevel=9, mtime=0
+    )
+    return v1, v2
+
+
+def test_streams_the_device_deflate_reproduces_are_found_and_others_stay_raw() -> None:
+    rng = random.Random(9)
+    content = text_like(rng, 50_000)
+    mine = zlib.compress(content, 9)
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 8, zlib.Z_FILTERED)  # a deflate the device does not run
+    other = c.compress(content) + c.flush()
+    assert other != mine
+    data = b"x" * 100 + mine + b"y" * 100 + other
+    found = find_streams(data)
+    assert [(s.offset, s.length, s.codec, s.level, s.mem_level) for s in found] == [
+        (100, len(mine), Codec.ZLIB, 9, 8)
+    ]
+    assert len(find_streams(data, verify=False)) == 2, "both inflate: both may serve as a dictionary"
+
+
+def test_deflate_aware_delta_carries_uncompressed_content_and_rebuilds_exact_bytes(
+    tmp_path: Path, signing_key: KeyPair, compressed_pair: tuple[bytes, bytes]
+) -> None:
+    v1, v2 = compressed_pair
+    planned = list(plan_delta(v2, len(v2), v1, len(v1)))
+    deltas = [p for p in planned if p.type is OpType.DELTA]
+    assert any(piece.codec is Codec.ZLIB for p in deltas for piece in p.pieces)
+    assert any(piece.codec is Codec.DEFLATE for p in deltas for piece in p.pieces), "the gzip member's body"
+    assert any(u.codec is Codec.ZLIB for p in deltas for u in p.dictionary), "inflated base blocks as dictionary"
+    data = build_delta(tmp_path, signing_key, v1, v2)
+    slot = SimSlot()
+    stream_install(data, signing_key.keyring, slot, BytesSource(v1, slot))
+    assert bytes(slot.data) == v2
+    assert len(data) < len(zlib.compress(v2, 9)) / 5, "far below the compressed streams themselves"
+
+
+def deflate_aware_op(compressed_pair: tuple[bytes, bytes]) -> tuple[Op, bytes, bytes]:
+    v1, v2 = compressed_pair
+    planned = next(p for p in plan_delta(v2, len(v2), v1, len(v1)) if p.pieces)
+    op, payload = make_op(planned, Inputs(v2, v1), 3)
+    assert op.type is OpType.DELTA
+    return op, payload, v1
+
+
+def test_a_piece_that_recompresses_differently_is_refused(compressed_pair: tuple[bytes, bytes]) -> None:
+    op, payload, v1 = deflate_aware_op(compressed_pair)
+    delta = parse_delta(op, payload, 0, len(v1))
+    k = next(i for i, p in enumerate(delta.pieces) if p.codec is Codec.ZLIB)
+    pieces = list(delta.pieces)
+    pieces[k] = replace(pieces[k], level=1)  # the content deflated at another level: other bytes
+    hostile = pack_delta(delta.extents, pieces, bytes(delta.frame))
+    with pytest.raises(FormatError, match=r"op 0: output piece \d+ recompresses to \d+ bytes"):
+        apply_op(op, hostile, 0, InMemory(v1), len(v1))
+
+
+def test_a_stream_extent_that_inflates_to_another_length_is_refused(compressed_pair: tuple[bytes, bytes]) -> None:
+    op, payload, v1 = deflate_aware_op(compressed_pair)
+    delta = parse_delta(op, payload, 0, len(v1))
+    k = next(i for i, e in enumerate(delta.extents) if e.codec is Codec.ZLIB)
+    extents = list(delta.extents)
+    extents[k] = replace(extents[k], out_length=extents[k].produces - 1)
+    hostile = pack_delta(extents, delta.pieces, bytes(delta.frame))
+    with pytest.raises(FormatError, match=rf"op 0: dictionary extent {k}: inflates to"):
+        apply_op(replace(op, src_length=op.src_length - 1), hostile, 0, InMemory(v1), len(v1))
+
+
+class InMemory:
+    def __init__(self, base: bytes) -> None:
+        self.base = base
+
+    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
+        assert origin is Origin.BASE
+        buf[:] = self.base[offset : offset + len(buf)]
