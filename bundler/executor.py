@@ -66,6 +66,8 @@ def _delta_frame(data: bytes, dictionary: bytes) -> bytes:
         write_content_size=True,
         write_checksum=False,
     )
+    if not dictionary:
+        return zstandard.ZstdCompressor(compression_params=params).compress(data)
     raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
 

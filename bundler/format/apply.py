@@ -28,7 +28,7 @@ from typing import Protocol
 
 from bundler.format.deflate import Codec, deflate, inflate
 from bundler.format.errors import FormatError, HashMismatchError
-from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce
+from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce, raw_dictionary
 
 
 class SourceError(FormatError):
@@ -138,18 +138,19 @@ def apply_op(
             del packed
         at += extent.produces
     del view, into
-    decoded = produce(op, delta.frame, index, dictionary, delta.decoded_length)
-    del dictionary
+    loaded = raw_dictionary(dictionary) if delta.extents else None
+    del dictionary  # the library's copy is the one used: hold the dictionary once while decoding
     if not delta.pieces:
-        return decoded
-    return _recompress(op, decoded, delta.pieces, index)
+        return produce(op, delta.frame, index, loaded, None)
+    return _recompress(op, [produce(op, delta.frame, index, loaded, delta.decoded_length)], delta.pieces, index)
 
 
-def _recompress(op: Op, decoded: bytes, pieces: tuple[Piece, ...], index: int) -> bytes:
+def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: int) -> bytes:
     """The extent from a deflate-aware DELTA's decoded pieces (bundler.format.deflate),
-    checked against dst_sha256."""
+    checked against dst_sha256. `holder` hands over the only reference to the decoded
+    bytes, so they are freed before the extent is copied out."""
     out = bytearray(op.dst_length)
-    src = memoryview(decoded)
+    src = memoryview(holder.pop())
     at = done = 0
     for k, piece in enumerate(pieces):
         content = src[at : at + piece.in_length]
@@ -165,7 +166,7 @@ def _recompress(op: Op, decoded: bytes, pieces: tuple[Piece, ...], index: int) -
             out[done : done + piece.out_length] = packed
         at += piece.in_length
         done += piece.out_length
-    del src
+    del content, src  # the decoded bytes go with their last view
     actual = hashlib.sha256(out).digest()
     if actual != op.dst_sha256:
         raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)

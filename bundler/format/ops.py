@@ -138,7 +138,7 @@ def _bad(index: int, message: str) -> FormatError:
 
 def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPayload:
     """The dictionary extents, output pieces and frame of a (hash-checked) DELTA
-    payload. Every record is checked before anything is read: 1 to
+    payload. Every record is checked before anything is read: 0 to
     MAX_DICT_EXTENTS extents whose outputs sum to the op's src_length, base
     extents inside the base image, target extents wholly before the op's
     destination, no two of one origin overlapping; pieces whose outputs sum to
@@ -148,8 +148,8 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPay
     if len(view) < _COUNTS.size:
         raise _bad(index, "DELTA payload has no extent and piece counts")
     count, npieces = _COUNTS.unpack_from(view)
-    if not 1 <= count <= MAX_DICT_EXTENTS:
-        raise BoundsError("dictionary extents", count, 1, MAX_DICT_EXTENTS, region=region)
+    if not 0 <= count <= MAX_DICT_EXTENTS:
+        raise BoundsError("dictionary extents", count, 0, MAX_DICT_EXTENTS, region=region)
     if npieces > MAX_PIECES:
         raise BoundsError("output pieces", npieces, 0, MAX_PIECES, region=region)
     pieces_at = _COUNTS.size + count * DELTA_EXTENT_SIZE
@@ -375,8 +375,8 @@ def validate_image_ops(
             if op.type is OpType.DELTA:
                 if op.src_offset != 0:
                     raise FormatError(f"op {i}: DELTA op has a src_offset", region="op table")
-                if not 1 <= op.src_length <= MAX_DICT:
-                    raise BoundsError("dictionary length", op.src_length, 1, MAX_DICT, region=f"op {i}")
+                if not 0 <= op.src_length <= MAX_DICT:
+                    raise BoundsError("dictionary length", op.src_length, 0, MAX_DICT, region=f"op {i}")
             if op.payload_offset != payload_cursor:
                 raise FormatError(
                     f"op {i}: payload offset {op.payload_offset}, expected {payload_cursor}", region="op table"
@@ -388,8 +388,17 @@ def validate_image_ops(
     return payload_cursor
 
 
+def raw_dictionary(content: Buffer) -> zstandard.ZstdCompressionDict:
+    """A DELTA's dictionary as zstd raw content (the library keeps its own copy)."""
+    return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
 def produce(
-    op: Op, payload: Buffer, index: int, dictionary: Buffer | None = None, decoded_length: int | None = None
+    op: Op,
+    payload: Buffer,
+    index: int,
+    dictionary: zstandard.ZstdCompressionDict | None = None,
+    decoded_length: int | None = None,
 ) -> bytes:
     """The extent an op produces from its (already hash-checked) payload, checked
     against the op's pinned destination hash. Not for ZERO ops.
@@ -401,8 +410,8 @@ def produce(
     the declared size is what it allocates, so it must match first.
 
     A DELTA's frame (`payload` is then the frame after the extent list) is
-    decoded with `dictionary`, the concatenation of its checked extents, as raw
-    content; its window may reach MAX_DELTA_WINDOW (dictionary plus extent).
+    decoded with `dictionary`, the concatenation of its checked extents loaded
+    as raw content (`raw_dictionary`); its window may reach MAX_DELTA_WINDOW (dictionary plus extent).
     `decoded_length` replaces dst_length where the frame decodes to a deflate-aware
     DELTA's uncompressed pieces; the caller checks the hash of what it makes of them."""
     if op.type is OpType.REPLACE:
@@ -410,8 +419,6 @@ def produce(
             raise FormatError(f"op {index}: a REPLACE op has no dictionary", region="op table")
         window = MAX_WINDOW
     elif op.type is OpType.DELTA:
-        if dictionary is None:
-            raise FormatError(f"op {index}: a DELTA op needs its dictionary", region="op table")
         window = MAX_DELTA_WINDOW
     else:
         raise FormatError(f"op {index}: cannot produce {op.type.name} here", region="op table")
@@ -436,8 +443,7 @@ def produce(
         if dictionary is None:
             decoder = zstandard.ZstdDecompressor(max_window_size=window)
         else:
-            raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            decoder = zstandard.ZstdDecompressor(dict_data=raw, max_window_size=window)
+            decoder = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=window)
         data: bytes = decoder.decompress(payload, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise FormatError(f"op {index}: zstd frame does not decode: {e}", region="payload") from None

@@ -446,3 +446,19 @@ class InMemory:
     def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
         assert origin is Origin.BASE
         buf[:] = self.base[offset : offset + len(buf)]
+
+
+def test_a_new_compressed_file_is_a_deflate_aware_delta_without_dictionary(
+    tmp_path: Path, signing_key: KeyPair
+) -> None:
+    rng = random.Random(8)
+    base = rng.randbytes(256 * 1024)
+    fresh = zlib_blocks(rng, [text_like(rng, 64 * 1024) for _ in range(3)])  # nothing like it in the base
+    target = base + fresh
+    planned = [p for p in plan_delta(target, len(target), base, len(base)) if p.dst_offset >= len(base)]
+    assert [(p.type, p.dictionary) for p in planned] == [(OpType.DELTA, ())]
+    assert any(piece.codec is Codec.ZLIB for piece in planned[0].pieces)
+    data = build_delta(tmp_path, signing_key, base, target)
+    slot = SimSlot()
+    stream_install(data, signing_key.keyring, slot, BytesSource(base, slot))
+    assert bytes(slot.data) == target
