@@ -136,8 +136,9 @@ def apply_op(
             read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
             into[:] = inflate(packed, extent.codec, extent.produces, f"op {index}: dictionary extent {k}")
             del packed
+        del into
         at += extent.produces
-    del view, into
+    del view
     loaded = raw_dictionary(dictionary) if delta.extents else None
     del dictionary  # the library's copy is the one used: hold the dictionary once while decoding
     if not delta.pieces:
