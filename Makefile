@@ -10,7 +10,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-delta clean apt-test apt-demo bootscripts fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ bench: venv
 # The agent idle on a broker, then one deploy to 1000 simulated devices via mosquitto and a 2-node RabbitMQ cluster.
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# Delta bundles against xdelta3, zstd --patch-from, bsdiff and casync on a Debian corpus
+# (built into $(CORPUS) by bench/delta_corpus/make-corpus.sh when absent; needs root).
+CORPUS ?= bench/corpus
+bench-delta: venv
+	CORPUS=$(CORPUS) $(BIN)/python -m bench.delta
 
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
