@@ -40,6 +40,8 @@ SEGMENT = 1 << 20
 CHUNK = MAX_OP_DST
 BLOCK = 4096
 DELTA_TARGET = 4 << 20  # target bytes per DELTA op
+DICT_PER_BYTE = 2  # dictionary budget per byte of a stretch's content (capped at MAX_DICT)
+DICT_MIN = 256 << 10
 MIN_RUN = 8  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
@@ -209,7 +211,9 @@ class _Search:
         hits = score(content, self.index, allowed)
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
         chosen: list[Unit] = []
-        budget = MAX_DICT
+        # A dictionary much larger than the stretch adds little and costs build time
+        # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
+        budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
         for _, i in reversed(ranked):
             u = units[i]
             if u.produces > budget:
@@ -323,7 +327,8 @@ def plan_delta(
                 yield Planned(OpType.SOURCE_COPY, at, length, src_offset=kind + (at - start))
         else:
             if search is None:
-                streams = find_streams(target, pool)
+                changed = [(f * BLOCK, min(size, (f + c) * BLOCK)) for k, f, c in kinds if k == _NEW]
+                streams = find_streams(target, pool, within=changed)
                 starts = [s.offset for s in streams]
                 search = _Search.build(base, target, find_streams(base, pool, verify=False), streams)
             for first_byte, length, segments in _stretches(start, end, streams, starts):

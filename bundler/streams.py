@@ -11,6 +11,7 @@ releases the GIL).
 
 from __future__ import annotations
 
+import bisect
 import re
 import zlib
 from collections.abc import Sequence
@@ -86,10 +87,17 @@ def _verify(view: memoryview, candidate: Candidate) -> Stream | None:
     return None
 
 
-def find_streams(data: bytes, pool: ThreadPoolExecutor | None = None, *, verify: bool = True) -> list[Stream]:
+def find_streams(
+    data: bytes,
+    pool: ThreadPoolExecutor | None = None,
+    *,
+    verify: bool = True,
+    within: Sequence[tuple[int, int]] | None = None,
+) -> list[Stream]:
     """Non-overlapping streams of `data`, in offset order: verified ones (the device's
     deflate reproduces them; level and memLevel set), or with `verify` False every
-    stream that inflates (level 0: good for a dictionary, which is only inflated)."""
+    stream that inflates (level 0: good for a dictionary, which is only inflated).
+    `within` (sorted, disjoint spans): only streams wholly inside one are verified and kept."""
     view = memoryview(data)
     candidates: list[Candidate] = []
     for m in _GZIP.finditer(data):
@@ -111,6 +119,15 @@ def find_streams(data: bytes, pool: ThreadPoolExecutor | None = None, *, verify:
             continue
         candidates.append((p, found[0], found[1], Codec.ZLIB, _ZLIB_LEVELS[data[p + 1] >> 6]))
         taken_until = p + found[0]
+
+    if within is not None:
+        starts = [a for a, _ in within]
+
+        def inside(c: Candidate) -> bool:
+            k = bisect.bisect_right(starts, c[0]) - 1
+            return k >= 0 and c[0] + c[1] <= within[k][1]
+
+        candidates = [c for c in candidates if inside(c)]
 
     def check(c: Candidate) -> Stream | None:
         if not verify:
