@@ -46,7 +46,7 @@ from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
-from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
+from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op, file_sha256
 from bundler.format.errors import HashMismatchError
 from bundler.format.ops import NEEDS_BASE, Op, OpType
 from bundler.format.reader import BundleReader, Readable
@@ -290,7 +290,7 @@ def _check_bases(device: Device, plan: InstallPlan, booted: str) -> None:
                 f"delta for {image.slot_class} needs a {image.base_size}-byte base; booted slot {booted} "
                 f"holds only {held} bytes; install a full bundle"
             )
-        actual = device.read_back(path, booted, image.base_size)
+        actual = file_sha256(path, image.base_size)
         if actual != image.base_sha256:
             raise InstallError(
                 f"delta for {image.slot_class} applies to base {image.base_sha256[:16]}…, but booted slot "

@@ -63,6 +63,28 @@ def pread_into(fd: int, offset: int, buf: memoryview, what: str) -> None:
         raise SourceError(f"cannot read {what} at {offset + done}: {e.strerror}", region="source") from None
 
 
+def file_sha256(path: Path, length: int, chunk: int = 4 << 20) -> str:
+    """SHA-256 of the first `length` bytes of a file or block device, read through the
+    page cache (kept: the source extents read next are then served from memory)."""
+    h = hashlib.sha256()
+    buf = bytearray(min(chunk, max(length, 1)))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}", region="source") from None
+    try:
+        done = 0
+        view = memoryview(buf)
+        while done < length:
+            n = min(len(buf), length - done)
+            pread_into(fd, done, view[:n], str(path))
+            h.update(view[:n])
+            done += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 class FileSource:
     """Base and target as files or block devices (each opened read-only here;
     the target's path may be None where no target can be read back)."""
