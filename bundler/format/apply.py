@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 from bundler.format.deflate import Codec, deflate, inflate
 from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce, raw_dictionary
+
+RECOMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class SourceError(FormatError):
@@ -173,23 +176,32 @@ def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: i
     checked against dst_sha256. `holder` hands over the only reference to the decoded
     bytes, so they are freed before the extent is copied out."""
     out = bytearray(op.dst_length)
-    src = memoryview(holder.pop())
+    src = [memoryview(holder.pop())]  # cleared at the end: the decoded bytes go with it
+    spans: list[tuple[int, int, Piece]] = []  # (decoded offset, output offset, piece)
     at = done = 0
-    for k, piece in enumerate(pieces):
-        content = src[at : at + piece.in_length]
+    for piece in pieces:
+        spans.append((at, done, piece))
+        at += piece.in_length
+        done += piece.out_length
+
+    def make(span: tuple[int, int, Piece]) -> bytes | memoryview:
+        start, _, piece = span
+        content = src[0][start : start + piece.in_length]
         if piece.codec is Codec.RAW:
-            out[done : done + piece.out_length] = content
-        else:
-            packed = deflate(content, piece.codec, piece.level, piece.mem_level)
+            return content
+        return deflate(content, piece.codec, piece.level, piece.mem_level)
+
+    # Pieces are independent and zlib releases the GIL: recompress them on every core.
+    with ThreadPoolExecutor(max_workers=min(RECOMPRESS_THREADS, len(spans))) as pool:
+        for k, ((_, where, piece), packed) in enumerate(zip(spans, pool.map(make, spans), strict=True)):
             if len(packed) != piece.out_length:
                 raise FormatError(
                     f"op {index}: output piece {k} recompresses to {len(packed)} bytes, not {piece.out_length}"
                     " (this device's zlib deflates differently)", region="payload",
                 )
-            out[done : done + piece.out_length] = packed
-        at += piece.in_length
-        done += piece.out_length
-    del content, src  # the decoded bytes go with their last view
+            out[where : where + piece.out_length] = packed
+            del packed
+    src.clear()
     actual = hashlib.sha256(out).digest()
     if actual != op.dst_sha256:
         raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
