@@ -10,7 +10,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http bench-delta
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ bench-fleet: venv
 # Bundle upload over the serial console: framing efficiency, time at 115200 and 3 Mbaud, throughput over a pty relay.
 bench-console: venv
 	$(BIN)/python -m bench.console
+
+# Delta bundles against xdelta3, zstd --patch-from, bsdiff and casync on a Debian corpus
+# (built into $(CORPUS) by bench/delta_corpus/make-corpus.sh when absent; needs root).
+CORPUS ?= bench/corpus
+bench-delta: venv
+	CORPUS=$(CORPUS) $(BIN)/python -m bench.delta
 
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
