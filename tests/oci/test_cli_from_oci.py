@@ -24,7 +24,9 @@ def test_image_writes_a_filesystem_and_reports_it_as_json(tmp_path: Path, capsys
     out = tmp_path / "rootfs.erofs"
     assert main(["image", "--from-oci", f"oci:{layout}:1", "--fs", "erofs", "-o", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["fs"] == "erofs" and doc["size"] == out.stat().st_size and doc["layers"] == 1
+    assert doc["fs"] == "erofs"
+    assert doc["size"] == out.stat().st_size
+    assert doc["layers"] == 1
     assert out.read_bytes()[1024:1028] == bytes.fromhex("e2e1f5e0")  # the erofs superblock magic
 
 
@@ -61,6 +63,7 @@ def test_create_needs_exactly_one_of_image_and_from_oci(tmp_path: Path, capsys: 
 def test_bad_source_and_size_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["image", "--from-oci", "oci:/nonexistent:1", "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
-    assert "not an OCI image layout" in err and err.count("\n") == 1
+    assert "not an OCI image layout" in err
+    assert err.count("\n") == 1
     assert main(["image", "--from-oci", "oci:x", "--size", "12Q", "-o", str(tmp_path / "x")]) == 2
     assert "is not a size" in capsys.readouterr().err

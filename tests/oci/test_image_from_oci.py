@@ -107,7 +107,8 @@ def test_layers_become_a_filesystem_with_whiteouts_owners_modes_xattrs_links_and
     out = tmp_path / f"rootfs.{fs}"
     result = build_image(src, out, fs)
     assert result.layers == 2
-    assert result.stats.whiteouts == 3 and result.stats.devices == 2
+    assert result.stats.whiteouts == 3
+    assert result.stats.devices == 2
     with mounted(out, tmp_path / "mnt", FSTYPES[fs]) as root:
         assert summary(root) == expected_after_layers()
         assert os.stat(root / "etc/hostname").st_mtime <= result.epoch
