@@ -103,8 +103,11 @@ class Registry:
         url = f"{self.scheme}://{self.host}{path}"
         for attempt in range(2):
             conn, response = self._send(method, url, scope, headers or {}, body, what, redirects)
-            if response.status != 401 or attempt == 1:
+            if response.status != 401:
                 return conn, response
+            if attempt == 1:
+                conn.close()
+                raise RegistryError(what, "the registry refused the credentials", 401)
             challenge = response.getheader("WWW-Authenticate", "")
             response.read(MAX_JSON)
             conn.close()
