@@ -61,6 +61,7 @@ class DownloadConfig:
     stall_seconds: float = 60.0  # ... in this many seconds of waiting fails the source
     deadline: float = 0.0  # seconds for the whole download; 0 = none
     max_bytes: int = 1 << 40  # no bundle is larger; a source sending more is cut off
+    registry_credentials: Path | None = None  # file holding USER:PASSWORD for oci:// registries
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +280,7 @@ def _load(path: Path) -> Config:
     )
 
 
-DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes"}
+DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "registry_credentials"}
 
 
 def _download(t: _Table) -> DownloadConfig:
@@ -290,6 +291,7 @@ def _download(t: _Table) -> DownloadConfig:
         stall_seconds=t.number("stall_seconds", d.stall_seconds, 0.1, 86400.0),
         deadline=t.number("deadline", d.deadline, 0.0, 30 * 86400.0),
         max_bytes=t.integer("max_bytes", d.max_bytes, 1, 1 << 50),
+        registry_credentials=t.path("registry_credentials") if "registry_credentials" in t.doc else None,
     )
 
 

@@ -39,6 +39,7 @@ USER_AGENT = "edge-ota-agent/0.1"
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HOST = re.compile(r"[A-Za-z0-9._\-:]+")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
 _PATH_SAFE = "/%?&=:@!$'()*+,;~-._[]"
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
@@ -108,25 +109,38 @@ class HttpClient:
         self.limits = limits or HttpLimits()
         self.user_agent = user_agent
 
-    def get(self, url: str, pace: Pace, *, cap: int, range_start: int | None = None) -> HttpResponse:
-        """GET `url`, following redirects; errors name `pace.name`."""
+    def get(
+        self,
+        url: str,
+        pace: Pace,
+        *,
+        cap: int,
+        range_start: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HttpResponse:
+        """GET `url`, following redirects; errors name `pace.name`. `headers`
+        (an Authorization, an Accept) go only to the origin of `url`: a redirect
+        to another host, port or scheme drops them."""
         name = pace.name
         hops = 0
+        origin = None
         while True:
             target = parse_url(url, name, self.limits.location)
+            origin = origin or (target.scheme, target.host, target.port)
+            extra = headers if headers and origin == (target.scheme, target.host, target.port) else None
             wire = self._connect(target, pace)
             try:
-                wire.send_all(self._request(target, range_start))
+                wire.send_all(self._request(target, range_start, extra))
                 pace.phase = "waiting for the response"
-                status, reason, headers = read_head(wire, self.limits)
+                status, reason, got = read_head(wire, self.limits)
                 pace.phase = ""
                 if status not in REDIRECTS:
-                    return HttpResponse(wire, target.url, status, reason, headers, cap=cap, limits=self.limits)
+                    return HttpResponse(wire, target.url, status, reason, got, cap=cap, limits=self.limits)
             except BaseException:
                 wire.close()
                 raise
             wire.close()
-            location = headers.get_all("location")
+            location = got.get_all("location")
             if len(location) != 1:
                 what = "without a Location" if not location else "with several Location headers"
                 raise SourceError(name, f"HTTP {status} redirect {what}")
@@ -135,15 +149,20 @@ class HttpClient:
                 raise SourceError(name, f"more than {self.limits.redirects} redirects", transient=False)
             url = urllib.parse.urljoin(target.url, location[0])
 
-    def _request(self, target: Target, range_start: int | None) -> bytes:
+    def _request(self, target: Target, range_start: int | None, headers: dict[str, str] | None = None) -> bytes:
+        extra = dict(headers or {})
+        for key, value in extra.items():
+            if not _TOKEN.fullmatch(key) or any(c in value for c in "\r\n\0"):
+                raise SourceError(target.url, f"refusing to send header {clean(key, 40)!r}", transient=False)
         lines = [
             f"GET {target.path} HTTP/1.1",
             f"Host: {target.host_header}",
             f"User-Agent: {self.user_agent}",
-            "Accept: */*",
+            f"Accept: {extra.pop('Accept', '*/*')}",
             "Accept-Encoding: identity",
             "Connection: close",
         ]
+        lines += [f"{key}: {value}" for key, value in extra.items()]
         if range_start is not None:
             lines.append(f"Range: bytes={range_start}-")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
