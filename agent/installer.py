@@ -8,6 +8,7 @@ Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   record the update as in flight (state: trial, not installed)
   for each op: payload hash -> decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
+  [etc] merge on: the device's /etc merged into the new slot (agent.etcmerge)
   set target primary with N tries -> record the slot's contents, trial installed
 A bundle whose every image the booted slot already holds, or the other slot holds
 as the pending update, is answered "already installed" after the policy check:
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from agent import policy
+from agent import etcmerge, policy
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -73,6 +74,7 @@ class InstallOutcome:
     security_version: int
     result: InstallResult = InstallResult.INSTALLED
     reason: str = ""
+    etc_conflicts: tuple[str, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
 def install(
@@ -169,6 +171,7 @@ def _install(
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
+        etc = etcmerge.merge_for_install(device.config.etc, [(i.image.slot_class, i.slot.path) for i in plan.images])
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
         state = device.store.load().with_slot(
@@ -193,6 +196,7 @@ def _install(
         )
         raise
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
+    reason += f"; {etc.summary()}" if etc else ""
     device.record(
         Event(
             event=EventType.INSTALL,
@@ -204,7 +208,8 @@ def _install(
         ),
         state,
     )
-    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason)
+    conflicts = tuple(map(str, etc.conflicts)) if etc else ()
+    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason, etc_conflicts=conflicts)
 
 
 def _already_installed(
