@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm \
+	docker-registry podman skopeo erofs-utils squashfs-tools
 APT_DEMO_PACKAGES := e2fsprogs
 
 .PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz

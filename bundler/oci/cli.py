@@ -50,6 +50,11 @@ def add_image_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         type=parse_size,
         help="ext4 size (default: what the files need); for erofs/squashfs the most allowed",
     )
+    p.add_argument(
+        "--factory-etc",
+        action="store_true",
+        help="also copy the image's /etc to /usr/share/factory/etc (the defaults the device's /etc merge uses)",
+    )
     add_registry_options(p)
 
 
@@ -83,7 +88,15 @@ def image_json(r: ImageResult) -> dict[str, Any]:
 
 def run_image(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    r = build_image(args.from_oci, out, args.fs, args.size, overwrite=args.force, registry=registry_options(args))
+    r = build_image(
+        args.from_oci,
+        out,
+        args.fs,
+        args.size,
+        overwrite=args.force,
+        registry=registry_options(args),
+        factory_etc=args.factory_etc,
+    )
     if args.json:
         print(json.dumps(image_json(r), indent=2))
     else:
@@ -99,7 +112,8 @@ def image_for_create(args: argparse.Namespace, out: Path) -> tuple[Path, ImageRe
     """`create --from-oci`: the image built into a private file beside the bundle."""
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.img.", dir=out.parent if str(out.parent) else "."))
     path = work / f"rootfs.{args.fs}"
-    return path, build_image(args.from_oci, path, args.fs, args.size, registry=registry_options(args))
+    opts = registry_options(args)
+    return path, build_image(args.from_oci, path, args.fs, args.size, registry=opts, factory_etc=args.factory_etc)
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ def build_image(
     *,
     overwrite: bool = False,
     registry: RegistryOptions | None = None,
+    factory_etc: bool = False,
 ) -> ImageResult:
     mkfs.check_tools(fs)
     if out.exists() and not overwrite:
@@ -88,7 +89,7 @@ def build_image(
     try:
         image = load(src, workdir=work, registry_options=registry)
         try:
-            return _build(image, out, fs, size, work, overwrite=overwrite)
+            return _build(image, out, fs, size, work, overwrite=overwrite, factory_etc=factory_etc)
         finally:
             image.close()
     except OSError as e:
@@ -97,13 +98,17 @@ def build_image(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build(image: Image, out: Path, fs: str, size: int | None, work: Path, *, overwrite: bool) -> ImageResult:
+def _build(
+    image: Image, out: Path, fs: str, size: int | None, work: Path, *, overwrite: bool, factory_etc: bool
+) -> ImageResult:
     epoch = build_epoch(image)
     staging = work / "rootfs"
     staging.mkdir(mode=0o755)
     stager = Stager(staging, epoch)
     for layer in image.layers:
         stager.apply(layer)
+    if factory_etc:
+        copy_factory_etc(staging)
     stager.finish()
     tmp = work / f"image.{fs}"
     uid = fs_uuid(image.config_digest, fs)
@@ -116,3 +121,35 @@ def _build(image: Image, out: Path, fs: str, size: int | None, work: Path, *, ov
         except FileExistsError:
             raise OciError(f"-o: {out} appeared while building (use --force to replace it)") from None
     return ImageResult(out, fs, length, epoch, image.config_digest, len(image.layers), stager.stats)
+
+
+FACTORY_ETC = ("usr", "share", "factory", "etc")
+
+
+def copy_factory_etc(root: Path) -> None:
+    """`--factory-etc`: the image's /etc copied to /usr/share/factory/etc (the
+    systemd convention), the pristine defaults the device's /etc merge compares
+    against on the next update (`agent.etcmerge`). Owners, modes, times, symlinks
+    and device nodes are kept; nothing is followed."""
+    src = root / "etc"
+    if not src.is_dir() or src.is_symlink():
+        raise OciError("--factory-etc: the image has no /etc directory")
+    parent = root.joinpath(*FACTORY_ETC[:-1])
+    for i in range(1, len(FACTORY_ETC)):
+        p = root.joinpath(*FACTORY_ETC[:i])
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise OciError(f"--factory-etc: /{'/'.join(FACTORY_ETC[:i])} is not a directory")
+    parent.mkdir(parents=True, exist_ok=True)
+    dst = parent / "etc"
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
+    for dirpath, dirs, files in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        for name in [".", *dirs, *files]:
+            a, b = Path(dirpath, name), dst / rel / name
+            st = os.lstat(a)
+            if os.geteuid() == 0:
+                os.chown(b, st.st_uid, st.st_gid, follow_symlinks=False)
+            if not a.is_symlink():
+                os.chmod(b, st.st_mode & 0o7777)

@@ -223,3 +223,13 @@ def test_missing_tool_names_the_package(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(OciError, match="install the erofs-utils package"):
         build_image(src, tmp_path / "x.erofs", "erofs")
     assert shutil.which("mkfs.erofs") is None
+
+
+def test_factory_etc_copies_the_images_etc_for_the_next_merge(tmp_path: Path) -> None:
+    src = _source(tmp_path, "oci-gzip", [BASE, [*TOP, E("etc/ssl", "dir", mode=0o700), E("etc/ssl/key", uid=7)]])
+    out = tmp_path / "rootfs.ext4"
+    build_image(src, out, "ext4", factory_etc=True)
+    with mounted(out, tmp_path / "mnt", "ext4") as root:
+        etc = summary(root / "etc")
+        assert summary(root / "usr/share/factory/etc") == etc
+        assert etc["ssl/key"][1] == 7

@@ -3,10 +3,13 @@ bundle artifact's media types agree between `ota-bundle push` and the agent."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from agent import oci as agent_oci
 from agent.errors import SourceError
+from agent.mqtt.schema import parse_job
 from bundler.oci import artifact
 from bundler.oci.errors import OciError
 from bundler.oci.source import Ref, parse_ref
@@ -65,3 +68,9 @@ def test_bundle_references() -> None:
 def test_bad_bundle_references_are_one_error(text: str) -> None:
     with pytest.raises(SourceError, match="use oci://HOST"):
         agent_oci.parse_ref(text)
+
+
+def test_an_mqtt_install_job_may_name_a_bundle_in_a_registry() -> None:
+    for url in ("oci://reg.example/fleet/os:2.1", "oci://reg.example/fleet/os@sha256:" + "c" * 64):
+        body = {"schema": 1, "id": "job-1", "type": "install", "created": "2026-05-01T12:00:00Z", "url": url}
+        assert parse_job(json.dumps(body).encode(), "job-1").url == url
