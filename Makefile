@@ -11,7 +11,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	docker-registry podman skopeo erofs-utils squashfs-tools
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-oci clean apt-test apt-demo bootscripts fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench: venv
 # The agent idle on a broker, then one deploy to 1000 simulated devices via mosquitto and a 2-node RabbitMQ cluster.
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# Container images into ext4/erofs against tar + mkfs.ext4 -d; bundle bytes pulled from a registry.
+bench-oci: venv
+	$(BIN)/python bench/oci.py
 
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
