@@ -160,7 +160,8 @@ class Resolver:
                 self._answer(challenge, pace)
                 continue
             code = response.status
-            detail = "the registry refused the credentials" if code == 401 else f"HTTP {code} {response.reason}"
+            refused = "the credentials" if self.credentials else "anonymous access ([download] registry_credentials)"
+            detail = f"the registry refused {refused}" if code == 401 else f"HTTP {code} {response.reason}"
             raise SourceError(self.name, detail.rstrip(), transient=code >= 500 or code == 429, status_code=code)
         raise AssertionError("unreachable")
 

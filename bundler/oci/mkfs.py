@@ -108,7 +108,7 @@ def make_ext4(root: Path, out: Path, size: int, epoch: int, fs_uuid: uuid.UUID, 
         raise
     lines = []
     for ino in _used_inodes(out):
-        lines.append(f"sif <{ino}> ctime {epoch}")
+        lines += [f"sif <{ino}> ctime {epoch}", f"sif <{ino}> atime {epoch}"]
         if not staged_as_root and ino > 10:
             lines += [f"sif <{ino}> uid 0", f"sif <{ino}> gid 0"]
     _run(["debugfs", "-w", "-f", "-", str(out)], "ext4 image (fixing inode times)", env, "\n".join(lines) + "\n")

@@ -107,7 +107,8 @@ class Registry:
                 return conn, response
             if attempt == 1:
                 conn.close()
-                raise RegistryError(what, "the registry refused the credentials", 401)
+                refused = "the credentials" if self.options.username is not None else "anonymous access (--creds)"
+                raise RegistryError(what, f"the registry refused {refused}", 401)
             challenge = response.getheader("WWW-Authenticate", "")
             response.read(MAX_JSON)
             conn.close()

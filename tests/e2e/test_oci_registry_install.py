@@ -106,3 +106,21 @@ def test_a_wrong_pin_an_image_and_missing_credentials_are_clear_errors_that_chan
         before.slot("B"),
         before.bootloader,
     )
+
+
+def test_install_through_bearer_token_auth_with_credentials_and_anonymously_for_public_repositories(
+    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = make_bundle("2.0")
+    with running_registry(tmp_path / "token-registry", token=True) as r:
+        assert r.tokens is not None
+        push(bundle, f"docker://{r.host}/public/os:2.0", capsys)
+        push(bundle, f"docker://{r.host}/edge/os:2.0", capsys)
+        device.install_ok(f"oci+http://{r.host}/public/os:2.0")  # an anonymous pull token
+        line = device.install(f"oci+http://{r.host}/edge/os:2.0", "--reinstall").one_error_line()
+        assert "the registry refused anonymous access ([download] registry_credentials)" in line
+        with_credentials(device)
+        device.install_ok(f"oci+http://{r.host}/edge/os:2.0")
+        issued = list(r.tokens.issued)
+    assert (False, "repository:public/os:pull") in issued
+    assert (True, "repository:edge/os:pull") in issued

@@ -16,6 +16,7 @@ import pytest
 
 from tests.fixtures.pki import Pki, make_pki
 from tests.fixtures.procs import free_ports, log_tail, spawn, stop_process, wait_for_ports
+from tests.oci._token import ISSUER, SERVICE, TokenService
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -30,6 +31,7 @@ class Registry:
     tls: Pki | None
     auth: bool
     root: Path
+    tokens: TokenService | None = None
 
     @property
     def url(self) -> str:
@@ -42,7 +44,10 @@ def needs_registry() -> None:
 
 
 @contextlib.contextmanager
-def running_registry(directory: Path, *, tls: bool = False, auth: bool = False) -> Iterator[Registry]:
+def running_registry(
+    directory: Path, *, tls: bool = False, auth: bool = False, token: bool = False
+) -> Iterator[Registry]:
+    """`auth`: htpasswd basic auth; `token`: the token flow (`TokenService`)."""
     needs_registry()
     directory.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
@@ -57,7 +62,12 @@ def running_registry(directory: Path, *, tls: bool = False, auth: bool = False) 
     if tls:
         pki = make_pki(directory / "pki")
         lines += ["  tls:", f"    certificate: {pki.server.cert}", f"    key: {pki.server.key}"]
-    if auth:
+    tokens = None
+    if token:
+        tokens = TokenService(directory, USER, PASSWORD)
+        lines += ["auth:", "  token:", f"    realm: {tokens.realm}", f"    service: {SERVICE}"]
+        lines += [f"    issuer: {ISSUER}", f"    rootcertbundle: {tokens.bundle}"]
+    elif auth:
         (directory / "htpasswd").write_text(
             f"{USER}:{crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n"
         )
@@ -67,9 +77,11 @@ def running_registry(directory: Path, *, tls: bool = False, auth: bool = False) 
     proc = spawn(["docker-registry", "serve", str(directory / "config.yml")], log)
     try:
         wait_for_ports(proc, [port], 15.0, "docker-registry", log)
-        yield Registry(f"127.0.0.1:{port}", pki, auth, directory)
+        yield Registry(f"127.0.0.1:{port}", pki, auth or token, directory, tokens)
     except Exception:
         print(log_tail(log))
         raise
     finally:
         stop_process(proc)
+        if tokens is not None:
+            tokens.close()

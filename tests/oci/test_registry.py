@@ -132,3 +132,25 @@ def test_push_stores_a_bundle_as_an_artifact_with_the_manifest_fields_as_annotat
     assert notes["io.edge-ota.bundle.compatible"] == "board-x"
     assert notes["io.edge-ota.bundle.images"] == f"rootfs:{1 << 20}:sha256:{_digest(image)}"
     assert (tmp_path / "fetched.otab").read_bytes() == bundle.read_bytes()
+
+
+def test_bearer_token_auth_pulls_and_pushes_with_credentials_and_pulls_public_images_anonymously(
+    tmp_path: Path,
+) -> None:
+    layout = write_layout(tmp_path / "layout", LAYERS)
+    with running_registry(tmp_path / "reg", token=True) as r:
+        assert r.tokens is not None
+        creds = RegistryOptions(USER, PASSWORD, insecure=True)
+        push_layout(Registry(r.host, creds), "edge/os", layout, "2")
+        push_layout(Registry(r.host, creds), "public/os", layout, "2")
+        build_image(f"docker://{r.host}/edge/os:2", tmp_path / "private.ext4", registry=creds)
+        anonymous = RegistryOptions(insecure=True)
+        build_image(f"docker://{r.host}/public/os:2", tmp_path / "public.ext4", registry=anonymous)
+        with pytest.raises(RegistryError, match=r"refused anonymous access \(--creds\)"):
+            build_image(f"docker://{r.host}/edge/os:2", tmp_path / "x.ext4", registry=anonymous)
+        issued = list(r.tokens.issued)
+    assert (True, "repository:edge/os:pull,push") in issued
+    assert (True, "repository:edge/os:pull") in issued
+    assert (False, "repository:public/os:pull") in issued
+    assert _digest(tmp_path / "private.ext4") == _digest(tmp_path / "public.ext4")
+    assert not (tmp_path / "x.ext4").exists()
