@@ -5,6 +5,7 @@ group; and a read-only loop mount that is always undone."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -33,9 +34,13 @@ def summary(root: Path, *, skip: tuple[str, ...] = ("lost+found",)) -> dict[str,
                 extra = os.readlink(p)
             elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
                 extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            xattrs = tuple(
-                sorted((k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False))
-            )
+            try:
+                names = os.listxattr(p, follow_symlinks=False)
+            except OSError as e:  # a squashfs built without an xattr table answers ENOTSUP
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                names = []
+            xattrs = tuple(sorted((k, os.getxattr(p, k, follow_symlinks=False)) for k in names))
             out[rel] = (oct(st.st_mode), st.st_uid, st.st_gid, extra, xattrs)
     return out
 
