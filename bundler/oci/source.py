@@ -73,8 +73,12 @@ class Image:
         value = self.config.get("created")
         if not isinstance(value, str):
             return None
+        # RFC 3339 as Go writes it: up to nanoseconds, which datetime cannot hold
+        m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d{1,9})?(Z|[+-]\d\d:\d\d)", value.strip())
+        if m is None:
+            return None
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+            return datetime.fromisoformat(m.group(1) + m.group(2).replace("Z", "+00:00")).astimezone(UTC)
         except ValueError:
             return None
 

@@ -12,7 +12,8 @@ from agent.errors import SourceError
 from agent.mqtt.schema import parse_job
 from bundler.oci import artifact
 from bundler.oci.errors import OciError
-from bundler.oci.source import Ref, parse_ref
+from bundler.oci.image import build_epoch
+from bundler.oci.source import Image, Ref, parse_ref
 
 
 def test_push_and_the_agent_agree_on_the_bundle_media_types() -> None:
@@ -74,3 +75,19 @@ def test_an_mqtt_install_job_may_name_a_bundle_in_a_registry() -> None:
     for url in ("oci://reg.example/fleet/os:2.1", "oci://reg.example/fleet/os@sha256:" + "c" * 64):
         body = {"schema": 1, "id": "job-1", "type": "install", "created": "2026-05-01T12:00:00Z", "url": url}
         assert parse_job(json.dumps(body).encode(), "job-1").url == url
+
+
+@pytest.mark.parametrize(
+    ("created", "epoch"),
+    [
+        ("2024-05-01T12:00:00Z", 1714564800),
+        ("2024-05-01T12:00:00.123456789Z", 1714564800),  # Go's nanoseconds (podman, buildah)
+        ("2024-05-01T14:00:00.5+02:00", 1714564800),
+        ("yesterday", 0),
+    ],
+)
+def test_the_build_epoch_comes_from_the_image_created_time(
+    created: str, epoch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    assert build_epoch(Image("ref", {"created": created}, "sha256:" + "0" * 64, ())) == epoch
