@@ -12,7 +12,7 @@ import os
 import re
 import reprlib
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,16 @@ class DownloadConfig:
     stall_seconds: float = 60.0  # ... in this many seconds of waiting fails the source
     deadline: float = 0.0  # seconds for the whole download; 0 = none
     max_bytes: int = 1 << 40  # no bundle is larger; a source sending more is cut off
+    # HTTP(S) only: resume and retries (agent.ranged), TLS, headers, proxy
+    retries: int = 8  # attempts after a failure that brought no new byte (0: fail at the first)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubling (with jitter) ...
+    retry_backoff_max: float = 60.0  # ... up to this
+    ca_file: Path | None = None  # PEM CA bundle trusted instead of the system store
+    client_cert: Path | None = None  # PEM client certificate (chain) for mutual TLS ...
+    client_key: Path | None = None  # ... and its key (None: in client_cert)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # extra request headers; never logged
+    proxy: str | None = None  # http://host:port (CONNECT for https URLs, absolute-form for http)
+    no_proxy: tuple[str, ...] = ()  # host names (and their subdomains) reached directly; "*": all
     registry_credentials: Path | None = None  # file holding USER:PASSWORD for oci:// registries
 
 
@@ -284,17 +294,42 @@ def _load(path: Path) -> Config:
     )
 
 
-DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "registry_credentials"}
+DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "retries",
+                 "retry_backoff", "retry_backoff_max", "ca_file", "client_cert", "client_key", "headers", "proxy",
+                 "no_proxy", "registry_credentials"}
+# Headers the HTTP client owns (framing, ranges, the connection): a config cannot override them.
+RESERVED_HEADERS = {"host", "range", "if-range", "connection", "content-length", "transfer-encoding", "te",
+                    "upgrade", "accept-encoding", "expect", "keep-alive", "trailer", "proxy-connection"}
+MAX_HEADERS = 32
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]{0,4096}")
+_PROXY = re.compile(r"http://[A-Za-z0-9._\-\[\]:]+/?")
 
 
 def _download(t: _Table) -> DownloadConfig:
     d = DownloadConfig()
+    backoff = t.number("retry_backoff", d.retry_backoff, 0.0, 3600.0)
+    proxy = t.doc.get("proxy")
+    if proxy is not None and not (isinstance(proxy, str) and _PROXY.fullmatch(proxy)):
+        raise t.err("proxy", f"must be an http://HOST:PORT URL, got {_show(proxy)}")
+    cert = t.path("client_cert") if "client_cert" in t.doc else None
+    if "client_key" in t.doc and cert is None:
+        raise t.err("client_key", "needs client_cert")
     return DownloadConfig(
         connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.1, 3600.0),
         stall_bytes=t.integer("stall_bytes", d.stall_bytes, 1, 1 << 30),
         stall_seconds=t.number("stall_seconds", d.stall_seconds, 0.1, 86400.0),
         deadline=t.number("deadline", d.deadline, 0.0, 30 * 86400.0),
         max_bytes=t.integer("max_bytes", d.max_bytes, 1, 1 << 50),
+        retries=t.integer("retries", d.retries, 0, 1000),
+        retry_backoff=backoff,
+        retry_backoff_max=t.number("retry_backoff_max", max(d.retry_backoff_max, backoff), backoff, 86400.0),
+        ca_file=t.path("ca_file") if "ca_file" in t.doc else None,
+        client_cert=cert,
+        client_key=t.path("client_key") if "client_key" in t.doc else None,
+        headers=_headers(t),
+        proxy=proxy,
+        no_proxy=t.strings("no_proxy"),
         registry_credentials=t.path("registry_credentials") if "registry_credentials" in t.doc else None,
     )
 
@@ -337,6 +372,25 @@ def _etc(t: _Table) -> EtcConfig:
         on_conflict=choices[on_conflict],
         paths=tuple(rules),
     )
+
+
+def _headers(t: _Table) -> tuple[tuple[str, str], ...]:
+    """`headers = { Authorization = "Bearer ..." }`; errors never show a value."""
+    v = t.doc.get("headers", {})
+    if not isinstance(v, dict):
+        raise t.err("headers", 'must be a table of strings, e.g. { Authorization = "Bearer TOKEN" }')
+    if len(v) > MAX_HEADERS:
+        raise t.err("headers", f"{len(v)} headers, at most {MAX_HEADERS}")
+    out = []
+    for name, value in v.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise t.err("headers", f"{_show(name)} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise t.err("headers", f"{name!r} is set by the agent itself and cannot be configured")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise t.err(f"headers.{name}", "must be a string of printable ASCII, at most 4096 characters")
+        out.append((name, value.strip()))
+    return tuple(out)
 
 
 API_KEYS = {"enabled", "socket", "mode", "group", "max_clients", "idle_timeout"}

@@ -2,7 +2,8 @@
 result and the status outbox (`agent.outbox`, which also holds `EventLog`).
 
 Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
-`reason`, `time`). An `Event` is bounded by construction: every field is run
+`reason`, `time`, and for installs `downloaded`: bytes that crossed the network).
+An `Event` is bounded by construction: every field is run
 through `ota_common.text.clean` when the record is built (whoever builds
 it, from code or from a file), so no event can carry more than `MAX_EVENT_CHARS`
 characters, a line break, a control character, or a fake log line.
@@ -32,7 +33,8 @@ LIMITS = {
     "slot": NAME_LIMIT,
     "time": KIND_LIMIT,
 }
-MAX_EVENT_CHARS = sum(LIMITS.values())
+MAX_DOWNLOADED = (1 << 63) - 1  # the largest `downloaded` an event carries (19 digits)
+MAX_EVENT_CHARS = sum(LIMITS.values()) + len(str(MAX_DOWNLOADED))
 
 
 def utcnow() -> datetime:
@@ -90,12 +92,16 @@ class Event:
     bundle_version: str | None = None
     slot: str | None = None
     time: str = ""
+    downloaded: int | None = None  # an install's bytes that crossed the network (all attempts)
 
     def __post_init__(self) -> None:
         for name in ("event", "result", "reason", "time"):
             object.__setattr__(self, name, clean(getattr(self, name), LIMITS[name]))
         for name in ("txn", "bundle_version", "slot"):
             object.__setattr__(self, name, clean_or_none(getattr(self, name), LIMITS[name]))
+        d = self.downloaded
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DOWNLOADED):
+            object.__setattr__(self, "downloaded", None)
 
     @classmethod
     def from_json(cls, doc: object) -> Event:
@@ -110,6 +116,11 @@ class Event:
         for f in fields(cls):
             value = doc.get(f.name)
             if value is None:
+                continue
+            if f.name == "downloaded":
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_DOWNLOADED:
+                    raise ValueError("event field 'downloaded' is not a byte count")
+                values[f.name] = value
                 continue
             if not isinstance(value, str):
                 raise ValueError(f"event field {f.name!r} is not a string")

@@ -1,15 +1,20 @@
 """A small HTTP/1.1 GET client over `socket` and `ssl` (stdlib only) that bounds
 memory, time and the text of its errors whatever the server sends.
 
-`HttpClient.get(url, pace, cap=..., range_start=None)` resolves and connects
-within `connect_timeout`, does the TLS handshake with the caller's
-`ssl.SSLContext` (the system CA store by default), sends one GET (with
-`Range: bytes=N-` when asked), follows at most `HttpLimits.redirects` redirects
-(Location bounded, relative ones resolved, http/https only) and returns the
+`HttpClient.get(url, pace, cap=..., range_start=None, range_end=None,
+if_range=None)` resolves and connects within `connect_timeout` (directly, or
+through an `http://` proxy: CONNECT for https, absolute-form requests for
+http), does the TLS handshake with the caller's `ssl.SSLContext` (the system
+CA store by default; a client certificate is the context's), sends one GET
+(with `Range: bytes=N-[M]` and `If-Range` when asked, and the configured extra
+headers), follows at most `HttpLimits.redirects` redirects (Location bounded,
+relative ones resolved, http/https only, never from https down to http; the
+extra headers only to the origin they were configured for) and returns the
 final `HttpResponse` whatever its status: `status`, `reason`, `headers`,
-`length` (Content-Length), `total` (size of the whole resource) and a bounded
-`read(n)` over the decoded body. What a status means, retrying and resuming
-belong to the caller (`agent.sources`, later a ranged client).
+`length` (Content-Length), `total` (size of the whole resource), `range_start`
+(first byte of a 206) and a bounded `read(n)` over the decoded body. What a
+status means, retrying and resuming belong to the caller (`agent.ranged`).
+Extra header values are never logged or put in an error.
 
 The framing rules and their bounds are `agent.httpwire`'s. Every wait after
 connecting is bounded by the transfer's `Pace`; body bytes are the only
@@ -27,11 +32,12 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import SourceError
-from agent.httpwire import Body, Headers, HttpLimits, Wire, read_head
+from agent.httpwire import Body, Headers, HttpLimits, Wire, read_head, tls_error
 from agent.pace import Pace
 from ota_common.text import clean
 
@@ -39,7 +45,6 @@ USER_AGENT = "edge-ota-agent/0.1"
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HOST = re.compile(r"[A-Za-z0-9._\-:]+")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
-_TOKEN = re.compile(r"[A-Za-z0-9-]{1,64}")
 _PATH_SAFE = "/%?&=:@!$'()*+,;~-._[]"
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
@@ -73,15 +78,18 @@ class HttpResponse:
         self.headers = headers
         self._body = Body(wire, headers, cap, limits) if 200 <= status < 300 else None
         self.length = self._body.length if self._body else None
+        self.range_start: int | None = None  # a 206's Content-Range: first and last byte
+        self.range_end: int | None = None
         self.total = self._total()
 
     def _total(self) -> int | None:
         if self.status != 206:
             return self.length
         match = _CONTENT_RANGE.fullmatch((self.headers.get("content-range") or "").strip())
-        if match is None or match.group(3) == "*":
+        if match is None:
             return None
-        return int(match.group(3))
+        self.range_start, self.range_end = int(match.group(1)), int(match.group(2))
+        return None if match.group(3) == "*" else int(match.group(3))
 
     def read(self, n: int, /) -> bytes:
         """Up to `n` body bytes; b"" at the end of the body."""
@@ -103,11 +111,19 @@ class HttpClient:
         connect_timeout: float = 30.0,
         limits: HttpLimits | None = None,
         user_agent: str = USER_AGENT,
+        headers: Sequence[tuple[str, str]] = (),
+        proxy: str | None = None,
+        no_proxy: Sequence[str] = (),
     ) -> None:
         self._tls = tls
         self.connect_timeout = connect_timeout
         self.limits = limits or HttpLimits()
         self.user_agent = user_agent
+        self.headers = tuple(headers)  # extra request headers (a bearer token): values never logged
+        self.proxy = parse_url(proxy, "proxy", self.limits.location) if proxy else None
+        if self.proxy is not None and self.proxy.scheme != "http":
+            raise SourceError("proxy", "only http:// proxy URLs are supported", transient=False)
+        self.no_proxy = tuple(h.strip().lower().lstrip(".") for h in no_proxy if h.strip())
 
     def get(
         self,
@@ -116,31 +132,40 @@ class HttpClient:
         *,
         cap: int,
         range_start: int | None = None,
-        headers: dict[str, str] | None = None,
+        range_end: int | None = None,
+        if_range: str | None = None,
     ) -> HttpResponse:
-        """GET `url`, following redirects; errors name `pace.name`. `headers`
-        (an Authorization, an Accept) go only to the origin of `url`: a redirect
-        to another host, port or scheme drops them."""
+        """GET `url`, following redirects; errors name `pace.name`. `range_end` is
+        inclusive (RFC 9110), `if_range` the validator the range must still match."""
         name = pace.name
         hops = 0
-        origin = None
+        origin = parse_url(url, name, self.limits.location)
         while True:
             target = parse_url(url, name, self.limits.location)
-            origin = origin or (target.scheme, target.host, target.port)
-            extra = headers if headers and origin == (target.scheme, target.host, target.port) else None
-            wire = self._connect(target, pace)
+            if hops and origin.scheme == "https" and target.scheme != "https":
+                message = f"refusing a redirect from https to {clean(target.url, 200)}"
+                raise SourceError(name, message, transient=False)
+            same_origin = (target.scheme, target.host.lower(), target.port) == (
+                origin.scheme,
+                origin.host.lower(),
+                origin.port,
+            )
+            wire, via_proxy = self._connect(target, pace)
             try:
-                wire.send_all(self._request(target, range_start, extra))
+                request = self._request(
+                    target, range_start, range_end, if_range, absolute=via_proxy, extra=same_origin
+                )
+                wire.send_all(request)
                 pace.phase = "waiting for the response"
-                status, reason, got = read_head(wire, self.limits)
+                status, reason, headers = read_head(wire, self.limits)
                 pace.phase = ""
                 if status not in REDIRECTS:
-                    return HttpResponse(wire, target.url, status, reason, got, cap=cap, limits=self.limits)
+                    return HttpResponse(wire, target.url, status, reason, headers, cap=cap, limits=self.limits)
             except BaseException:
                 wire.close()
                 raise
             wire.close()
-            location = got.get_all("location")
+            location = headers.get_all("location")
             if len(location) != 1:
                 what = "without a Location" if not location else "with several Location headers"
                 raise SourceError(name, f"HTTP {status} redirect {what}")
@@ -149,33 +174,83 @@ class HttpClient:
                 raise SourceError(name, f"more than {self.limits.redirects} redirects", transient=False)
             url = urllib.parse.urljoin(target.url, location[0])
 
-    def _request(self, target: Target, range_start: int | None, headers: dict[str, str] | None = None) -> bytes:
-        extra = dict(headers or {})
-        for key, value in extra.items():
-            if not _TOKEN.fullmatch(key) or any(c in value for c in "\r\n\0"):
-                raise SourceError(target.url, f"refusing to send header {clean(key, 40)!r}", transient=False)
+    def _request(
+        self,
+        target: Target,
+        range_start: int | None,
+        range_end: int | None,
+        if_range: str | None,
+        *,
+        absolute: bool,
+        extra: bool,
+    ) -> bytes:
+        where = f"{target.scheme}://{target.host_header}{target.path}" if absolute else target.path
         lines = [
-            f"GET {target.path} HTTP/1.1",
+            f"GET {where} HTTP/1.1",
             f"Host: {target.host_header}",
             f"User-Agent: {self.user_agent}",
-            f"Accept: {extra.pop('Accept', '*/*')}",
+            "Accept: */*",
             "Accept-Encoding: identity",
             "Connection: close",
         ]
-        lines += [f"{key}: {value}" for key, value in extra.items()]
         if range_start is not None:
-            lines.append(f"Range: bytes={range_start}-")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+            lines.append(f"Range: bytes={range_start}-{'' if range_end is None else range_end}")
+            if if_range is not None:
+                lines.append(f"If-Range: {if_range}")
+        if extra:  # configured for this origin: not sent on to another host a redirect names
+            lines += [f"{k}: {v}" for k, v in self.headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _proxied(self, target: Target) -> bool:
+        if self.proxy is None:
+            return False
+        host = target.host.lower()
+        return not any(h in ("*", host) or host.endswith("." + h) for h in self.no_proxy)
 
     def _context(self) -> ssl.SSLContext:
         if self._tls is None:
             self._tls = ssl.create_default_context()  # the system CA store
         return self._tls
 
-    def _connect(self, target: Target, pace: Pace) -> Wire:
+    def _connect(self, target: Target, pace: Pace) -> tuple[Wire, bool]:
+        """A wire to `target` (TLS done for https) and whether requests on it go to
+        an http proxy in absolute form (plain http through the proxy)."""
         name = pace.name
         timeout = min(self.connect_timeout, pace.remaining())
         end = time.monotonic() + timeout
+        proxy = self.proxy if self._proxied(target) else None
+        peer = proxy or target
+        sock = self._tcp(peer, end, timeout, name)
+        if proxy is not None and target.scheme == "https":
+            sock = self._tunnel(sock, target, pace)
+        if target.scheme == "https":
+            sock = self._handshake(sock, target, end, name)
+        return Wire(sock, pace), proxy is not None and target.scheme == "http"
+
+    def _tunnel(self, sock: socket.socket, target: Target, pace: Pace) -> socket.socket:
+        """CONNECT through the proxy; the TLS handshake then runs inside the tunnel."""
+        authority = f"[{target.host}]:{target.port}" if ":" in target.host else f"{target.host}:{target.port}"
+        request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {self.user_agent}\r\n\r\n"
+        wire = Wire(sock, pace)
+        try:
+            wire.send_all(request.encode("ascii"))
+            pace.phase = "waiting for the proxy"
+            status, reason, _ = read_head(wire, self.limits)
+            pace.phase = ""
+        except BaseException:
+            sock.close()
+            raise
+        if status != 200:
+            sock.close()
+            transient = status >= 500 or status in (408, 429)
+            message = f"proxy refused CONNECT to {authority}: HTTP {status} {reason}".rstrip()
+            raise SourceError(pace.name, message, transient=transient, status_code=status)
+        if wire.buffered():
+            sock.close()
+            raise SourceError(pace.name, "proxy sent bytes before the TLS handshake")
+        return sock
+
+    def _tcp(self, target: Target, end: float, timeout: float, name: str) -> socket.socket:
         sock: socket.socket | None = None
         last = "no address"
         for family, kind, proto, _, addr in _resolve(target.host, target.port, timeout, name):
@@ -195,10 +270,9 @@ class HttpClient:
             sock.close()
             sock = None
         if sock is None:
-            raise SourceError(name, f"cannot connect: {clean(last, 120)}")
-        if target.scheme == "https":
-            sock = self._handshake(sock, target, end, name)
-        return Wire(sock, pace)
+            what = "proxy " if target is self.proxy else ""
+            raise SourceError(name, f"cannot connect to {what}{target.host_header}: {clean(last, 120)}")
+        return sock
 
     def _handshake(self, sock: socket.socket, target: Target, end: float, name: str) -> socket.socket:
         try:
@@ -211,7 +285,10 @@ class HttpClient:
         except TimeoutError:
             sock.close()
             raise SourceError(name, "cannot connect: TLS handshake timed out") from None
-        except OSError as e:  # ssl.SSLError included
+        except ssl.SSLError as e:
+            sock.close()
+            raise tls_error(name, e) from None
+        except OSError as e:
             sock.close()
             raise SourceError(name, f"TLS handshake failed: {clean(e, 120)}") from None
 

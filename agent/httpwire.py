@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 
 from agent.errors import SourceError
@@ -74,6 +75,9 @@ class Wire:
                 sent = self._sock.send(view)
             except TimeoutError:
                 sent = 0
+            except OSError as e:
+                self.pace.waited()
+                raise SourceError(self.pace.name, f"sending the request failed: {clean(e.strerror or e, 80)}") from None
             self.pace.waited()
             view = view[sent:]
 
@@ -85,8 +89,20 @@ class Wire:
             except TimeoutError:
                 self.pace.waited()
                 continue
+            except ssl.SSLError as e:
+                self.pace.waited()
+                raise tls_error(self.pace.name, e) from None
+            except OSError as e:
+                self.pace.waited()
+                reason = clean(e.strerror or e, 80)
+                message = f"connection failed after {self.pace.received} bytes: {reason}"
+                raise SourceError(self.pace.name, message) from None
             self.pace.waited()
             return data
+
+    def buffered(self) -> bool:
+        """Whether bytes already received wait in the buffer."""
+        return bool(self._buf)
 
     def readline(self, limit: int, what: str, too_long: str = "") -> bytes:
         """One line including its LF, at most `limit` bytes; raises past the limit
@@ -126,6 +142,20 @@ class Wire:
 
     def close(self) -> None:
         self._sock.close()
+
+
+_PEER_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN",
+                 "HANDSHAKE_FAILURE", "ACCESS_DENIED", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED")
+
+
+def tls_error(name: str, e: ssl.SSLError) -> SourceError:
+    """A TLS failure after the handshake: the server's alert refusing our client
+    certificate (configuration: not retried), or a damaged record (transient)."""
+    reason = str(e.reason or e)
+    if any(alert in reason.upper() for alert in _PEER_REFUSED):
+        message = f"TLS: the server refused the connection ({clean(reason, 80)}); check client_cert and client_key"
+        return SourceError(name, message, transient=False)
+    return SourceError(name, f"TLS error: {clean(reason, 80)}")
 
 
 def read_head(wire: Wire, limits: HttpLimits) -> tuple[int, str, Headers]:

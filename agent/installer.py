@@ -74,6 +74,7 @@ class InstallOutcome:
     security_version: int
     result: InstallResult = InstallResult.INSTALLED
     reason: str = ""
+    downloaded: int | None = None  # bytes that crossed the network, when the source counts them
     etc_conflicts: tuple[str, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
@@ -88,6 +89,7 @@ def install(
 ) -> InstallOutcome:
     """`txn` names the install in every event (the job id when a job runs it)."""
     txn = txn or uuid.uuid4().hex[:12]
+    downloaded = _counter(stream)
     try:
         with device.store.lock():
             return _install(
@@ -95,8 +97,20 @@ def install(
             )
     except LockBusyError as e:
         # Another install owns state.json: report through the append-only outbox only.
-        device.events.emit(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=txn))
+        device.events.emit(
+            Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=txn, downloaded=downloaded())
+        )
         raise
+
+
+def _counter(stream: Readable) -> Callable[[], int | None]:
+    """How many bytes the stream has taken from the network so far (None: it does not say)."""
+
+    def count() -> int | None:
+        value = getattr(stream, "downloaded", None)
+        return value if isinstance(value, int) else None
+
+    return count
 
 
 def _install(
@@ -191,10 +205,12 @@ def _install(
                 txn=txn,
                 bundle_version=version,
                 slot=target,
+                downloaded=_counter(stream)(),
             ),
             state,
         )
         raise
+    downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
     reason += f"; {etc.summary()}" if etc else ""
     device.record(
@@ -205,11 +221,14 @@ def _install(
             txn=txn,
             bundle_version=m.bundle_version,
             slot=target,
+            downloaded=downloaded,
         ),
         state,
     )
     conflicts = tuple(map(str, etc.conflicts)) if etc else ()
-    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason, etc_conflicts=conflicts)
+    return InstallOutcome(
+        txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
+    )
 
 
 def _already_installed(

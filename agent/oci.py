@@ -10,9 +10,12 @@ type `ota-bundle push` writes. It hands back a `BlobLocation`: the blob URL and
 the headers to fetch it with (a registry redirecting to object storage or a
 CDN gets no Authorization header there).
 
-`OciSource` streams that blob into the reader and resumes a dropped
-connection with a Range request from the byte it reached (at most
-`RESUMES` times, only against the same total size). The registry is transport
+`OciSource` streams that blob through `agent.ranged` (`HttpRangeSource` with
+the registry's Authorization header added to the `[download]` headers): a
+dropped connection resumes with a Range request pinned to the blob's
+validator, transient errors are retried under `[download] retries`, and a
+damaged payload can be fetched again by range. `[download]` TLS and proxy
+keys apply to the registry as to any https URL. The registry is transport
 only: the bundle's own signature, checked by the reader, stays the trust
 root. The media types repeat those of `bundler.oci.artifact`."""
 
@@ -24,13 +27,14 @@ import json
 import re
 import ssl
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.config import DownloadConfig
 from agent.errors import SourceError
 from agent.httpclient import HttpClient, HttpResponse
 from agent.pace import Pace
-from agent.sources import BundleSource, RawStream
+from agent.ranged import HttpRangeSource, ResumableSource
+from agent.sources import BundleSource, RawStream, tls_context
 from ota_common.text import clean
 
 ARTIFACT_TYPE = "application/vnd.edge-ota.bundle.v1"
@@ -39,7 +43,6 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 SCHEMES = {"oci://": "https", "oci+http://": "http"}
 MAX_DOCUMENT = 1 << 20  # a manifest or a token answer
 MAX_TOKEN = 16 << 10
-RESUMES = 5
 _HOST = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](?::[0-9]{1,5})?")
 _REPO = re.compile(r"[a-z0-9]+(?:(?:[._-]|__)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._-]|__)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -106,9 +109,23 @@ class Resolver:
 
     ref: OciRef
     name: str
-    client: HttpClient
+    limits: DownloadConfig
+    tls: ssl.SSLContext | None = None
     credentials: tuple[str, str] | None = None
     _auth: dict[str, str] = field(default_factory=dict)
+
+    def client(self, extra: dict[str, str]) -> HttpClient:
+        """A client sending the `[download]` headers and `extra` (Authorization, Accept)
+        to the origin it is asked for, through the `[download]` proxy."""
+        lim = self.limits
+        headers = (*lim.headers, *extra.items())
+        return HttpClient(
+            tls=self.tls, connect_timeout=lim.connect_timeout, headers=headers, proxy=lim.proxy, no_proxy=lim.no_proxy
+        )
+
+    def blob_limits(self) -> DownloadConfig:
+        """`[download]` with this registry's Authorization added, for the blob."""
+        return replace(self.limits, headers=(*self.limits.headers, *self._auth.items()))
 
     def resolve(self, pace: Pace) -> BlobLocation:
         ref = self.ref
@@ -143,15 +160,13 @@ class Resolver:
             raise SourceError(self.name, "the bundle layer has no size", transient=False)
         return digest, size
 
-    def get(
-        self, url: str, pace: Pace, cap: int, *, accept: str | None = None, range_start: int | None = None
-    ) -> HttpResponse:
+    def get(self, url: str, pace: Pace, cap: int, *, accept: str | None = None) -> HttpResponse:
         """GET with the auth this registry asked for; one challenge answered."""
         for attempt in range(2):
             headers = dict(self._auth)
             if accept:
                 headers["Accept"] = accept
-            response = self.client.get(url, pace, cap=cap, range_start=range_start, headers=headers)
+            response = self.client(headers).get(url, pace, cap=cap)
             if response.status in (200, 206):
                 return response
             challenge = response.headers.get("www-authenticate") or ""
@@ -197,7 +212,7 @@ class Resolver:
             query["service"] = params["service"]
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         basic = self._basic()
-        response = self.client.get(url, pace, cap=MAX_DOCUMENT, headers={"Authorization": basic} if basic else None)
+        response = self.client({"Authorization": basic} if basic else {}).get(url, pace, cap=MAX_DOCUMENT)
         if response.status != 200:
             response.close()
             raise SourceError(
@@ -230,53 +245,6 @@ def _read_all(response: HttpResponse, cap: int, name: str, what: str) -> bytes:
     return b"".join(parts)
 
 
-class ResumingStream:
-    """The blob's body; a connection that drops (or ends early) is resumed with
-    `Range: bytes=N-` from the byte reached, at most RESUMES times."""
-
-    def __init__(self, resolver: Resolver, location: BlobLocation, pace: Pace, cap: int) -> None:
-        self._resolver = resolver
-        self._loc = location
-        self._pace = pace
-        self._cap = cap
-        self.offset = 0
-        self.resumes = 0
-        self._response = resolver.get(location.url, pace, cap)
-        if self._response.status != 200:
-            self._response.close()
-            raise SourceError(resolver.name, f"blob: unexpected HTTP {self._response.status}")
-
-    def read(self, n: int, /) -> bytes:
-        while True:
-            try:
-                data = self._response.read(n)
-            except (SourceError, OSError) as e:
-                if isinstance(e, SourceError) and not e.transient:
-                    raise
-                self._resume(clean(e, 120))
-                continue
-            if not data and n and self.offset < self._loc.size:
-                self._resume(f"the connection ended after {self.offset} of {self._loc.size} bytes")
-                continue
-            self.offset += len(data)
-            return data
-
-    def _resume(self, why: str) -> None:
-        self._response.close()
-        if self.resumes >= RESUMES:
-            raise SourceError(self._resolver.name, f"{why}; gave up after {RESUMES} resumes")
-        self.resumes += 1
-        r = self._resolver.get(self._loc.url, self._pace, self._cap, range_start=self.offset)
-        start = (r.headers.get("content-range") or "").removeprefix("bytes ").split("-", 1)[0]
-        if r.status != 206 or start != str(self.offset) or r.total != self._loc.size:
-            r.close()
-            raise SourceError(self._resolver.name, f"{why}; the registry cannot resume at byte {self.offset}")
-        self._response = r
-
-    def close(self) -> None:
-        self._response.close()
-
-
 class OciSource(BundleSource):
     """A bundle stored in a registry by `ota-bundle push`."""
 
@@ -290,18 +258,31 @@ class OciSource(BundleSource):
     ) -> None:
         super().__init__(spec, limits)
         self.ref = parse_ref(spec)
-        self.client = HttpClient(tls=tls, connect_timeout=self.limits.connect_timeout)
+        if tls is None and self.ref.scheme == "https":
+            tls = tls_context(self.limits, spec)
+        self.tls = tls
         self.credentials = credentials if credentials is not None else read_credentials(self.limits)
-        self.stream: ResumingStream | None = None
+        self.ranged: HttpRangeSource | None = None
+        self.location: BlobLocation | None = None
 
     def resolver(self) -> Resolver:
-        return Resolver(self.ref, self.name, self.client, self.credentials)
+        return Resolver(self.ref, self.name, self.limits, self.tls, self.credentials)
 
     def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
         resolver = self.resolver()
-        location = resolver.resolve(pace)
-        self.stream = ResumingStream(resolver, location, pace, self.cap)
-        return self.stream, location.size
+        self.location = resolver.resolve(pace)
+        self.ranged = HttpRangeSource(self.location.url, resolver.blob_limits(), tls=self.tls)
+        stream = self.ranged.stream(0, pace)
+        stream.open()
+        total = self.ranged.known_total
+        if total is not None and total != self.location.size:
+            stream.close()
+            message = f"the registry serves {total} bytes for a blob its manifest says has {self.location.size}"
+            raise SourceError(self.name, message, transient=False)
+        return stream, self.location.size
+
+    def _ranges(self) -> ResumableSource | None:
+        return self.ranged
 
 
 def read_credentials(limits: DownloadConfig) -> tuple[str, str] | None:

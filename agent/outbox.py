@@ -11,7 +11,7 @@ side deduplicates on `id`.
 Files (all in STATE_DIR):
   outbox.log    one record per line: `<crc32 of JSON, 8 hex> <JSON>\\n`. The JSON
                 object is {"seq", "id", "dropped", "event", "result", "reason",
-                "txn", "bundle_version", "slot", "time"}.
+                "txn", "bundle_version", "slot", "time", "downloaded"}.
   outbox.acked  the highest acknowledged seq (`N\\n`), replaced atomically.
   outbox.lock   flock'd around every read-modify-write (several processes append).
 
@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.events import LIMITS, Clock, Event, EventType, Result, iso, utcnow
+from agent.events import LIMITS, MAX_DOWNLOADED, Clock, Event, EventType, Result, iso, utcnow
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from ota_common.fsutil import atomic_write, fsync_dir
 
@@ -130,7 +130,7 @@ def _worst_case_record_bytes() -> int:
     """Every field at its limit in 4-byte UTF-8 characters (the most any
     cleaned character costs in JSON without ASCII escaping), ids at their maximum."""
     widest = {name: "\U0001f600" * limit for name, limit in LIMITS.items()}
-    event = Event(**widest)
+    event = Event(**widest, downloaded=MAX_DOWNLOADED)
     doc = Record(MAX_SEQ, "f" * 64, event, MAX_SEQ).to_json()
     body = json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
     return 9 + len(body) + 1
@@ -444,4 +444,6 @@ def describe(event: Event) -> str:
         parts.append(f"slot {event.slot}")
     if event.reason:
         parts.append(f"- {event.reason}")
+    if event.downloaded is not None:
+        parts.append(f"({event.downloaded} bytes downloaded)")
     return " ".join(parts)

@@ -78,6 +78,18 @@ class Pace:
             self._window_waited += self._clock() - self._wait_start
             self._wait_start = None
 
+    def reconnected(self) -> None:
+        """A new connection of the same transfer (a resume): its stall window starts
+        afresh; the bytes received and the deadline carry on."""
+        self._wait_start = None
+        self._window_bytes = 0
+        self._window_waited = 0.0
+        self.phase = ""
+
+    def expired(self) -> bool:
+        """Whether the overall deadline (if any) has passed."""
+        return bool(self.limits.deadline) and self._clock() >= self._start + self.limits.deadline
+
     def delivered(self, n: int) -> None:
         """`n` useful bytes (bundle bytes, not protocol framing) reached the consumer."""
         self.received += n

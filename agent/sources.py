@@ -8,11 +8,21 @@ implement only `_open(pace)`. No source ever blocks without a bound: files,
 FIFOs and stdin are polled with the stall window as timeout, sockets carry
 timeouts derived from it.
 
-Sources own their files and sockets; the reader only sees `read(n)`.
+Sources own their files and sockets; the reader only sees `read(n)`, plus,
+for sources that can read a range again (http(s), through `agent.ranged`),
+`refetch(offset, length)`, which the reader uses when a payload arrives
+damaged. `BundleStream.downloaded` counts the bytes that crossed the network
+(resumed, skipped and refetched ones included), for the install's report.
+
+`HttpSource` streams a URL through `agent.ranged.HttpRangeSource`: a dropped,
+truncated or stalled connection resumes from the byte it reached, with retries
+and backoff, never to local disk. The `[download]` table's TLS keys (`ca_file`,
+`client_cert`, `client_key`) build its `ssl.SSLContext` unless a caller passes one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import select
@@ -20,32 +30,50 @@ import ssl
 import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Protocol
 
 from agent.config import DownloadConfig
 from agent.errors import SourceError
-from agent.httpclient import HttpClient
 from agent.pace import Pace, PaceLimits
+from agent.ranged import HttpRangeSource, RangeStream, ResumableSource
+from agent.ranged import RawStream as RawStream  # noqa: PLC0414 (re-exported: other sources implement it)
 from ota_common.text import clean
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CAP = DownloadConfig().max_bytes
 STDIN_FD = 0
 
 
-class RawStream(Protocol):
-    def read(self, n: int, /) -> bytes: ...
-    def close(self) -> None: ...
-
-
 class BundleStream:
     """What sources hand the reader: `read(n)` with a byte cap and error translation."""
 
-    def __init__(self, raw: RawStream, name: str, cap: int, length: int | None = None) -> None:
+    def __init__(
+        self, raw: RawStream, name: str, cap: int, length: int | None = None, *, ranges: ResumableSource | None = None
+    ) -> None:
         self._raw = raw
         self.name = name
         self.cap = cap
         self.length = length  # total size when the source knows it (for progress)
         self.consumed = 0
+        self._ranges = ranges
+        self.refetches = 0
+
+    @property
+    def downloaded(self) -> int:
+        """Bytes that crossed the network for this stream (all attempts), else those read."""
+        return self._ranges.downloaded if self._ranges is not None else self.consumed
+
+    @property
+    def can_refetch(self) -> bool:
+        return self._ranges is not None
+
+    def refetch(self, offset: int, length: int) -> RangeStream:
+        """Bytes offset..offset+length of the bundle again (a damaged payload)."""
+        if self._ranges is None:
+            raise SourceError(self.name, "cannot read a range again", transient=False)
+        self.refetches += 1
+        log.warning("%s: bytes %d..%d arrived damaged; fetching them again", self.name, offset, offset + length)
+        return self._ranges.fetch(offset, length)
 
     def read(self, n: int, /) -> bytes:
         n = min(n, self.cap - self.consumed + 1)
@@ -90,10 +118,14 @@ class BundleSource(ABC):
         if length is not None and length > self.cap:
             raw.close()
             raise SourceError(self.name, f"{length} bytes is more than the cap of {self.cap}", transient=False)
-        return BundleStream(raw, self.name, self.cap, length)
+        return BundleStream(raw, self.name, self.cap, length, ranges=self._ranges())
 
     @abstractmethod
     def _open(self, pace: Pace) -> tuple[RawStream, int | None]: ...
+
+    def _ranges(self) -> ResumableSource | None:
+        """The source's ranged reader, when it can read a range again."""
+        return None
 
 
 class FdStream:
@@ -168,27 +200,43 @@ class StdinSource(BundleSource):
 
 
 class HttpSource(BundleSource):
-    """A plain streaming GET over `agent.httpclient`. Retries and range resume
-    belong to a later layer. `tls` replaces the system CA store's context."""
+    """An http(s) URL, streamed through `agent.ranged`: resumed and retried inside
+    (`[download] retries`), refetchable by range. `tls` replaces the context the
+    `[download]` table's TLS keys (or the system CA store) would give."""
 
     def __init__(self, url: str, limits: DownloadConfig | None = None, *, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(url, limits)
         self.url = url
-        self.client = HttpClient(tls=tls, connect_timeout=self.limits.connect_timeout)
+        if tls is None and url.lower().startswith("https://"):
+            tls = tls_context(self.limits, url)
+        self.ranged = HttpRangeSource(url, self.limits, tls=tls)
 
     def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
-        response = self.client.get(self.url, pace, cap=self.cap)
-        if response.status == 200:
-            return response, response.length
-        response.close()
-        code = response.status
-        after = f" (after redirect to {clean(response.url, 200)})" if response.url != self.url else ""
-        if code >= 400:
-            transient = code >= 500 or code == 429
-            message = f"HTTP {code} {response.reason}".rstrip() + after
-            raise SourceError(self.name, message, transient=transient, status_code=code)
-        message = f"unexpected HTTP {code} {response.reason}".rstrip() + after
-        raise SourceError(self.name, message, transient=False, status_code=code)
+        stream = self.ranged.stream(0, pace)
+        stream.open()  # the first contact, retried: a refusal is an error of open()
+        return stream, self.ranged.known_total
+
+    def _ranges(self) -> ResumableSource | None:
+        return self.ranged
+
+
+def tls_context(limits: DownloadConfig, name: str) -> ssl.SSLContext | None:
+    """The TLS context the `[download]` table asks for (None: the system CA store)."""
+    if limits.ca_file is None and limits.client_cert is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(limits.ca_file) if limits.ca_file else None)
+    except (OSError, ssl.SSLError) as e:
+        message = f"cannot load ca_file {str(limits.ca_file)!r}: {clean(e, 80)}"
+        raise SourceError(name, message, transient=False) from None
+    if limits.client_cert is not None:
+        key = str(limits.client_key) if limits.client_key else None
+        try:
+            context.load_cert_chain(str(limits.client_cert), key)
+        except (OSError, ssl.SSLError) as e:
+            what = f"client_cert {str(limits.client_cert)!r}" + (f" / client_key {key!r}" if key else "")
+            raise SourceError(name, f"cannot load {what}: {clean(e, 80)}", transient=False) from None
+    return context
 
 
 def source_for(spec: str, limits: DownloadConfig | None = None, *, tls: ssl.SSLContext | None = None) -> BundleSource:

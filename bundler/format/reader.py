@@ -10,6 +10,12 @@ Order of trust, matching invariant 1 of docs/architecture.md:
 4. `iter_payload()` yields each op's payload only after its hash matched.
 Decompression and the produced-extent hash check are `ops.produce()`.
 
+A stream that can read a range again (`refetch(offset, length) -> Readable`,
+an HTTP source) gets a damaged op table or op payload fetched again, up to
+REFETCHES times, before the hash mismatch is an error; the header, manifest
+and signatures are not hashed before the signature check, so damage there
+fails the signature check (never retried).
+
 Memory: a region is read in chunks of at most READ_CHUNK bytes into one buffer
 of its final size (never a list of chunks joined into a second copy), and the
 reader keeps no reference to a payload once it has been yielded, so what is
@@ -28,6 +34,7 @@ from bundler.format.ops import MAX_OP_PAYLOAD, Op, OpTable, OpType, unpack_table
 from bundler.format.signing import UnverifiedBundle, VerifiedBundle
 
 READ_CHUNK = 256 << 10
+REFETCHES = 3  # times a damaged op table or payload is fetched again (from a stream that can)
 
 
 class Readable(Protocol):
@@ -39,21 +46,36 @@ class BundleReader:
         self._stream = stream
         self.position = 0
 
-    def _read_into(self, n: int, region: str) -> bytearray:
+    def _read_into(self, n: int, region: str, stream: Readable | None = None) -> bytearray:
         """Exactly n bytes (n already bounded by the caller) in one buffer, filled
         by reads of at most READ_CHUNK; a stream that ends early is truncated."""
         buf = bytearray(n)
         done = 0
+        source = stream or self._stream
         while done < n:
-            chunk = self._stream.read(min(n - done, READ_CHUNK))
+            chunk = source.read(min(n - done, READ_CHUNK))
             if not chunk:
                 raise TruncatedError(region, n, done)
             if len(chunk) > n - done:
                 raise FormatError(f"stream returned {len(chunk)} bytes, {n - done} were asked for", region=region)
             buf[done : done + len(chunk)] = chunk
             done += len(chunk)
-        self.position += n
+        if stream is None:
+            self.position += n
         return buf
+
+    def _again(self, start: int, n: int, region: str, tries: int) -> bytearray | None:
+        """The region start..start+n fetched again, or None when the stream cannot (any more)."""
+        refetch = getattr(self._stream, "refetch", None)
+        if refetch is None or not getattr(self._stream, "can_refetch", True) or tries >= REFETCHES:
+            return None
+        again = refetch(start, n)
+        try:
+            return self._read_into(n, region, again)
+        finally:
+            close = getattr(again, "close", None)
+            if close is not None:
+                close()
 
     def _read_exact(self, n: int, region: str) -> bytes:
         return bytes(self._read_into(n, region))  # small regions only: header, manifest, signatures
@@ -66,9 +88,13 @@ class BundleReader:
         return UnverifiedBundle(header, raw_header, manifest, signatures)
 
     def read_op_table(self, bundle: VerifiedBundle) -> OpTable:
-        raw = self._read_into(bundle.header.op_table_length, "op table")
-        actual = hashlib.sha256(raw).hexdigest()
-        if actual != bundle.manifest.op_table_sha256:
+        start, n = self.position, bundle.header.op_table_length
+        raw: bytearray | None = self._read_into(n, "op table")
+        tries = 0
+        while raw is not None and (actual := hashlib.sha256(raw).hexdigest()) != bundle.manifest.op_table_sha256:
+            raw = self._again(start, n, "op table", tries)
+            tries += 1
+        if raw is None:
             raise HashMismatchError("op table", bundle.manifest.op_table_sha256, actual)
         ops = unpack_table(raw)
         cursor = 0
@@ -99,9 +125,14 @@ class BundleReader:
                 continue
             if not 0 < op.payload_length <= MAX_OP_PAYLOAD:  # read_op_table checked it; never allocate more
                 raise BoundsError("payload_length", op.payload_length, 1, MAX_OP_PAYLOAD, region=f"op {index}")
-            payload = self._read_into(op.payload_length, f"payload of op {index}")
-            actual = hashlib.sha256(payload).digest()
-            if actual != op.payload_sha256:
+            start, region = self.position, f"payload of op {index}"
+            payload: bytearray | None = self._read_into(op.payload_length, region)
+            tries = 0
+            while payload is not None and (actual := hashlib.sha256(payload).digest()) != op.payload_sha256:
+                payload = None  # never two payloads in memory
+                payload = self._again(start, op.payload_length, region, tries)
+                tries += 1
+            if payload is None:
                 raise HashMismatchError("payload", op.payload_sha256.hex(), actual.hex(), op_index=index)
             view = memoryview(payload).toreadonly()
             del payload

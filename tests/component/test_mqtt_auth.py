@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,28 +17,25 @@ from agent.mqtt.config import load_mqtt
 from agent.mqtt.link import Link
 from agent.mqtt.schema import parse_report
 from agent.mqtt.topics import Topics
-from tests.component._mqtt_broker import Broker, Operator, Pki, make_pki, needs_mosquitto, until
 from tests.component._mqtt_device import start_device
+from tests.fixtures.mosquitto import Mosquitto, mosquitto_binary
+from tests.fixtures.pki import make_pki
+from tests.fixtures.procs import LOOPBACK
+from tests.fixtures.watcher import Watcher, until
 
-pytestmark = [
-    needs_mosquitto,
-    pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed"),
-]
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (make test installs it)")
 
 DEVICE = "gw-7"
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     directory = tmp_path_factory.mktemp("secure")
-    pki = make_pki(directory / "pki", DEVICE)
-    passwords = directory / "passwd"
-    passwords.touch()
-    subprocess.run(["mosquitto_passwd", "-b", str(passwords), DEVICE, "right-pass"], check=True)
-    broker = Broker(directory / "broker", pki=pki, password_file=passwords)
+    broker = Mosquitto(directory / "broker", make_pki(directory / "pki", DEVICE), username=DEVICE,
+                       password="right-pass")
     broker.start()
     yield broker
-    broker.kill()
+    broker.stop()
 
 
 def link(directory: Path, **table: Any) -> Link:
@@ -60,22 +55,21 @@ def connects(lk: Link) -> bool:
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_tls_with_the_brokers_ca_and_a_client_certificate_connects(
-    secure_broker: Broker, tmp_path: Path, protocol: str
+    secure_broker: Mosquitto, tmp_path: Path, protocol: str
 ) -> None:
     pki = secure_broker.pki
-    assert pki is not None
     assert connects(link(tmp_path, broker=f"mqtts://127.0.0.1:{secure_broker.tls_port}", protocol=protocol,
-                         ca=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key)))
+                         ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key)))
 
 
-def test_a_password_from_the_password_file_connects(secure_broker: Broker, tmp_path: Path) -> None:
+def test_a_password_from_the_password_file_connects(secure_broker: Mosquitto, tmp_path: Path) -> None:
     (tmp_path / "pass").write_text("right-pass\n")  # the trailing newline an editor adds is not part of it
     assert connects(link(tmp_path, broker=f"mqtt://127.0.0.1:{secure_broker.password_port}", username=DEVICE,
                          password_file="pass"))
 
 
 def test_a_wrong_password_is_refused_and_logged(
-    secure_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    secure_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "pass").write_text("wrong-pass")
     lk = link(tmp_path, broker=f"mqtt://127.0.0.1:{secure_broker.password_port}", username=DEVICE,
@@ -90,11 +84,11 @@ def test_a_wrong_password_is_refused_and_logged(
 
 
 def test_a_broker_certificate_from_an_unknown_ca_is_not_trusted(
-    secure_broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    secure_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    other: Pki = make_pki(tmp_path / "other", DEVICE)
+    other = make_pki(tmp_path / "other", DEVICE)
     lk = link(tmp_path, broker=f"mqtts://127.0.0.1:{secure_broker.tls_port}", ca=str(other.ca),
-              cert=str(other.client_cert), key=str(other.client_key))
+              cert=str(other.client.cert), key=str(other.client.key))
     with caplog.at_level(logging.WARNING, logger="agent.mqtt.link"):
         lk.start()
         try:
@@ -114,17 +108,15 @@ def documented_acl() -> str:
 
 
 def test_the_documented_acl_lets_a_device_do_its_job_and_nothing_of_another_device(tmp_path: Path) -> None:
-    passwords = tmp_path / "passwd"
-    passwords.touch()
-    for user in ("gw-1", "gw-2", "operator"):
-        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, f"{user}-pass"], check=True)
-    broker = Broker(tmp_path / "broker", password_file=passwords, acl=documented_acl())
+    users = {user: f"{user}-pass" for user in ("gw-1", "gw-2", "operator")}
+    broker = Mosquitto(tmp_path / "broker", make_pki(tmp_path / "pki"), users=users,
+                       acl={"password": documented_acl()})
     broker.start()
     topics = Topics.for_device("gw-1")
     port = broker.password_port
-    ops: list[Operator] = []
+    ops: list[Watcher] = []
     try:
-        op = Operator(port, [topics.job_status("j1"), topics.job_status("j2"), topics.presence],
+        op = Watcher(LOOPBACK, port, [topics.job_status("j1"), topics.job_status("j2"), topics.presence],
                       auth=("operator", "operator-pass"))
         ops.append(op)
         (tmp_path / "pass").write_text("gw-1-pass")
@@ -137,7 +129,7 @@ def test_the_documented_acl_lets_a_device_do_its_job_and_nothing_of_another_devi
                 {"schema": 1, "id": "j1", "type": "reboot", "created": "2026-05-01T12:00:00Z"}).encode())
             until(lambda: op.on(topics.job_status("j1")), "the device's answer through the ACL")
             # another device may not speak for gw-1: mosquitto drops its publish silently
-            rogue = Operator(port, [], client_id="gw-2", auth=("gw-2", "gw-2-pass"))
+            rogue = Watcher(LOOPBACK, port, [], client_id="gw-2", auth=("gw-2", "gw-2-pass"))
             ops.append(rogue)
             rogue.publish(topics.job_status("j1"), b'{"forged": true}')
             rogue.publish(topics.job("j2"), b"{}")
@@ -152,4 +144,4 @@ def test_the_documented_acl_lets_a_device_do_its_job_and_nothing_of_another_devi
     finally:
         for o in ops:
             o.close()
-        broker.kill()
+        broker.stop()

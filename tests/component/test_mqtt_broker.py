@@ -27,11 +27,12 @@ from agent.mqtt.link import Link
 from agent.mqtt.reporter import Reporter
 from agent.mqtt.schema import JobStatus, parse_report
 from agent.mqtt.topics import Topics
-from tests.component._mqtt_broker import Broker, Operator, needs_mosquitto, until
 from tests.component._mqtt_device import start_device
 from tests.fakes.outbox import FakeOutbox, FakeRecord, route
-
-pytestmark = needs_mosquitto
+from tests.fixtures.mosquitto import Mosquitto
+from tests.fixtures.pki import Pki
+from tests.fixtures.procs import LOOPBACK
+from tests.fixtures.watcher import Watcher, until
 
 DEVICE = "gw-1"
 TOPICS = Topics.for_device(DEVICE)
@@ -39,22 +40,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
+def broker(mosquitto: Mosquitto) -> Mosquitto:
+    return mosquitto
+
+
+def operator(port: int, filters: list[str], **kwargs: Any) -> Watcher:
+    """The operator's side on this broker."""
+    return Watcher(LOOPBACK, port, filters, **kwargs)
 
 
 @pytest.fixture
-def operators() -> Iterator[list[Operator]]:
-    made: list[Operator] = []
+def operators() -> Iterator[list[Watcher]]:
+    made: list[Watcher] = []
     yield made
     for op in made:
         op.close()
 
 
-def mqtt(broker: Broker, **extra: Any) -> dict[str, Any]:
+def mqtt(broker: Mosquitto, **extra: Any) -> dict[str, Any]:
     return {"broker": f"mqtt://127.0.0.1:{broker.port}", "device_id": DEVICE, **extra}
 
 
@@ -62,11 +65,11 @@ def job(job_id: str, kind: str = "reboot") -> bytes:
     return json.dumps({"schema": 1, "id": job_id, "type": kind, "created": "2026-05-01T12:00:00Z"}).encode()
 
 
-def answers(op: Operator, job_id: str) -> list[dict[str, Any]]:
+def answers(op: Watcher, job_id: str) -> list[dict[str, Any]]:
     return [parse_report(m.payload) for m in op.on(TOPICS.job_status(job_id))]
 
 
-def seqs_seen(op: Operator) -> list[int]:
+def seqs_seen(op: Watcher) -> list[int]:
     """The records the subscriber got, in arrival order, each once (a duplicate has the same id)."""
     seen: dict[str, int] = {}
     for m in op.on(TOPICS.events):
@@ -80,7 +83,7 @@ def fill(outbox: FakeOutbox, count: int) -> None:
         outbox.append(TOPICS.events)
 
 
-def link_and_reporter(broker: Broker, outbox: FakeOutbox, window: int) -> tuple[Link, Reporter[FakeRecord]]:
+def link_and_reporter(broker: Mosquitto, outbox: FakeOutbox, window: int) -> tuple[Link, Reporter[FakeRecord]]:
     config = load_mqtt({**mqtt(broker), "reconnect_min": 1, "reconnect_max": 2, "report_window": window},
                        broker.directory / "agent.toml")
     link = Link(config)
@@ -89,9 +92,9 @@ def link_and_reporter(broker: Broker, outbox: FakeOutbox, window: int) -> tuple[
 
 
 def test_reporter_publishes_every_record_in_order_and_acks_them_in_order(
-    broker: Broker, operators: list[Operator]
+    broker: Mosquitto, operators: list[Watcher]
 ) -> None:
-    op = Operator(broker.port, [TOPICS.events])
+    op = operator(broker.port, [TOPICS.events])
     operators.append(op)
     outbox = FakeOutbox()
     fill(outbox, 60)
@@ -109,9 +112,9 @@ def test_reporter_publishes_every_record_in_order_and_acks_them_in_order(
 
 
 def test_reports_not_acknowledged_by_a_stopped_broker_stay_pending_and_are_sent_after_it_restarts(
-    broker: Broker, operators: list[Operator]
+    broker: Mosquitto, operators: list[Watcher]
 ) -> None:
-    op = Operator(broker.port, [TOPICS.events], client_id="operator", persistent=True)
+    op = operator(broker.port, [TOPICS.events], client_id="operator", persistent=True)
     operators.append(op)
     outbox = FakeOutbox()
     window = 4
@@ -141,7 +144,7 @@ def test_reports_not_acknowledged_by_a_stopped_broker_stay_pending_and_are_sent_
     assert seqs_seen(op) == list(range(1, 41))
 
 
-def test_a_record_that_can_never_be_published_is_dropped_loudly_and_does_not_block_the_rest(broker: Broker) -> None:
+def test_a_record_that_can_never_be_published_is_dropped_loudly_and_does_not_block_the_rest(broker: Mosquitto) -> None:
     outbox = FakeOutbox()
     outbox.append("edge-ota/v1/devices/gw-1/events", b"x" * 10)
     poison = outbox.append("bad/#/topic", b"wildcards cannot be published")
@@ -160,13 +163,13 @@ def test_a_record_that_can_never_be_published_is_dropped_loudly_and_does_not_blo
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_a_job_published_while_the_device_was_offline_arrives_when_it_reconnects(
-    broker: Broker, operators: list[Operator], tmp_path: Path, protocol: str
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path, protocol: str
 ) -> None:
     channel, _, _ = start_device(tmp_path / "dev", mqtt(broker, protocol=protocol))
     until(lambda: channel.link.ready, "the device to subscribe")
     channel.stop()
 
-    op = Operator(broker.port, [TOPICS.job_status("offline-1")])
+    op = operator(broker.port, [TOPICS.job_status("offline-1")])
     operators.append(op)
     op.publish(TOPICS.job("offline-1"), job("offline-1"))
 
@@ -181,9 +184,9 @@ def test_a_job_published_while_the_device_was_offline_arrives_when_it_reconnects
 
 
 def test_a_replayed_job_is_answered_with_its_recorded_status_and_not_run_again(
-    broker: Broker, operators: list[Operator], tmp_path: Path
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path
 ) -> None:
-    op = Operator(broker.port, [TOPICS.job_status("j1")])
+    op = operator(broker.port, [TOPICS.job_status("j1")])
     operators.append(op)
     channel, sink, _ = start_device(tmp_path / "dev", mqtt(broker, groups=["canary"]))
     try:
@@ -202,9 +205,9 @@ def test_a_replayed_job_is_answered_with_its_recorded_status_and_not_run_again(
 
 
 def test_a_job_that_breaks_the_schema_is_rejected_with_the_reason_over_the_broker(
-    broker: Broker, operators: list[Operator], tmp_path: Path
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path
 ) -> None:
-    op = Operator(broker.port, [TOPICS.job_status("bad-1")])
+    op = operator(broker.port, [TOPICS.job_status("bad-1")])
     operators.append(op)
     channel, sink, _ = start_device(tmp_path / "dev", mqtt(broker))
     try:
@@ -222,7 +225,7 @@ def test_a_job_that_breaks_the_schema_is_rejected_with_the_reason_over_the_broke
 
 
 class DeviceProcess:
-    def __init__(self, tmp_path: Path, broker: Broker, crashpoint: str | None = None) -> None:
+    def __init__(self, tmp_path: Path, broker: Mosquitto, crashpoint: str | None = None) -> None:
         spec = tmp_path / "spec.json"
         spec.write_text(json.dumps({"state_dir": str(tmp_path / "dev"), "mqtt": mqtt(broker)}))
         env = {k: v for k, v in os.environ.items() if k != CRASHPOINT_ENV}
@@ -252,9 +255,9 @@ class DeviceProcess:
 
 
 def test_the_last_will_marks_the_device_offline_when_its_process_is_killed(
-    broker: Broker, operators: list[Operator], tmp_path: Path
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path
 ) -> None:
-    op = Operator(broker.port, [TOPICS.presence])
+    op = operator(broker.port, [TOPICS.presence])
     operators.append(op)
     device = DeviceProcess(tmp_path, broker)
     try:
@@ -264,7 +267,7 @@ def test_the_last_will_marks_the_device_offline_when_its_process_is_killed(
         until(lambda: op.on(TOPICS.presence)[-1].json()["online"] is False, "the last will")
     finally:
         device.close()
-    late = Operator(broker.port, [TOPICS.presence])  # a subscriber arriving later gets it retained
+    late = operator(broker.port, [TOPICS.presence])  # a subscriber arriving later gets it retained
     operators.append(late)
     until(lambda: late.on(TOPICS.presence), "the retained presence")
     retained = late.on(TOPICS.presence)[0]
@@ -272,8 +275,8 @@ def test_the_last_will_marks_the_device_offline_when_its_process_is_killed(
     assert retained.json() == {"schema": 1, "device": DEVICE, "online": False}
 
 
-def test_a_clean_stop_says_offline_too(broker: Broker, operators: list[Operator], tmp_path: Path) -> None:
-    op = Operator(broker.port, [TOPICS.presence])
+def test_a_clean_stop_says_offline_too(broker: Mosquitto, operators: list[Watcher], tmp_path: Path) -> None:
+    op = operator(broker.port, [TOPICS.presence])
     operators.append(op)
     channel, _, _ = start_device(tmp_path / "dev", mqtt(broker))
     until(lambda: channel.link.ready, "the device to subscribe")
@@ -287,9 +290,9 @@ def test_a_clean_stop_says_offline_too(broker: Broker, operators: list[Operator]
     ("mqtt-job-answered", ["j1"]),  # journalled and run, no PUBACK: the redelivery is absorbed
 ])
 def test_a_device_killed_between_journal_write_and_puback_gets_the_job_again_and_runs_it_once(
-    broker: Broker, operators: list[Operator], tmp_path: Path, crashpoint: str, runs_before_restart: list[str]
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path, crashpoint: str, runs_before_restart: list[str]
 ) -> None:
-    op = Operator(broker.port, [TOPICS.job_status("j1")])
+    op = operator(broker.port, [TOPICS.job_status("j1")])
     operators.append(op)
     first = DeviceProcess(tmp_path, broker, crashpoint)
     try:
@@ -314,7 +317,7 @@ def test_a_device_killed_between_journal_write_and_puback_gets_the_job_again_and
 
 
 def test_subscriptions_are_made_again_when_the_broker_lost_the_session(
-    broker: Broker, operators: list[Operator], tmp_path: Path
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path
 ) -> None:
     channel, sink, _ = start_device(tmp_path / "dev", mqtt(broker))
     try:
@@ -324,7 +327,7 @@ def test_subscriptions_are_made_again_when_the_broker_lost_the_session(
         until(lambda: not channel.link.connected, "the device to notice")
         broker.start()
         until(lambda: channel.link.ready, "the device to reconnect and subscribe again")
-        op = Operator(broker.port, [TOPICS.job_status("after")])
+        op = operator(broker.port, [TOPICS.job_status("after")])
         operators.append(op)
         op.publish(TOPICS.job("after"), job("after"))
         until(lambda: answers(op, "after"), "the answer to a job sent after the restart")
@@ -334,9 +337,9 @@ def test_subscriptions_are_made_again_when_the_broker_lost_the_session(
 
 
 def test_a_report_the_broker_refuses_with_a_v5_reason_code_stays_pending_and_is_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broker_pki: Pki
 ) -> None:
-    broker = Broker(tmp_path / "broker", acl=f"topic readwrite {TOPICS.base}/#\n")
+    broker = Mosquitto(tmp_path / "broker", broker_pki, acl={"plain": f"topic readwrite {TOPICS.base}/#\n"})
     broker.start()
     outbox = FakeOutbox()
     outbox.append(TOPICS.events)
@@ -361,9 +364,9 @@ def test_a_report_the_broker_refuses_with_a_v5_reason_code_stays_pending_and_is_
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_an_oversized_job_never_reaches_the_journal(
-    broker: Broker, operators: list[Operator], tmp_path: Path, protocol: str
+    broker: Mosquitto, operators: list[Watcher], tmp_path: Path, protocol: str
 ) -> None:
-    op = Operator(broker.port, [TOPICS.job_status("big"), TOPICS.job_status("small")])
+    op = operator(broker.port, [TOPICS.job_status("big"), TOPICS.job_status("small")])
     operators.append(op)
     channel, sink, _ = start_device(tmp_path / "dev", mqtt(broker, protocol=protocol))
     try:
@@ -382,9 +385,9 @@ def test_an_oversized_job_never_reaches_the_journal(
 
 
 def test_after_a_restart_a_new_reporter_sends_what_the_old_one_left_unacknowledged(
-    broker: Broker, operators: list[Operator]
+    broker: Mosquitto, operators: list[Watcher]
 ) -> None:
-    op = Operator(broker.port, [TOPICS.events], client_id="operator", persistent=True)
+    op = operator(broker.port, [TOPICS.events], client_id="operator", persistent=True)
     operators.append(op)
     outbox = FakeOutbox()  # stands for the durable outbox, which outlives the agent process
     link, reporter = link_and_reporter(broker, outbox, window=3)

@@ -2,14 +2,19 @@
 in the middle of an install (the install completes, every report arrives after
 the reconnect), and the agent SIGKILLed while reports were in flight to a
 broker that had stopped answering (after the restart every report arrives;
-a report that arrives twice is the same document with the same id)."""
+a report that arrives twice is the same document with the same id). Each runs
+on mosquitto and on RabbitMQ's MQTT plugin."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import pytest
 
 from agent.mqtt.topics import Topics
 from tests.e2e._mqtt import (
@@ -27,15 +32,42 @@ from tests.e2e._mqtt import (
     wait_online,
 )
 from tests.e2e.conftest import BundleFactory, Images, KeyPair
-from tests.fixtures.mosquitto import Mosquitto
-
-DEVICE = "gw-d"
-TOPICS = Topics.for_device(DEVICE)
+from tests.fixtures.mqtt_client import Endpoint
 
 
-def setup(tmp_path: Path, broker: Mosquitto, images: Images, key: KeyPair, bundle: Path) -> tuple[Path, Path]:
+class Broker(Protocol):
+    """What these tests do to a broker; `Mosquitto` and `RabbitNode` both can."""
+
+    @property
+    def running(self) -> bool: ...
+    def endpoint(self, listener: str) -> Endpoint: ...
+    def stop(self) -> None: ...
+    def start(self) -> None: ...
+    def freeze(self) -> None: ...
+    def thaw(self) -> None: ...
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    node: Broker = request.getfixturevalue(request.param)
+    yield node
+    node.thaw()  # the RabbitMQ node is shared by the session: never left frozen or stopped
+    if not node.running:
+        node.start()
+
+
+@pytest.fixture
+def topics() -> Topics:
+    """A device id of its own per test: the RabbitMQ node keeps sessions across tests."""
+    return Topics.for_device(f"gw-d-{secrets.token_hex(3)}")
+
+
+def setup(
+    tmp_path: Path, broker: Broker, topics: Topics, images: Images, key: KeyPair, bundle: Path
+) -> tuple[Path, Path]:
     directory = tmp_path / "dev"
-    make_mqtt_device(directory, images.factory.path, key.public, f"mqtt://{broker.host}:{broker.port}", DEVICE)
+    at = broker.endpoint("plain")
+    make_mqtt_device(directory, images.factory.path, key.public, f"mqtt://{at.host}:{at.port}", topics.device)
     www = tmp_path / "www"
     www.mkdir()
     (www / "v2.otab").write_bytes(bundle.read_bytes())
@@ -46,19 +78,19 @@ def outbox_has(directory: Path, job_id: str, status: str) -> bool:
     return any(r["event"] == "job" and r["txn"] == job_id and r["result"] == status for r in outbox_lines(directory))
 
 
-def received(watcher: Watcher) -> dict[str, list[bytes]]:
+def received(watcher: Watcher, topics: Topics) -> dict[str, list[bytes]]:
     """Every outbox report the operator got (events and job states), by report id."""
     out: dict[str, list[bytes]] = {}
     for m in watcher.messages:
-        if m.topic == TOPICS.events or (m.topic.startswith(f"{TOPICS.base}/jobs/") and m.topic.endswith("/status")):
+        if m.topic == topics.events or (m.topic.startswith(f"{topics.base}/jobs/") and m.topic.endswith("/status")):
             doc = m.json()
             if "seq" in doc:
                 out.setdefault(doc["id"], []).append(m.payload)
     return out
 
 
-def assert_every_record_arrived(directory: Path, watcher: Watcher) -> dict[str, list[bytes]]:
-    got = received(watcher)
+def assert_every_record_arrived(directory: Path, watcher: Watcher, topics: Topics) -> dict[str, list[bytes]]:
+    got = received(watcher, topics)
     records = outbox_lines(directory)
     missing = [r for r in records if r["id"] not in got]
     assert not missing, f"reports never delivered: {missing}"
@@ -73,47 +105,49 @@ def assert_every_record_arrived(directory: Path, watcher: Watcher) -> dict[str, 
 
 
 def test_a_broker_restart_mid_install_loses_no_report_and_the_install_completes(
-    tmp_path: Path, mosquitto: Mosquitto, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
+    tmp_path: Path, broker: Broker, topics: Topics, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle("2.0", security_version=2)
-    directory, www = setup(tmp_path, mosquitto, images, signing_key, bundle)
+    directory, www = setup(tmp_path, broker, topics, images, signing_key, bundle)
     gate = Gate(after=bundle.stat().st_size // 2)
-    watcher = Watcher(mosquitto.host, mosquitto.port, [f"{TOPICS.base}/#"], client_id="operator-r", persistent=True)
+    at = broker.endpoint("plain")
+    watcher = Watcher(at.host, at.port, [f"{topics.base}/#"], client_id=f"op-r-{topics.device}", persistent=True)
     daemon = Daemon(directory).start()
     with daemons(daemon), bundle_server(www, gate) as url:
-        wait_online(watcher, TOPICS, daemon)
-        watcher.publish(TOPICS.job("r-1"), job_doc("r-1", url=url("v2.otab")))
-        until(lambda: "in-progress" in job_statuses(watcher, TOPICS, "r-1"), "the job to start")
+        wait_online(watcher, topics, daemon)
+        watcher.publish(topics.job("r-1"), job_doc("r-1", url=url("v2.otab")))
+        until(lambda: "in-progress" in job_statuses(watcher, topics, "r-1"), "the job to start")
         assert gate.reached.wait(30), "the download did not start"
-        mosquitto.stop()  # the device still holds half the bundle; the broker is gone
+        broker.stop()  # the device still holds half the bundle; the broker is gone
         gate.open()
         until(lambda: outbox_has(directory, "r-1", "succeeded"), "the install, reboot and commit without a broker")
         assert not outbox_has(directory, "r-1", "failed")
-        mosquitto.start()  # same ports, same database: both sessions are still there
-        final = wait_final(watcher, TOPICS, "r-1")
+        broker.start()  # same ports, same database: both sessions are still there
+        final = wait_final(watcher, topics, "r-1")
         assert final["status"] == "succeeded"
-        until(lambda: not [r for r in outbox_lines(directory) if r["id"] not in received(watcher)],
+        until(lambda: not [r for r in outbox_lines(directory) if r["id"] not in received(watcher, topics)],
               "every report to arrive")
-    assert_every_record_arrived(directory, watcher)
-    assert "installed" in job_statuses(watcher, TOPICS, "r-1")
+    assert_every_record_arrived(directory, watcher, topics)
+    assert "installed" in job_statuses(watcher, topics, "r-1")
     assert gate.requests == 1
     watcher.close()
 
 
 def test_an_agent_killed_while_reports_are_in_flight_delivers_them_all_after_its_restart(
-    tmp_path: Path, mosquitto: Mosquitto, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
+    tmp_path: Path, broker: Broker, topics: Topics, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle("2.0", security_version=2)
-    directory, www = setup(tmp_path, mosquitto, images, signing_key, bundle)
+    directory, www = setup(tmp_path, broker, topics, images, signing_key, bundle)
     gate = Gate(after=bundle.stat().st_size // 2)
-    watcher = Watcher(mosquitto.host, mosquitto.port, [f"{TOPICS.base}/#"], client_id="operator-k", persistent=True)
+    at = broker.endpoint("plain")
+    watcher = Watcher(at.host, at.port, [f"{topics.base}/#"], client_id=f"op-k-{topics.device}", persistent=True)
     first = Daemon(directory).start()
     with daemons(first), bundle_server(www, gate) as url:
-        wait_online(watcher, TOPICS, first)
-        watcher.publish(TOPICS.job("k-1"), job_doc("k-1", url=url("v2.otab")))
-        until(lambda: "in-progress" in job_statuses(watcher, TOPICS, "k-1"), "the job to start")
+        wait_online(watcher, topics, first)
+        watcher.publish(topics.job("k-1"), job_doc("k-1", url=url("v2.otab")))
+        until(lambda: "in-progress" in job_statuses(watcher, topics, "k-1"), "the job to start")
         assert gate.reached.wait(30)
-        mosquitto.freeze()  # no PUBACK comes back from here on
+        broker.freeze()  # no PUBACK comes back from here on
         gate.open()
         until(lambda: outbox_has(directory, "k-1", "succeeded"), "the job to finish on the device")
         first.kill()  # SIGKILL, with reports handed to the socket and never acknowledged
@@ -121,15 +155,15 @@ def test_an_agent_killed_while_reports_are_in_flight_delivers_them_all_after_its
     acked = int((directory / "state" / "outbox.acked").read_text())
     newest = max(r["seq"] for r in outbox_lines(directory))
     assert acked < newest, "nothing was in flight at the kill"
-    mosquitto.thaw()  # it now reads what the dead agent had sent, PUBLISHes without their PUBACKs
+    broker.thaw()  # it now reads what the dead agent had sent, PUBLISHes without their PUBACKs
 
     second = Daemon(directory).start()
     with daemons(second):
-        until(lambda: not [r for r in outbox_lines(directory) if r["id"] not in received(watcher)],
+        until(lambda: not [r for r in outbox_lines(directory) if r["id"] not in received(watcher, topics)],
               "every report to arrive after the restart")
         until(lambda: int((directory / "state" / "outbox.acked").read_text()) >= newest, "the acks")
-    got = assert_every_record_arrived(directory, watcher)
-    assert job_statuses(watcher, TOPICS, "k-1")[-1] == "succeeded"
+    got = assert_every_record_arrived(directory, watcher, topics)
+    assert job_statuses(watcher, topics, "k-1")[-1] == "succeeded"
     duplicates = sum(len(copies) - 1 for copies in got.values())
     # The broker read the PUBLISHes the dead agent had written before it froze and delivered
     # them; the restarted agent sent them again: the same documents, under the same ids.

@@ -61,3 +61,38 @@ def test_an_install_job_through_rabbitmq_reports_installed_then_succeeded_and_st
     assert [d["status"] for d in sorted(job_docs.values(), key=lambda d: d["seq"])] == [
         "in-progress", "installed", "succeeded"]
     watcher.close()
+
+
+def test_a_group_deploy_through_rabbitmq_waits_for_the_expected_members_and_each_commits(
+    tmp_path: Path, rabbitmq: RabbitNode, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """RabbitMQ tells a wildcard subscriber no retained status, so the group's
+    members are unknown to `deploy`: `--expect 2` says how many answers to wait for."""
+    tag = secrets.token_hex(3)
+    group, names = f"lab-{tag}", [f"gw-rg{i}-{tag}" for i in (1, 2)]
+    endpoint = rabbitmq.endpoint("plain")
+    broker = f"mqtt://{endpoint.host}:{endpoint.port}"
+    running = []
+    for name in names:
+        make_mqtt_device(tmp_path / name, images.factory.path, signing_key.public, broker, name, (group,))
+        running.append(Daemon(tmp_path / name))
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "v2.otab").write_bytes(make_bundle("2.0", security_version=2).read_bytes())
+    watcher = Watcher(endpoint.host, endpoint.port, [f"{Topics.for_device(n).base}/#" for n in names])
+    with daemons(*running), bundle_server(www) as url:
+        for daemon in running:
+            daemon.start()
+        for daemon, name in zip(running, names, strict=True):
+            wait_online(watcher, Topics.for_device(name), daemon)
+        capsys.readouterr()
+        rc = fleet_main(["--broker", broker, "deploy", "--group", group, "--url", url("v2.otab"), "--wait",
+                         "--expect", "2", "--timeout", "120"])
+        out, err = capsys.readouterr()
+        assert rc == 0, out + err
+        for name in names:
+            mine = [line.split()[1] for line in out.splitlines() if line.startswith(f"{name}: ")]
+            assert mine[-2:] == ["installed", "succeeded"], out
+        assert "2 succeeded" in err
+    watcher.close()
