@@ -7,11 +7,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm \
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm \
 	docker-registry podman skopeo erofs-utils squashfs-tools
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-oci clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-oci clean apt-test apt-demo bootscripts fuzz bench-http
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,18 @@ bench: venv
 	$(BIN)/python bench/install_vs_dd.py
 
 # The agent idle on a broker, then one deploy to 1000 simulated devices via mosquitto and a 2-node RabbitMQ cluster.
+bench-http: venv
+	@if ! command -v curl >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl >/dev/null; \
+	fi
+	$(BIN)/python -m bench.http_faults
+
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# Bundle upload over the serial console: framing efficiency, time at 115200 and 3 Mbaud, throughput over a pty relay.
+bench-console: venv
+	$(BIN)/python -m bench.console
 
 # Container images into ext4/erofs against tar + mkfs.ext4 -d; bundle bytes pulled from a registry.
 bench-oci: venv

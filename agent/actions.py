@@ -9,13 +9,17 @@ an install runs is answered "busy"), and take the state lock themselves, so a
 second process is refused too.
 
 Actions:
-  install(source)      stream a bundle into the inactive slot (cancelable between ops)
+  install(source)      stream a bundle into the inactive slot (cancelable between ops); on a device
+                       whose provisioning waits for its image: that image, into every slot
   mark(slot, verdict)  the operator's good/bad verdict (agent.marking)
   rollback()           make the other slot, whose content is known, the one to try next
   reboot()             reboot the device through the configured rebooter
   boot_check()         assess the booted slot after a boot (agent.bootcheck)
+  media(path)          install the newest bundle from a USB stick or directory (agent.media)
   status()             the device's status value
   cancel(job)          ask the running job to stop at its next safe point
+  identity()           the device identity: key made on the device if missing, CSR, certificate
+  provision(bundle)    factory provisioning (agent.provision.run), resumable
 """
 
 from __future__ import annotations
@@ -23,15 +27,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from agent.bootcheck import BootCheckOutcome, boot_check
 from agent.daemon import Device
 from agent.errors import LockBusyError, MarkError
-from agent.events import Event, EventType, Result
+from agent.events import Event, EventType, Result, iso
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
+from agent.media import job as media_job
+from agent.provision import identity as identity_mod
+from agent.provision import record as provision_record
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision, waits_for_image
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status
@@ -130,13 +139,17 @@ class App:
         """Install from `source`: a spec for `source_for` (path, `-`, URL), or a source
         object a front end made (an MQTT stream), which the same path streams into the slot."""
         device = self.device
+        if waits_for_image(device):
+            return self._provision_image(ctx, source)
         try:
             if isinstance(source, str):
                 source = source_for(source, device.config.download)
             stream = source.open()
         except OtaError as e:
             # No bundle byte arrived, but the attempt still failed: report it like any other.
-            device.record(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id))
+            device.record(
+                Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id, downloaded=0)
+            )
             raise
 
         def progress(phase: Phase, done: int, total: int) -> None:
@@ -151,6 +164,47 @@ class App:
                 reinstall=reinstall,
                 txn=ctx.job_id,
             )
+
+    def media(self, ctx: JobContext, path: str) -> media_job.MediaOutcome:
+        """Mount (or take) the medium at `path`, choose its newest bundle for this
+        device by the signed manifests, install it like any other source, report."""
+        return media_job.run(self.device, ctx, Path(path), self.install)
+    def _provision_image(self, ctx: JobContext, source: str | BundleSource) -> InstallOutcome:
+        """`install` on a device whose provisioning waits for its image (a factory
+        environment: no slot runs): the bundle is that image, for every slot, and the
+        provisioning goes on to its end (docs/factory.md). Any front end's install
+        (a console upload, a file) does it; the same checks apply."""
+        if isinstance(source, str):
+            source = source_for(source, self.device.config.download)
+        outcome = self.provision(ctx, ProvisionRequest(), source)
+        slots = " ".join(self.device.config.bootnames)
+        reason = f"provisioned: image {outcome.bundle_version} in every slot ({slots})"
+        return InstallOutcome(ctx.job_id, str(outcome.bundle_version), slots, outcome.security_version or 0,
+                              reason=reason)
+
+    def provision(
+        self, ctx: JobContext, request: ProvisionRequest, source: BundleSource | None = None
+    ) -> ProvisionOutcome:
+        """Factory provisioning; each step is reported as job progress. `source`: the
+        bundle as a stream a front end made (a console upload), else `request.bundle`."""
+        return provision(self.device, request, source=source, progress=ctx.progress, txn=ctx.job_id)
+
+    def identity(
+        self, ctx: JobContext, *, device_id: str | None = None, cert: str | None = None, ca_cert: str | None = None
+    ) -> identity_mod.Identity:
+        """The identity a station needs before signing: made (key, CSR) if missing; with
+        `cert`, the factory CA's certificate for it is checked and installed."""
+        device = self.device
+        pcfg = device.config.provision
+        with device.store.lock():
+            rec = pin_device_id(pcfg.dir, provision_record.load(pcfg.dir), device_id)
+            ident = identity_mod.ensure_identity(pcfg.dir, key_type=pcfg.key_type, device_id=device_id,
+                                                 known_id=rec.info.get("device_id"), cert=cert, ca_cert=ca_cert,
+                                                 now=device.clock())
+            rec = rec.with_step("identity", iso(device.clock()), device_id=ident.device_id,
+                                public_key_sha256=ident.fingerprint, key_type=ident.key_type)
+            provision_record.save(pcfg.dir, rec)  # a later provision keeps this id
+            return ident
 
     def mark(self, ctx: JobContext, slot: str, verdict: Verdict, *, force: bool = False) -> MarkOutcome:
         return mark(self.device, slot, verdict, force=force)

@@ -1,6 +1,7 @@
 """`ota-agent`: the device commands of the command table (`agent.commands`:
-install, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
-`run` (the daemon) and the simulated device (`sim init`, `sim boot`).
+install, media, status, mark-good/mark-bad, rollback, reboot, boot-check, cancel, job),
+`media-poll` (the USB stick polling fallback), `run` (the daemon), `console --port DEV`
+(one serial console, docs/console.md) and the simulated device (`sim init`, `sim boot`).
 
 A thin adapter: it parses arguments into the table's parameters, runs the command
 and prints its reply. While `ota-agent run` serves the local API (docs/api.md) the
@@ -26,8 +27,10 @@ from agent import api_client, service, sim, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
+from agent.console.port import ConsolePort
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
+from agent.media import poll
 from ota_common.errors import OtaError
 from ota_common.tty import Progress, run_reporting_errors, version_string
 
@@ -91,6 +94,7 @@ def _command(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+PATH_PARAMS = ("source", "path", "bundle", "cert", "ca_cert")  # file arguments: made absolute for the daemon
 STANDALONE = frozenset({"boot-check"})  # the boot's own assessment: runs before the daemon, in its own unit
 
 
@@ -100,20 +104,44 @@ def _through_daemon(
     """The command's reply from the daemon serving the config's API socket; None
     when none answers (or the command runs in this process anyway)."""
     source = cli_args.get("source")
-    if command.name in STANDALONE or source == "-":  # stdin is this process's, not the daemon's
+    if command.name in STANDALONE or "-" in (source, cli_args.get("bundle")):  # stdin is ours, not the daemon's
         return None
     session = api_client.Session.open(config_mod.load(config_path).api)
     if session is None:
         return None
-    if isinstance(source, str) and "://" not in source:
-        cli_args = {**cli_args, "source": os.path.abspath(source)}  # the daemon has its own working directory
+    for name in PATH_PARAMS:  # the daemon has its own working directory
+        value = cli_args.get(name)
+        if isinstance(value, str) and value != "-" and "://" not in value and not value.startswith("-----BEGIN"):
+            cli_args = {**cli_args, name: os.path.abspath(value)}
     with session:
         return session.call(command.name, cli_args, on_progress=progress)
+
+
+def _media_poll(args: argparse.Namespace) -> int:
+    """The polling fallback (agent.media.poll): `media` on every removable device
+    that appeared since the last poll; exit 1 when any of them failed."""
+    cfg = config_mod.load(Path(args.config))
+    failed = 0
+    for found in poll.new_devices(cfg.state_dir, Path(args.sysfs)):
+        path = Path(args.dev) / found.name
+        try:
+            _command(argparse.Namespace(command="media", path=str(path), config=args.config, json=False))
+        except OtaError as e:
+            failed += 1
+            print(f"ota-agent: error: {path}: {e}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run(args: argparse.Namespace) -> int:
     app = wiring.build_app(Path(args.config))
     return service.run(app, wiring.front_ends(app), wiring.notifier())
+
+
+def _console(args: argparse.Namespace) -> int:
+    """One serial console served by this process (systemd/ota-console@.service)."""
+    app = wiring.build_app(Path(args.config))
+    front = ConsolePort(app.device.config.console, args.port, baud=args.baud)
+    return service.run(app, [front], wiring.notifier())
 
 
 def _sim_init(args: argparse.Namespace) -> int:
@@ -160,8 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():
         _add_command(sub, command, reporting)
 
+    p = sub.add_parser("media-poll", parents=[common], help="run media on removable devices inserted since the "
+                       "last poll (the fallback where udev does not start ota-media@.service)")
+    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    p.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
+    p.set_defaults(func=_media_poll)
+    bootp = sub.add_parser("bootloader", help="the bootloader's state (bootloader init: set up a new device)")
+    bootsub = bootp.add_subparsers(dest="bootloader_command", required=True)
+    _add_command(bootsub, COMMANDS["bootloader-init"], reporting, name="init")
+
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("console", parents=[common], help="serve a technician's serial console on one port")
+    p.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyS0")
+    p.add_argument("--baud", type=int, help="line speed (default: [console] baud, 115200)")
+    p.set_defaults(func=_console)
 
     simp = sub.add_parser("sim", help="a simulated device in a directory")
     simsub = simp.add_subparsers(dest="sim_command", required=True)
@@ -189,11 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) -> None:
+def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser, name: str | None = None) -> None:
     """A subcommand from the table: a required string is a positional argument, an
     optional `slot`/`job` an optional positional one, a bool a --flag (--no-NAME when
     it defaults to true)."""
-    p = sub.add_parser(command.name, parents=[parent], help=command.help)
+    p = sub.add_parser(name or command.name, parents=[parent], help=command.help)
     for param in command.params:
         if param.type is bool:
             if param.default:
@@ -202,11 +244,14 @@ def _add_command(sub: Any, command: Command, parent: argparse.ArgumentParser) ->
             else:
                 p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, action="store_true",
                                help=param.help)
+        elif param.option:
+            p.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, required=param.required,
+                           default=param.default, help=param.help)
         elif param.required:
             p.add_argument(param.name, help=param.help)
         else:
             p.add_argument(param.name, nargs="?", default=param.default, help=param.help)
-    p.set_defaults(func=_command)
+    p.set_defaults(func=_command, command=command.name)
 
 
 def _not_failures(record: logging.LogRecord) -> bool:

@@ -18,10 +18,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import doctor as doctor_mod
 from agent.actions import App, BootCheckResult, RebootOutcome, RollbackOutcome
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.marking import MarkOutcome, Verdict
+from agent.media.job import MediaOutcome
+from agent.provision import boot as provision_boot
+from agent.provision.identity import Identity
+from agent.provision.run import ProvisionOutcome, ProvisionRequest, ProvisionStatus, provision_status
 from agent.status import DeviceStatus
 from ota_common.errors import OtaError
 from ota_common.text import clean
@@ -42,6 +47,7 @@ class Param:
     help: str = ""
     choices: tuple[str, ...] = ()
     max_len: int = MAX_ARG  # strings: what the front end's own message bound does not already cap
+    option: bool = False  # the CLI spells it --name VALUE (not a positional argument)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,8 @@ class Reply:
 def _install_json(o: InstallOutcome) -> dict[str, Any]:
     already = o.result is InstallResult.ALREADY_INSTALLED
     return {"result": o.result.value, "txn": o.txn, "bundle_version": o.bundle_version, "slot": o.slot,
-            "security_version": o.security_version, "reason": o.reason, "reboot_to_try": not already}
+            "security_version": o.security_version, "reason": o.reason, "reboot_to_try": not already,
+            "downloaded": o.downloaded}
 
 
 def _install_text(o: InstallOutcome) -> str:
@@ -141,6 +148,33 @@ def _run_job(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> JobView:
     return view
 
 
+def _opt(a: Mapping[str, Any], name: str) -> str | None:
+    value = a.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _run_provision(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> ProvisionOutcome:
+    request = ProvisionRequest(bundle=_opt(a, "bundle"), device_id=_opt(a, "device_id"), cert=_opt(a, "cert"),
+                               ca_cert=_opt(a, "ca_cert"), broker=_opt(a, "broker"), force=_bool_arg(a, "force"))
+    return app.provision(_need(ctx), request)
+
+
+def _run_identity(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> Identity:
+    return app.identity(_need(ctx), device_id=_opt(a, "device_id"), cert=_opt(a, "cert"), ca_cert=_opt(a, "ca_cert"))
+
+
+_DEVICE_ID = Param("device_id", str, help="the device's id (default: from its public key)", option=True, max_len=64)
+_CERT = Param("cert", str, help="device certificate from the factory CA (PEM file, or PEM text)", option=True,
+              max_len=32 * 1024)
+_CA_CERT = Param("ca_cert", str, help="the factory CA certificate the device certificate must chain to",
+                 option=True, max_len=32 * 1024)
+
+
+def _run_doctor(app: App, a: Mapping[str, Any], ctx: JobContext | None) -> doctor_mod.DoctorReport:
+    bundle = doctor_mod.bundle_head(app.device, a["bundle"]) if a.get("bundle") else None
+    return doctor_mod.doctor(app.device, bundle=bundle)
+
+
 _SLOT = Param("slot", str, default="booted", help="booted (default), other, or a bootname")
 _FORCE = Param("force", bool, default=False, help="mark good although the slot's content is not known complete")
 _FORCE_BAD = Param("force", bool, default=False, help="mark the booted slot bad although no other slot can boot")
@@ -163,6 +197,12 @@ COMMANDS: dict[str, Command] = {
             ),
             True, False, _run_install, _install_json, _install_text,
         ),
+        Command(
+            "media", "install the newest bundle for this device from a USB stick (or a mounted directory)",
+            (Param("path", str, required=True, help="block device (mounted read-only) or mounted directory"),),
+            True, False, lambda app, a, ctx: app.media(_need(ctx), a["path"]), MediaOutcome.to_json,
+            MediaOutcome.text,
+        ),
         Command("mark-good", "mark a slot good (of the booted slot on trial: commit it)", (_SLOT, _FORCE), True,
                 False, _run_mark(Verdict.GOOD), _mark_json, _mark_text),
         Command("mark-bad", "mark a slot bad", (_SLOT, _FORCE_BAD), True, False, _run_mark(Verdict.BAD),
@@ -184,6 +224,31 @@ COMMANDS: dict[str, Command] = {
                 (Param("reboot", bool, default=True, help="reboot when the trial failed (default)"),), True, False,
                 lambda app, a, ctx: app.boot_check(_need(ctx), reboot=bool(a.get("reboot", True))),
                 BootCheckResult.to_json, BootCheckResult.text, ok=lambda r: bool(r.ok)),
+        Command("bootloader-init", "initialise the bootloader: every slot good, the first one primary",
+                (Param("force", bool, default=False, help="overwrite a valid or damaged state"),), True, False,
+                lambda app, a, ctx: provision_boot.bootloader_init(app.device, force=_bool_arg(a, "force")),
+                provision_boot.outcome_json, provision_boot.outcome_text),
+        Command("doctor", "check what a bring-up needs, one line per check with the fix",
+                (Param("bundle", str, help="also check the slots hold this bundle's images", option=True),), False,
+                True, _run_doctor, doctor_mod.DoctorReport.to_json, doctor_mod.DoctorReport.render,
+                ok=lambda r: bool(r.ok)),
+        Command("identity", "the device identity: key (made on the device if missing), CSR, certificate",
+                (_DEVICE_ID, _CERT, _CA_CERT), True, False, _run_identity, Identity.to_json, Identity.text),
+        Command(
+            "provision", "factory provisioning: identity, config, the image into every slot, bootloader, record",
+            (
+                Param("bundle", str, help="full bundle file, - or URL (not needed once the image is written)",
+                      option=True, max_len=4096),
+                _DEVICE_ID, _CERT, _CA_CERT,
+                Param("broker", str, help="mqtt[s]://host:port for the device config (default [provision] broker)",
+                      option=True, max_len=512),
+                Param("force", bool, default=False, help="provision a provisioned device again (the identity stays)"),
+            ),
+            True, False, _run_provision, ProvisionOutcome.to_json, ProvisionOutcome.text,
+        ),
+        Command("provision-status", "how far provisioning got (the board's compatible string, the steps done)",
+                (), False, True, lambda app, a, ctx: provision_status(app.device), ProvisionStatus.to_json,
+                ProvisionStatus.text),
         Command("cancel", "ask the running job to stop at its next safe point",
                 (Param("job", str, help="job id (default: the running one)"),), False, True, _run_cancel,
                 _job_json, _job_text),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.console.config import ConsoleConfig, load_console
 from agent.errors import ConfigError
 from agent.etcmerge import EtcConfig, OnConflict, Policy
 from agent.mqtt.config import MqttConfig, load_mqtt
@@ -88,6 +89,19 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProvisionConfig:
+    """`[provision]`: where `ota-agent provision` keeps the identity and its record (docs/factory.md)."""
+
+    dir: Path = Path("/var/lib/edge-ota/provision")  # identity key, CSR, certificate, provisioning record
+    device_config: Path = Path("/etc/edge-ota/agent.toml")  # the device's config, written by provision
+    key_type: str = "ed25519"  # ed25519 | p256: the device key made on the device
+    broker: str | None = None  # mqtt[s]://host:port written into the device config's [mqtt]
+
+
+KEY_TYPES = ("ed25519", "p256")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     compatible: str
@@ -105,6 +119,8 @@ class Config:
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
     api: ApiConfig = ApiConfig()
     etc: EtcConfig = EtcConfig()  # noqa: RUF009 - frozen; [etc]: /etc kept across updates (agent.etcmerge)
+    console: ConsoleConfig = ConsoleConfig()  # noqa: RUF009 (frozen) [console]: serial ports (docs/console.md)
+    provision: ProvisionConfig = ProvisionConfig()
 
     @property
     def bootnames(self) -> tuple[str, ...]:
@@ -244,7 +260,7 @@ def _parse(path: Path) -> dict[str, Any]:
 def _load(path: Path) -> Config:
     doc = _parse(path)
     tables = {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api", "etc"}
-    top = _Table(path, "", doc, tables)
+    top = _Table(path, "", doc, tables | {"console", "provision"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -291,6 +307,29 @@ def _load(path: Path) -> Config:
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
         api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),
         etc=_etc(_Table(path, "etc", doc.get("etc", {}), ETC_KEYS)),
+        console=load_console(doc.get("console", {}), path),
+        provision=_provision(_Table(path, "provision", doc.get("provision", {}), PROVISION_KEYS)),
+    )
+
+
+PROVISION_KEYS = {"dir", "device_config", "key_type", "broker"}
+
+
+def _provision(t: _Table) -> ProvisionConfig:
+    d = ProvisionConfig()
+    key_type = t.string("key_type", d.key_type)
+    if key_type not in KEY_TYPES:
+        raise t.err("key_type", f"must be one of {', '.join(KEY_TYPES)}, got {_show(key_type)}")
+    broker = t.doc.get("broker")
+    if broker is not None:
+        broker = t.string("broker")
+        if not broker.startswith(("mqtt://", "mqtts://")) or len(broker) > 512:
+            raise t.err("broker", f"must be an mqtt:// or mqtts:// URL of at most 512 characters, got {_show(broker)}")
+    return ProvisionConfig(
+        dir=t.path("dir", str(d.dir)),
+        device_config=t.path("device_config", str(d.device_config)),
+        key_type=key_type,
+        broker=broker,
     )
 
 

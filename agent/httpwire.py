@@ -77,6 +77,7 @@ class Wire:
                 sent = 0
             except OSError as e:
                 self.pace.waited()
+                self._alert()  # a TLS server that refused our certificate said why: raise that
                 raise SourceError(self.pace.name, f"sending the request failed: {clean(e.strerror or e, 80)}") from None
             self.pace.waited()
             view = view[sent:]
@@ -99,6 +100,18 @@ class Wire:
                 raise SourceError(self.pace.name, message) from None
             self.pace.waited()
             return data
+
+    def _alert(self) -> None:
+        """After a failed send on TLS: raise the alert the server sent, if one is waiting."""
+        if not isinstance(self._sock, ssl.SSLSocket):
+            return
+        try:
+            self._sock.settimeout(0.5)
+            self._sock.recv(1)
+        except ssl.SSLError as e:
+            raise tls_error(self.pace.name, e) from None
+        except OSError:
+            return
 
     def buffered(self) -> bool:
         """Whether bytes already received wait in the buffer."""

@@ -13,6 +13,8 @@ Sequence (docs/architecture.md, invariants 1-5 and the crash model):
 A bundle whose every image the booted slot already holds, or the other slot holds
 as the pending update, is answered "already installed" after the policy check:
 recorded, nothing written (`reinstall=True` writes it anyway).
+`install_all_slots` is factory provisioning's use of the same path: every slot,
+from one pass over the bundle, when no slot runs.
 A power cut at any point leaves the booted slot primary and untouched; boot-check
 on the next boot tells an interrupted install from a rollback by the trial record,
 which never describes content its slot does not hold: whenever the slot may boot,
@@ -41,9 +43,10 @@ from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
 from bundler.format.errors import HashMismatchError
-from bundler.format.ops import Op, produce
+from bundler.format.ops import Op, OpType, produce
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
+from hw.bootloader.chooser import booted_from_cmdline
 from hw.bootloader.model import SlotBootState
 from hw.slot import SlotWriter, slot_size
 from ota_common.errors import OtaError
@@ -309,18 +312,35 @@ def _write(
     state = device.store.load().with_slot(target, SlotRecord())
     device.store.save(replace(state, trial=trial))
     crashpoint("after-trial-saved")
-    total = sum(ip.image.size for ip in plan.images)  # per phase: write, then read-back
+    _stream_into(device, reader, ops, (plan,), booted=booted, progress=progress)
+
+
+def _stream_into(
+    device: Device,
+    reader: BundleReader,
+    ops: Sequence[Op],
+    plans: Sequence[InstallPlan],
+    *,
+    booted: str | None,
+    progress: ProgressFn | None,
+) -> None:
+    """Every op of the bundle, each checked once, into every planned slot; then each
+    slot read back from the medium and compared with its image's SHA-256. `booted`
+    None: no slot is running (factory provisioning writes them all)."""
+    total = sum(ip.image.size for ip in plans[0].images)  # write phase: one pass over the stream
     done = 0
     booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
-    writers: dict[str, SlotWriter] = {}
+    writers: dict[tuple[str, str], SlotWriter] = {}
 
     def write(index: int, op: Op, extent: Future[bytes] | None) -> None:
         nonlocal done
-        writer = writers[plan.image_for_op(index).image.slot_class]
-        if extent is None:
-            writer.write_zeros(op.dst_offset, op.dst_length)
-        else:
-            writer.write(op.dst_offset, extent.result())
+        slot_class = plans[0].image_for_op(index).image.slot_class
+        for plan in plans:
+            writer = writers[(plan.target, slot_class)]
+            if extent is None:
+                writer.write_zeros(op.dst_offset, op.dst_length)
+            else:
+                writer.write(op.dst_offset, extent.result())
         done += op.dst_length
         if progress:
             progress(Phase.WRITE, done, total)
@@ -329,10 +349,11 @@ def _write(
     # checked on a worker thread (zstd and hashlib release the GIL). Each extent
     # is still written only after its own checks passed; at most two are in memory.
     try:
-        for ip in plan.images:  # inside the try: a refusal of the second closes the first
-            writers[ip.image.slot_class] = device.open_slot(
-                ip.slot.path, target, booted=booted, booted_paths=booted_paths
-            )
+        for plan in plans:
+            for ip in plan.images:  # inside the try: a refusal of the second closes the first
+                writers[(plan.target, ip.image.slot_class)] = device.open_slot(
+                    ip.slot.path, plan.target, booted=booted or "", booted_paths=booted_paths
+                )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
             pending: tuple[int, Op, Future[bytes] | None] | None = None
             for index, op, payload in reader.iter_payload(ops):
@@ -351,14 +372,96 @@ def _write(
         for w in writers.values():
             w.close()
     done = 0
-    for ip in plan.images:
+    total *= len(plans)
+    for plan in plans:
+        for ip in plan.images:
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(Phase.VERIFY, done, total)
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(Phase.VERIFY, done, total)
 
-        actual = device.read_back(ip.slot.path, target, ip.image.size, tick)
-        if actual != ip.image.sha256:
-            raise HashMismatchError(f"slot {target} read-back", ip.image.sha256, actual)
+            actual = device.read_back(ip.slot.path, plan.target, ip.image.size, tick)
+            if actual != ip.image.sha256:
+                raise HashMismatchError(f"slot {plan.target} read-back", ip.image.sha256, actual)
+
+
+def refuse_delta(bundle: VerifiedBundle, ops: Sequence[Op] = ()) -> None:
+    """Factory provisioning writes blank slots: a delta has nothing to apply to."""
+    for im in bundle.manifest.images:
+        if im.base_sha256 is not None:
+            raise InstallError(f"provisioning needs a full bundle: the {im.slot_class} image is a delta against "
+                               f"base {im.base_sha256[:16]}...")
+    for index, op in enumerate(ops):
+        if op.type not in {OpType.ZERO, OpType.REPLACE}:
+            raise InstallError(f"provisioning needs a full bundle: op {index} is {op.type.name}, which reads a base")
+
+
+def install_all_slots(
+    device: Device,
+    stream: Readable | BundleReader,
+    *,
+    bundle: VerifiedBundle | None = None,
+    progress: ProgressFn | None = None,
+    txn: str | None = None,
+) -> InstallOutcome:
+    """Factory provisioning: the same checks as `install` (signature, policy, plan,
+    per-op hashes, read-back), but the bundle goes into *every* configured slot in
+    one pass, because none is running (the device runs a factory environment; a
+    slot marker on the kernel command line is refused). Every slot is marked bad
+    and its record cleared before its first byte is written; afterwards each record
+    names the image and the slots stay bad: the caller (provisioning) initialises
+    the bootloader. No trial is recorded and nothing is set primary. The caller
+    holds the state lock. A caller that already read and verified the head passes
+    the reader and `bundle` (provisioning checks the head before its first step)."""
+    txn = txn or uuid.uuid4().hex[:12]
+    version: str | None = None
+    targets = device.config.bootnames
+    try:
+        try:
+            booted: str | None = booted_from_cmdline(device.config.cmdline)
+        except OtaError:
+            booted = None  # no slot marker: a factory environment
+        if booted is not None:
+            raise InstallError(
+                f"slot {booted} is booted ({device.config.cmdline}): provisioning writes every slot, so it runs "
+                "from a factory environment (initramfs, USB or network boot), not from a slot"
+            )
+        state = device.store.load()
+        reader = stream if isinstance(stream, BundleReader) else BundleReader(stream)
+        if bundle is None:
+            bundle = verify(reader.read_head(), device.keyring())
+        version = bundle.manifest.bundle_version
+        policy.check(bundle, compatible=device.config.compatible, security_floor=state.committed_security_version,
+                     now=device.clock())
+        ops = reader.read_op_table(bundle)
+        refuse_delta(bundle, ops)
+        capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
+        plans = [make_plan(bundle, device.config.slots, None, capacity, target=t) for t in targets]
+        m = bundle.manifest
+        device.events.emit(Event(event=EventType.INSTALL, result=Result.STARTED, reason="bundle verified",
+                                 txn=txn, bundle_version=version, slot=" ".join(targets)))
+        for t in targets:
+            device.bootloader.mark_bad(t)  # invariant 3, for every slot: none boots half-written
+        crashpoint("after-mark-bad")
+        state = device.store.load()
+        for t in targets:
+            state = state.with_slot(t, SlotRecord())
+        device.store.save(replace(state, trial=None))
+        crashpoint("after-trial-saved")
+        _stream_into(device, reader, ops, plans, booted=None, progress=progress)
+        images = {im.slot_class: im.sha256 for im in m.images}
+        state = device.store.load()
+        for t in targets:
+            state = state.with_slot(
+                t, SlotRecord(m.bundle_version, m.images[0].sha256, m.security_version, iso(device.clock()), images)
+            )
+    except OtaError as e:
+        device.record(Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=txn,
+                            bundle_version=version, slot=" ".join(targets)))
+        raise
+    reason = f"installed into every slot ({', '.join(targets)})"
+    device.record(Event(event=EventType.INSTALL, result=Result.OK, reason=reason, txn=txn,
+                        bundle_version=m.bundle_version, slot=" ".join(targets)), state)
+    return InstallOutcome(txn, m.bundle_version, " ".join(targets), m.security_version, reason=reason)

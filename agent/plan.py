@@ -34,14 +34,22 @@ class InstallPlan:
 def make_plan(
     bundle: VerifiedBundle,
     slots: tuple[SlotConfig, ...],
-    booted: str,
+    booted: str | None,
     capacity: Mapping[tuple[str, str], int],
+    *,
+    target: str | None = None,
 ) -> InstallPlan:
+    """`target` None: the first slot that is not booted. Named (factory provisioning,
+    `booted` None): that slot, which must be configured and not booted."""
     bootnames = list(dict.fromkeys(s.bootname for s in slots))
-    if booted not in bootnames:
+    if booted is not None and booted not in bootnames:
         raise PlanError(f"booted slot {booted!r} is not configured (slots: {', '.join(bootnames)})")
-    others = [b for b in bootnames if b != booted]
-    target = others[0]
+    if target is None:
+        if booted is None:
+            raise PlanError("no slot is booted and no target slot was named")
+        target = next(b for b in bootnames if b != booted)
+    elif target not in bootnames or target == booted:
+        raise PlanError(f"target slot {target!r} is not a configured slot that is not booted")
     plans = []
     classes = sorted({s.slot_class for s in slots})
     seen = set()

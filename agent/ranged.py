@@ -191,9 +191,9 @@ class ResumableSource(ABC):
 
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(lim.retries + 1),
-            wait=tenacity.wait_exponential_jitter(
-                initial=lim.retry_backoff, max=lim.retry_backoff_max, jitter=lim.retry_backoff
-            ),
+            # base, 2 x base, 4 x base ... up to the max, plus up to one base of jitter
+            wait=tenacity.wait_exponential(multiplier=lim.retry_backoff, max=lim.retry_backoff_max)
+            + tenacity.wait_random(0, lim.retry_backoff),
             retry=tenacity.retry_if_exception(retryable),
             sleep=self._sleep,
             before_sleep=before_sleep,
@@ -225,7 +225,10 @@ class RangeStream:
         self._conn: Attempt | None = None
 
     def read(self, n: int, /) -> bytes:
-        if n <= 0 or (self.end is not None and self.position >= self.end):
+        if self.end is not None and self.position >= self.end:
+            self._finish()
+            return b""
+        if n <= 0:
             return b""
         try:
             for attempt in self._source._retrying(self._pace):
@@ -234,6 +237,21 @@ class RangeStream:
         except tenacity.RetryError as e:
             raise self._source._gave_up(e) from None
         raise AssertionError("tenacity ended without a result")  # pragma: no cover
+
+    def _finish(self) -> None:
+        """At the end: a connection serving exactly up to here reads once more, so its
+        framing can check that the body really ends here (a body longer than its
+        Content-Length is refused, as a plain GET would)."""
+        conn = self._conn
+        if conn is None or conn.end != self.end:
+            return
+        self._conn = None
+        try:
+            extra = conn.read(1)
+        finally:
+            conn.close()
+        if extra:
+            raise SourceError(self._source.name, f"more than the {self.end} bytes announced")
 
     def open(self) -> None:
         """Make the first contact now (with retries), so that a refusal shows before

@@ -24,6 +24,8 @@ from typing import Protocol
 
 from agent.actions import App
 from agent.jobs import JobState, JobView
+from hw.bootloader.chooser import booted_from_cmdline
+from hw.errors import BootEnvError
 from hw.sdnotify import SdNotify
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ class FrontEnd(Protocol):
 
 def idle_line(app: App) -> str:
     device = app.device
+    try:
+        booted_from_cmdline(device.config.cmdline)
+    except BootEnvError:  # no slot marker: a factory environment, where the front ends serve provisioning
+        return "no slot booted (a factory environment); idle"
     booted = device.bootloader.booted_slot()
     record = device.store.load().slots.get(booted)
     version = record.version if record and record.version else "unknown"

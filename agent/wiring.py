@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent import api_server, sim
 from agent.actions import App, Rebooter, command_rebooter
+from agent.console.port import ConsolePort
 from agent.daemon import Device, build_device
 from agent.mqtt.frontend import MqttFrontEnd
 from agent.service import FrontEnd
@@ -56,9 +57,11 @@ def notifier() -> SdNotify:
 
 
 def front_ends(app: App) -> list[FrontEnd]:
-    """The front ends the config enables (the local API, MQTT, ...)."""
+    """The front ends the config enables (the local API, MQTT, the serial console ports, ...)."""
     fronts: list[FrontEnd] = [*api_server.front_ends(app.device.config.api)]
     mqtt = app.device.config.mqtt
     if mqtt is not None:
         fronts.append(MqttFrontEnd(mqtt, reboot_in_process=sim_directory(app.device) is not None))
+    console = app.device.config.console
+    fronts += [ConsolePort(console, port) for port in console.ports]
     return fronts

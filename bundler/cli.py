@@ -1,5 +1,5 @@
-"""`ota-bundle`: keygen, create, inspect, verify; image and push (container
-images and registries, `bundler.oci.cli`). One line per error (a
+"""`ota-bundle`: keygen, create, inspect, verify, usb (bundler.usb); image and push
+(container images and registries, `bundler.oci.cli`). One line per error (a
 traceback only with -v); `--json` on every command that reports (one JSON
 object on stdout, and errors as one JSON object on stderr)."""
 
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from bundler import usb
 from bundler.build import BuildResult, BundleSpec, ImageSource, OptionError, build_full
 from bundler.format import manifest as manifest_mod
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyring", required=True, help=".pub file or directory of .pub files")
     p.add_argument("--json", action="store_true", help="report the result as one JSON object")
     p.set_defaults(func=_verify)
+
+    usb.add_parser(sub)
     return parser
 
 

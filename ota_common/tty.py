@@ -37,9 +37,11 @@ class Progress:
             filled = int(frac * width)
             bar = "#" * filled + "-" * (width - filled)
             rate = done / max(now - self.start, 1e-6) / (1 << 20)
+            left = (total - done) / (rate * (1 << 20)) if rate > 0 and done < total else None
+            eta = f" ETA {int(left) // 60}:{int(left) % 60:02d}" if left is not None and left < 360000 else ""
             self.stream.write(
                 f"\r{self.label} [{bar}] {frac * 100:5.1f}% {done / (1 << 20):8.1f}/{total / (1 << 20):.1f} MiB"
-                f" {rate:6.1f} MiB/s"
+                f" {rate:6.1f} MiB/s{eta}\x1b[K"
             )
             if done >= total:
                 self.stream.write("\n")

@@ -84,6 +84,8 @@ def event_report(device: str, record: Record) -> dict[str, Any]:
         value = getattr(event, key)
         if value:
             doc[key] = value
+    if event.downloaded is not None:
+        doc["downloaded"] = event.downloaded
     if record.dropped:
         doc["dropped"] = record.dropped
     return doc

@@ -404,19 +404,27 @@ class UBootEnvStore:
             if existing:
                 raise BootEnvError(BACKEND, f"refusing to create over existing storage {', '.join(existing)}",
                                    path=str(self.config_path))
+            # Every copy valid from the start (equal flags: the first one is current, as for
+            # U-Boot and fw_printenv), and each file written whole under its final name at
+            # once (atomic_write): a power cut leaves no file or a complete one, never a file
+            # without a valid copy, which would read as a board on its default env.
+            blob = encode_copy(variables, cfg.size, redundant=cfg.redundant, flags=1)
+            files: dict[Path, bytearray] = {}
             for c in cfg.copies:
                 if c.offset < 0:
                     raise BootEnvError(BACKEND, f"cannot create {c.describe()}: negative offset on a new file")
+                buf = files.setdefault(c.device, bytearray())
+                end = c.offset + c.size
+                buf.extend(bytes(max(0, end - len(buf))))
+                buf[c.offset : end] = blob
+            for c in cfg.copies:
+                data = files.pop(c.device, None)
+                if data is None:
+                    continue
                 try:
-                    fd = open_regular(c.device, os.O_WRONLY | os.O_CREAT, 0o644)  # never through a dangling link
-                    try:
-                        os.ftruncate(fd, max(c.offset + c.size, os.fstat(fd).st_size))
-                    finally:
-                        os.close(fd)
+                    atomic_write(c.device, bytes(data), mode=0o644)
                 except OSError as e:
                     raise _os_error("create", c, e) from e
-            blob = encode_copy(variables, cfg.size, redundant=cfg.redundant, flags=1)
-            self._write_copy(cfg.copies[0], blob, replace_whole_file=not cfg.redundant)
 
     def _read(self, cfg: FwEnvConfig) -> EnvSnapshot:
         copies = [_read_copy(loc, cfg.redundant) for loc in cfg.copies]

@@ -182,7 +182,8 @@ def test_hostile_response_is_refused_with_its_own_error_and_changes_nothing(
 ) -> None:
     script, fragment = CASES[case]
     # A safety net only: each case must fail on its own bound long before a stall.
-    set_download(device, stall_bytes=1, stall_seconds=30)
+    # One attempt: these are the bounds of one response (retries: test_http_resume.py).
+    set_download(device, stall_bytes=1, stall_seconds=30, retries=0)
     server = hostile(lambda peer: script(peer, bundle_bytes))
     before = device.snapshot()
     assert_refused(device, before, server.url(), fragment)
@@ -193,7 +194,7 @@ def test_endless_body_beyond_the_cap_is_cut_off_before_anything_is_written(
     device: SimDevice, hostile: Callable[[Script], HostileServer], bundle_bytes: bytes, framing: str
 ) -> None:
     cap = HEADER_SIZE + 100  # inside the manifest: refused before any slot is touched
-    set_download(device, max_bytes=cap, stall_bytes=1, stall_seconds=30)
+    set_download(device, max_bytes=cap, stall_bytes=1, stall_seconds=30)  # the cap is never retried
 
     def script(peer: Peer) -> None:
         if framing == "chunked":

@@ -1,6 +1,8 @@
 """Installing from an http:// URL when the server misbehaves: a 404, nothing
 listening, or the connection closed in the middle of the bundle. Each is one
-clear error line, is reported, and leaves nothing bootable changed."""
+clear error line, is reported, and leaves nothing bootable changed. Transient
+failures are retried (quickly here: a small `[download]` backoff), so a server
+that cuts every attempt at the same byte fails once the retries are used up."""
 
 from __future__ import annotations
 
@@ -9,8 +11,14 @@ import socket
 import pytest
 
 from bundler.format.header import HEADER_SIZE, Header
+from tests.e2e._hostile import set_download
 from tests.e2e._sim import SimDevice
 from tests.e2e.conftest import BundleFactory, HttpServer
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(device: SimDevice) -> None:
+    set_download(device, retries=2, retry_backoff=0.01, retry_backoff_max=0.02)
 
 
 def assert_reported_failure(dev: SimDevice, outbox_before: int, fragment: str) -> None:

@@ -24,9 +24,10 @@ from agent.state import AgentState, SlotRecord, StateStore, Trial
 from bundler.format.manifest import ImageEntry, Manifest
 from bundler.format.ops import Op, OpType, pack_table
 from bundler.format.writer import write_bundle
+from ota_common.frames import encode as encode_frame
 from tests.fuzz._harness import TEST_KEY
 
-HARNESSES = ("bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox")
+HARNESSES = ("bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console")
 
 
 def _image(parts: list[bytes | int]) -> tuple[list[Op], bytes, bytes]:
@@ -179,6 +180,8 @@ def seeds() -> dict[str, list[bytes]]:
         "config": [CONFIG],
         "state": state,
         "outbox": outbox,
+        "console": [b"\x07status\r\njson on\r" + encode_frame(7, 0, b"payload" * 40) + b"@ack 7 0 4096\r",
+                    b"\x00" + b"x" * 5000 + b"\r" + encode_frame(1, 4096, bytes(300))],
     }
 
 
