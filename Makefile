@@ -7,10 +7,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm \
+	docker-registry podman skopeo erofs-utils squashfs-tools
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http bench-delta
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http bench-delta bench-oci
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,10 @@ bench-console: venv
 CORPUS ?= bench/corpus
 bench-delta: venv
 	CORPUS=$(CORPUS) $(BIN)/python -m bench.delta
+
+# Container images into ext4/erofs against tar + mkfs.ext4 -d; bundle bytes pulled from a registry.
+bench-oci: venv
+	$(BIN)/python bench/oci.py
 
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60

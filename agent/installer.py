@@ -12,6 +12,7 @@ Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   read from the booted slot or the target written so far, each hash-checked ->
   decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
+  [etc] merge on: the device's /etc merged into the new slot (agent.etcmerge)
   set target primary with N tries -> record the slot's contents, trial installed
 A bundle whose every image the booted slot already holds, or the other slot holds
 as the pending update, is answered "already installed" after the policy check:
@@ -40,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent import policy
+from agent import etcmerge, policy
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -85,6 +86,7 @@ class InstallOutcome:
     result: InstallResult = InstallResult.INSTALLED
     reason: str = ""
     downloaded: int | None = None  # bytes that crossed the network, when the source counts them
+    etc_conflicts: tuple[str, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -210,6 +212,7 @@ def _install(
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
+        etc = etcmerge.merge_for_install(device.config.etc, [(i.image.slot_class, i.slot.path) for i in plan.images])
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
         state = device.store.load().with_slot(
@@ -236,6 +239,7 @@ def _install(
         raise
     downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
+    reason += f"; {etc.summary()}" if etc else ""
     device.record(
         Event(
             event=EventType.INSTALL,
@@ -248,7 +252,10 @@ def _install(
         ),
         state,
     )
-    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded)
+    conflicts = tuple(map(str, etc.conflicts)) if etc else ()
+    return InstallOutcome(
+        txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
+    )
 
 
 def _already_installed(

@@ -1,4 +1,5 @@
-"""`ota-bundle`: keygen, create, inspect, verify, usb (bundler.usb). One line per error (a
+"""`ota-bundle`: keygen, create, inspect, verify, usb (bundler.usb); image and push
+(container images and registries, `bundler.oci.cli`). One line per error (a
 traceback only with -v); `--json` on every command that reports (one JSON
 object on stdout, and errors as one JSON object on stderr)."""
 
@@ -26,6 +27,7 @@ from bundler.format.manifest import ImageEntry, Manifest, format_time, parse_tim
 from bundler.format.ops import Op, OpType, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, Signature, generate_key, unpack_signatures, verify
+from bundler.oci import cli as oci_cli
 from ota_common.errors import OtaError
 from ota_common.text import clean
 from ota_common.tty import Progress, run_reporting_errors, version_string
@@ -95,8 +97,27 @@ def _create(args: argparse.Namespace) -> int:
             example = "e.g. 2027-01-01T00:00:00Z"
             shown = clean(repr(args.expires), 80)
             raise OptionError("--expires", f"{shown} is not an ISO 8601 time with a zone, {example}") from None
+    if bool(args.image) == bool(args.from_oci):
+        raise OptionError("--image", "give --image (image files) or --from-oci (a container image), one of them")
+    if args.from_oci:
+        return _create_from_oci(args, expires)
+    return _create_bundle(args, expires, _image_sources(args.image, args.slot_class))
+
+
+def _create_from_oci(args: argparse.Namespace, expires: datetime | None) -> int:
+    """`create --from-oci SRC`: the container image made into a filesystem image
+    beside the output, bundled, and the image removed."""
+    image, _ = oci_cli.image_for_create(args, Path(args.output))
+    try:
+        return _create_bundle(args, expires, (ImageSource(args.slot_class or "rootfs", image, "--slot-class"),))
+    finally:
+        image.unlink(missing_ok=True)
+        image.parent.rmdir()
+
+
+def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: tuple[ImageSource, ...]) -> int:
     spec = BundleSpec(
-        image=_image_sources(args.image, args.slot_class),
+        image=sources,
         key=tuple(Path(k) for k in args.key),
         version=args.version,
         security_version=args.security_version,
@@ -380,7 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create", help="build a signed full bundle from one or more images")
     p.add_argument(
         "--image",
-        required=True,
         action="append",
         metavar="[CLASS=]PATH",
         help="filesystem image (ext4, squashfs, erofs, ...) for slot class CLASS; repeat for several classes."
@@ -407,7 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="report the bundle as one JSON object")
+    oci_cli.add_image_options(p, required=False)
     p.set_defaults(func=_create)
+
+    oci_cli.add_image_parser(sub)
+    oci_cli.add_push_parser(sub)
 
     p = sub.add_parser("inspect", help="show a bundle's manifest and layout")
     p.add_argument("bundle")
