@@ -7,10 +7,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fdisk u-boot-qemu qemu-system-arm \
+	debootstrap lintian python3-venv
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz
+.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz deb install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +71,10 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The Debian package (packaging/build-deb.sh): the agent in its own virtualenv
+# under /opt/edge-ota, made by Debian's /usr/bin/python3; lintian when present.
+DEB_DIR ?= build/deb
+deb:
+	sh packaging/build-deb.sh $(DEB_DIR)
+	@if command -v lintian >/dev/null; then lintian $(DEB_DIR)/edge-ota_*.deb || true; fi
