@@ -11,7 +11,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	debootstrap lintian python3-venv
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz deb install
+.PHONY: demo test venv lint typecheck bench bench-fleet clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,3 +78,18 @@ DEB_DIR ?= build/deb
 deb:
 	sh packaging/build-deb.sh $(DEB_DIR)
 	@if command -v lintian >/dev/null; then lintian $(DEB_DIR)/edge-ota_*.deb || true; fi
+
+# For image builders (Yocto, Buildroot; docs/integration.md): the Python
+# package into PREFIX's site-packages (no dependencies: the image provides
+# paho-mqtt, zstandard, cryptography, tenacity, pyserial), the units, boot
+# scripts, docs and example config under DESTDIR.
+DESTDIR    ?=
+PREFIX     ?= /usr
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= $(PYTHON)
+install:
+	DEB_PYTHON_INSTALL_LAYOUT=deb PIP_BREAK_SYSTEM_PACKAGES=1 $(INSTALL_PYTHON) -m pip install -q --no-deps --no-compile --no-warn-script-location \
+		--root "$(or $(DESTDIR),/)" --prefix "$(PREFIX)" .
+	sh packaging/install-data.sh "$(DESTDIR)" "$(PREFIX)" "$(BINDIR)" "$(SYSCONFDIR)" "$(UNITDIR)"

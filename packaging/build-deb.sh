@@ -84,25 +84,14 @@ if grep -rlI --exclude-dir=__pycache__ "$stage" "$stage$venv" >/dev/null; then
 	exit 1
 fi
 
-install -d "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/usr/share/edge-ota" \
-	"$stage/usr/share/doc/edge-ota" "$stage/etc/edge-ota/keys"
+install -d "$stage/usr/bin"
 for cmd in ota-agent ota-bundle; do ln -s "$venv/bin/$cmd" "$stage/usr/bin/$cmd"; done
-install -m 0644 "$top"/systemd/*.service "$stage/lib/systemd/system/"
-if ls "$top"/systemd/*.rules >/dev/null 2>&1; then
-	install -d "$stage/lib/udev/rules.d"
-	install -m 0644 "$top"/systemd/*.rules "$stage/lib/udev/rules.d/"
-fi
-for f in grub.cfg boot.cmd boot.scr; do
-	[ -f "$top/hw/scripts/$f" ] && install -m 0644 "$top/hw/scripts/$f" "$stage/usr/share/edge-ota/"
-done
-install -m 0644 "$top/README.md" "$top"/docs/*.md "$stage/usr/share/doc/edge-ota/"
+sh "$here/install-data.sh" "$stage" /usr /usr/bin /etc /lib/systemd/system
 install -m 0644 "$here/copyright" "$stage/usr/share/doc/edge-ota/copyright"
 sed "s/@VERSION@/$debversion/; s/@DATE@/$(date -u -R -d "@$SOURCE_DATE_EPOCH")/" "$here/changelog.in" \
 	| gzip -9n > "$stage/usr/share/doc/edge-ota/changelog.Debian.gz"
 install -d "$stage/usr/share/lintian/overrides"
 install -m 0644 "$here/lintian-overrides" "$stage/usr/share/lintian/overrides/edge-ota"
-install -m 0644 "$here/agent.toml" "$stage/etc/edge-ota/agent.toml"
-chmod 0700 "$stage/etc/edge-ota/keys"
 
 for s in postinst prerm postrm; do install -m 0755 "$here/$s" "$stage/DEBIAN/$s"; done
 echo /etc/edge-ota/agent.toml > "$stage/DEBIAN/conffiles"

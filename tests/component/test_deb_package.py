@@ -56,7 +56,9 @@ def test_the_package_installs_in_a_bookworm_chroot_and_the_agent_runs(deb: Path,
     assert bundle.returncode == 0, bundle.stderr
     # The venv runs on the chroot's Debian python3, not the build host's.
     cfg = (chroot / "opt/edge-ota/pyvenv.cfg").read_text()
-    assert "home = /usr/bin" in cfg and "/build" not in cfg and "/tmp" not in cfg
+    assert "home = /usr/bin" in cfg
+    assert "/build" not in cfg
+    assert "/tmp" not in cfg
     imports = _in(chroot, "/opt/edge-ota/bin/python", "-c", "import paho.mqtt, zstandard, cryptography, agent.cli")
     assert imports.returncode == 0, imports.stderr
 
