@@ -36,15 +36,20 @@ export PIP_CONFIG_FILE=/dev/null PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHEC
 unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT || true
 index=${EDGE_OTA_PIP_INDEX:-https://pypi.org/simple}
 
+cd /  # nothing of the checkout on sys.path: pip must install edge-ota, not find it
+unset PYTHONPATH PYTHONHOME PYTHONUSERBASE || true
 "$python" -m venv "$stage$venv"
 vpy=$stage$venv/bin/python
-"$vpy" -m pip install -q --index-url "$index" --only-binary :all: --no-compile \
+"$vpy" -I -m pip install -q --index-url "$index" --only-binary :all: --no-compile \
 	-r "$here/requirements.txt"
 rm -rf "$out/wheel" && mkdir -p "$out/wheel"
-"$vpy" -m pip wheel -q --index-url "$index" --no-deps -w "$out/wheel" "$top"
-"$vpy" -m pip install -q --no-deps --no-compile --no-index "$out/wheel"/edge_ota-*.whl
-"$vpy" -m pip uninstall -q -y pip setuptools
+"$vpy" -I -m pip wheel -q --index-url "$index" --no-deps -w "$out/wheel" "$top"
+"$vpy" -I -m pip install -q --no-deps --no-compile --no-index "$out/wheel"/edge_ota-*.whl
+"$vpy" -I -m pip uninstall -q -y pip setuptools
 rm -rf "$out/wheel"
+for cmd in ota-agent ota-bundle; do
+	[ -x "$stage$venv/bin/$cmd" ] || { echo "build-deb: $cmd was not installed into the virtualenv" >&2; exit 1; }
+done
 
 # The virtualenv was made in the staging tree: point it at its final path.
 site=$stage$venv/lib/python$pyver/site-packages
