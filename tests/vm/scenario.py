@@ -205,7 +205,7 @@ class Device:
 
 def good_slot_booted(status: dict[str, Any]) -> bool:
     booted = status["booted"]
-    return booted is not None and status["slots"][booted]["state"] == "good"
+    return booted is not None and status["slots"][booted]["boot_state"] == "good"
 
 
 def first_boot(d: Device) -> dict[str, Any]:
