@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -26,10 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from tests.vm.build import COMPATIBLE, Image
-from tests.vm.machine import GuestError, Machine
+from tests.vm.machine import GuestError, Machine, kvm_usable
 from tests.vm.paths import TOP
 
 BOOT_TIMEOUT = 900.0  # TCG on a busy 2-core host
+
+
+def selected_steps() -> list[str]:
+    """VM_STEPS (e.g. "1,2" or "all"). Default: every step with KVM; under TCG (a
+    boot takes a minute or more) steps 1 and 2, so `make test` stays bounded;
+    `make vm-test` sets VM_STEPS=all."""
+    default = "all" if kvm_usable() else "1,2"
+    return os.environ.get("VM_STEPS", default).replace("all", "1,2,3,4,5").split(",")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import pytest
 
 from tests.vm import scenario as sc
 from tests.vm.build import Image, ensure_image
-from tests.vm.machine import Machine, kvm_usable
+from tests.vm.machine import Machine
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,10 +43,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap absent"),
 ]
 
-# Under TCG (no usable KVM) a boot takes a minute or more: `make test` then runs
-# steps 1 and 2 only; `make vm-test` runs every step (VM_STEPS=all).
-_DEFAULT_STEPS = "1,2,3,4,5" if kvm_usable() else "1,2"
-STEPS = os.environ.get("VM_STEPS", _DEFAULT_STEPS).replace("all", "1,2,3,4,5").split(",")
 CUTS = int(os.environ.get("VM_POWER_CUTS", "1"))
 SEED = int(os.environ.get("VM_SEED", "13"))
 
@@ -76,13 +72,7 @@ def device(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
             print(f"\nvirtual device timeline ({machine.accel}):\n{timeline.render()}\nconsole log: {machine.log_path}")
 
 
-def _step(n: str) -> None:
-    if n not in STEPS:
-        pytest.skip(f"step {n} not in VM_STEPS")
-
-
 def test_1_v1_boots_from_a_and_status_agrees_with_grubenv(device: sc.Device) -> None:
-    _step("1")
     r = sc.first_boot(device)
     st, env = r["status"], r["env"]
     assert st["booted"] == "A"
@@ -97,7 +87,6 @@ def test_1_v1_boots_from_a_and_status_agrees_with_grubenv(device: sc.Device) -> 
 
 
 def test_2_v2_from_http_is_tried_in_b_and_committed(device: sc.Device) -> None:
-    _step("2")
     r = sc.update_commits(device)
     st, env = r["status"], r["env"]
     assert r["boot_check"] == "active"
@@ -112,7 +101,6 @@ def test_2_v2_from_http_is_tried_in_b_and_committed(device: sc.Device) -> None:
 
 
 def test_3_v3_failing_its_health_check_rolls_back_to_b(device: sc.Device) -> None:
-    _step("3")
     r = sc.failing_health_rolls_back(device)
     st = r["status"]
     assert st["booted"] == "B"
@@ -126,7 +114,6 @@ def test_3_v3_failing_its_health_check_rolls_back_to_b(device: sc.Device) -> Non
 
 
 def test_4_v4_hanging_is_reset_by_the_watchdog_until_grub_falls_back(device: sc.Device) -> None:
-    _step("4")
     r = sc.hang_resets_and_falls_back(device, tries=3)
     st = r["status"]
     assert st["booted"] == "B"
@@ -138,7 +125,6 @@ def test_4_v4_hanging_is_reset_by_the_watchdog_until_grub_falls_back(device: sc.
 
 
 def test_5_power_cuts_during_installs_always_boot_a_good_slot(device: sc.Device) -> None:
-    _step("5")
     rng = random.Random(SEED)
     before = device.status()["booted"]
     seen = sc.power_cuts(device, CUTS, rng, before)
