@@ -90,7 +90,7 @@ SYSCONFDIR ?= /etc
 UNITDIR    ?= $(PREFIX)/lib/systemd/system
 INSTALL_PYTHON ?= $(PYTHON)
 install:
-	DEB_PYTHON_INSTALL_LAYOUT=deb PIP_BREAK_SYSTEM_PACKAGES=1 $(INSTALL_PYTHON) -m pip install -q --no-deps --no-compile --no-warn-script-location \
+	DEB_PYTHON_INSTALL_LAYOUT=deb PIP_BREAK_SYSTEM_PACKAGES=1 $(INSTALL_PYTHON) -m pip install -q --ignore-installed --no-deps --no-compile --no-warn-script-location \
 		--root "$(or $(DESTDIR),/)" --prefix "$(PREFIX)" .
 	sh packaging/install-data.sh "$(DESTDIR)" "$(PREFIX)" "$(BINDIR)" "$(SYSCONFDIR)" "$(UNITDIR)"
 

@@ -1,7 +1,8 @@
 """`make install DESTDIR=... PREFIX=...` stages what an image builder needs:
 the Python package under PREFIX, ota-agent/ota-bundle in BINDIR, units whose
 ExecStart names that BINDIR, the boot scripts and the example config; the
-staged agent runs from the staging tree."""
+staged agent runs from the staging tree; the Python that ran it keeps its
+own edge-ota installation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tests.vm.paths import TOP
 
 def test_make_install_stages_a_working_agent_under_another_prefix(tmp_path: Path) -> None:
     dest = tmp_path / "image"
+    host_script = Path(sys.executable).parent / "ota-agent"
+    host_had_it = host_script.exists()
     done = subprocess.run(
         [
             "make",
@@ -31,6 +34,8 @@ def test_make_install_stages_a_working_agent_under_another_prefix(tmp_path: Path
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    # Staging for an image leaves the build host's own installation alone.
+    assert host_script.exists() == host_had_it
     agent = dest / "opt/ota/bin/ota-agent"
     assert agent.is_file()
     assert os.access(agent, os.X_OK)

@@ -175,10 +175,8 @@ class Device:
         """Waits for ota-boot-check.service to finish; returns its state."""
         with self.timeline.step("boot-check"):
             _, out = self.m.sh(
-                "while systemctl -q is-active ota-boot-check.service || "
-                '[ "$(systemctl show -P ActiveState ota-boot-check.service)" = activating ]; do '
-                '[ "$(systemctl show -P ActiveState ota-boot-check.service)" = active ] && break; sleep 1; done; '
-                "systemctl show -P ActiveState ota-boot-check.service",
+                "while :; do s=$(systemctl show -P ActiveState ota-boot-check.service); "
+                'case $s in active|failed) break;; esac; sleep 1; done; echo "$s"',
                 timeout=BOOT_TIMEOUT,
             )
         return out.strip().splitlines()[-1] if out.strip() else ""
