@@ -69,6 +69,7 @@ KEEP_MODULES = (
     "kernel/fs/fat",
     "kernel/fs/nls",
     "kernel/lib",
+    "kernel/block",
     "kernel/crypto",
     "kernel/arch/x86/crypto",
 )
@@ -327,6 +328,13 @@ def build(out: Path, base: Path, keys: Path, work: Path) -> Image:
     return Image.load(out)
 
 
+def _prune(keep: Path, count: int = 2) -> None:
+    """Old images (each ~1 GB sparse) go; the newest `count` stay."""
+    images = sorted(paths.cache_dir().glob("vm-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in images if p != keep][count - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def ensure_image() -> Image:
     """The cached image for this checkout, built when its inputs changed."""
     base = paths.base_tarball()
@@ -339,6 +347,7 @@ def ensure_image() -> Image:
         staging = tmp / "out"
         build(staging, base, keys, tmp)
         staging.rename(out)
+        _prune(keep=out)
         return Image.load(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

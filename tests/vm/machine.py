@@ -177,8 +177,13 @@ class Machine:
 
     def plug_stick(self, image: Path, name: str = "stick") -> None:
         """Plug a USB stick (a raw image) into the running machine."""
-        self.monitor(f"drive_add 0 if=none,id={name},file={image},format=raw")
-        self.monitor(f"device_add usb-storage,bus=xhci.0,drive={name},id={name}-dev")
+        for command in (
+            f"drive_add 0 if=none,id={name},file={image},format=raw",
+            f"device_add usb-storage,bus=xhci.0,drive={name},id={name}-dev",
+        ):
+            answer = self.monitor(command)
+            if "rror" in answer or "could not" in answer:
+                raise GuestError(f"monitor {command!r}: {answer.strip()[-500:]}")
 
     def unplug_stick(self, name: str = "stick") -> None:
         self.monitor(f"device_del {name}-dev")

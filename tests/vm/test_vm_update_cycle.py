@@ -86,6 +86,16 @@ def test_1_v1_boots_from_a_and_status_agrees_with_grubenv(device: sc.Device) -> 
     assert "OTA_A_LEFT" not in env or env["OTA_A_LEFT"] == ""
 
 
+def test_1_a_usb_stick_plugged_in_through_the_monitor_appears_in_the_guest(device: sc.Device, tmp_path: Path) -> None:
+    # The hook the USB-stick transport will use: a FAT stick holding a bundle.
+    stick = tmp_path / "stick.img"
+    subprocess.run(["mkfs.vfat", "-C", "-n", "OTASTICK", str(stick), "8192"], check=True, capture_output=True)
+    device.m.plug_stick(stick)
+    _, out = device.m.sh("for i in $(seq 60); do blkid -L OTASTICK && break; sleep 1; done", timeout=120)
+    assert "/dev/sd" in out
+    device.m.unplug_stick()
+
+
 def test_2_v2_from_http_is_tried_in_b_and_committed(device: sc.Device) -> None:
     r = sc.update_commits(device)
     st, env = r["status"], r["env"]
