@@ -266,7 +266,7 @@ class Machine:
         self.send(f'{command}; echo "@@{tag}"\'-END\' "$?"\n')
         m = self.wait_for(rf"(?s)(.*?)@@{tag}-END (\d+)", timeout)
         out = m.group(1)
-        out = out.split("\n", 1)[1] if "\n" in out and command in out.split("\n", 1)[0] else out
+        out = "\n".join(line for line in out.split("\n") if not line.startswith(PROMPT) and command not in line)
         status = int(m.group(2))
         if check and status:
             raise GuestError(f"guest command {command!r} failed ({status}):\n{out[-3000:]}")
