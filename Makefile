@@ -8,10 +8,11 @@ BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm \
-	docker-registry podman skopeo erofs-utils squashfs-tools
+	docker-registry podman skopeo erofs-utils squashfs-tools \
+	debootstrap lintian python3-venv qemu-system-x86 grub-pc-bin xorriso
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http bench-delta bench-oci
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,3 +92,41 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The Debian package (packaging/build-deb.sh): the agent in its own virtualenv
+# under /opt/edge-ota, made by Debian's /usr/bin/python3; lintian when present.
+DEB_DIR ?= build/deb
+deb:
+	sh packaging/build-deb.sh $(DEB_DIR)
+	@if command -v lintian >/dev/null; then lintian $(DEB_DIR)/edge-ota_*.deb || true; fi
+
+# For image builders (Yocto, Buildroot; docs/integration.md): the Python
+# package into PREFIX's site-packages (no dependencies: the image provides
+# paho-mqtt, zstandard, cryptography, tenacity, pyserial), the units, boot
+# scripts, docs and example config under DESTDIR.
+DESTDIR    ?=
+PREFIX     ?= /usr
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= $(PYTHON)
+install:
+	DEB_PYTHON_INSTALL_LAYOUT=deb PIP_BREAK_SYSTEM_PACKAGES=1 $(INSTALL_PYTHON) -m pip install -q --ignore-installed --no-deps --no-compile --no-warn-script-location \
+		--root "$(or $(DESTDIR),/)" --prefix "$(PREFIX)" .
+	sh packaging/install-data.sh "$(DESTDIR)" "$(PREFIX)" "$(BINDIR)" "$(SYSCONFDIR)" "$(UNITDIR)"
+
+# The virtual device (tests/vm): a Debian bookworm disk image made from Debian
+# packages (debootstrap), cached under EDGE_OTA_VM_CACHE (default
+# /var/cache/edge-ota-vm) by the hash of its inputs. Needs root.
+vm: apt-test venv
+	$(BIN)/python -m tests.vm.build
+
+# The update cycle in the VM over its serial console, with 10 power cuts
+# (make test runs the same test with VM_POWER_CUTS=1).
+VM_POWER_CUTS ?= 10
+vm-test: apt-test venv
+	VM_STEPS=all VM_POWER_CUTS=$(VM_POWER_CUTS) $(BIN)/python -m pytest -q -s tests/vm
+
+# Boots the VM and runs the update cycle with its serial console on this terminal.
+vm-demo: apt-test venv
+	$(BIN)/python -m tests.vm.demo
