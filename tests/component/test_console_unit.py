@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.component._units import unit_settings
+
 TEMPLATE = Path(__file__).resolve().parents[2] / "systemd" / "ota-console@.service"
 INSTANCE = "ota-console@ttyS0.service"
 AGENT = "/usr/bin/ota-agent"
@@ -61,15 +63,7 @@ def test_hardening_exposure_is_low(tmp_path: Path) -> None:
 
 
 def test_it_serves_the_instance_port_with_the_agent() -> None:
-    settings: dict[str, list[str]] = {}
-    section = ""
-    for raw in TEMPLATE.read_text().splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            settings.setdefault(f"{section}.{key}", []).append(value)
+    settings = unit_settings(TEMPLATE)
     assert settings["Service.ExecStart"] == [f"{AGENT} -c /etc/edge-ota/agent.toml console --port /dev/%I"]
     assert settings["Service.Type"] == ["notify"]
     assert settings["Service.WatchdogSec"] == ["60s"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.media.mount import TYPES
+from tests.component._units import unit_settings
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
 AGENT = "/usr/bin/ota-agent"
@@ -89,16 +90,7 @@ def test_the_daemons_drop_in_adds_mounting_and_nothing_else_breaks(tmp_path: Pat
 
 
 def _settings(name: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    section = ""
-    for raw in (UNITS_DIR / name).read_text().splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out.setdefault(f"{section}.{key}", []).append(value)
-    return out
+    return unit_settings(UNITS_DIR / name)
 
 
 def test_the_template_runs_the_media_command_on_its_device() -> None:

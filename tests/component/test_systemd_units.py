@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.component._units import unit_settings
+
 UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("ota-agent.service", "ota-boot-check.service")
 AGENT = "/usr/bin/ota-agent"
@@ -71,16 +73,7 @@ def test_hardening_exposure_is_low(tmp_path: Path, name: str) -> None:
 
 
 def _settings(name: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    section = ""
-    for raw in (UNITS_DIR / name).read_text().splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out.setdefault(f"{section}.{key}", []).append(value)
-    return out
+    return unit_settings(UNITS_DIR / name)
 
 
 def test_agent_service_is_a_notify_service_with_a_watchdog() -> None:
