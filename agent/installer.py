@@ -144,7 +144,9 @@ def _install(
                 "run boot-check first"
             )
         reader = BundleReader(stream)
-        bundle = verify(reader.read_head(), device.keyring())
+        head = reader.read_head()
+        crashpoint("after-fetch-head")
+        bundle = verify(head, device.keyring())
         version = bundle.manifest.bundle_version
         policy.check(
             bundle,
@@ -153,6 +155,7 @@ def _install(
             now=device.clock(),
             allow_downgrade=allow_downgrade,
         )
+        crashpoint("after-verify")
         ops = reader.read_op_table(bundle)
         capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
         plan = make_plan(bundle, device.config.slots, booted, capacity)
@@ -183,6 +186,7 @@ def _install(
                 slot=target,
             )
         )
+        crashpoint("after-started-reported")
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
@@ -224,6 +228,7 @@ def _install(
         ),
         state,
     )
+    crashpoint("after-installed-recorded")
     return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded)
 
 
@@ -358,6 +363,7 @@ def _stream_into(
             if pending is not None:
                 write(*pending)
             pending = extent = payload = None  # hold no payload or extent during the read-back
+        crashpoint("before-sync")
         for w in writers.values():
             w.sync()
         crashpoint("before-read-back")
@@ -378,6 +384,7 @@ def _stream_into(
             actual = device.read_back(ip.slot.path, plan.target, ip.image.size, tick)
             if actual != ip.image.sha256:
                 raise HashMismatchError(f"slot {plan.target} read-back", ip.image.sha256, actual)
+    crashpoint("after-read-back")
 
 
 def refuse_delta(bundle: VerifiedBundle, ops: Sequence[Op] = ()) -> None:

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.crashpoint import crashpoint
 from agent.events import LIMITS, MAX_DOWNLOADED, Clock, Event, EventType, Result, iso, utcnow
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from ota_common.fsutil import atomic_write, fsync_dir
@@ -259,6 +260,7 @@ class Outbox:
             if seq <= view.acked:
                 return
             atomic_write(self.acked_path, b"%d\n" % seq)
+            crashpoint("outbox-after-ack")
             view.acked = seq
             view.key = self._key()
             acked_bytes = sum(line.size for line in view.parsed.lines if line.record.seq <= seq)
