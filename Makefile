@@ -10,7 +10,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http reliability soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,3 +80,17 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# One table: crash points (kill and power cut), dropped-write states, hostile bundles, environment
+# faults, fuzz executions per target (FUZZ_SECONDS each), and the unrecovered count, which must be 0.
+reliability: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	$(BIN)/python -m tests.reliability.table --fuzz-seconds $(FUZZ_SECONDS)
+
+# The same on every bootloader backend, plus >= 500 random kill instants and >= 500 random
+# dropped-write states (SOAK_SEED to replay a run; the seed is printed).
+SOAK_SEED ?=
+soak: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	EDGE_OTA_CRASH_BACKENDS="sim uboot grub bls" $(BIN)/python -m tests.reliability.table --soak \
+		--fuzz-seconds $(FUZZ_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
