@@ -201,18 +201,23 @@ def _install(
         if state.trial is not None and state.trial.txn == txn:
             state = replace(state, trial=None)  # reported here, not as an interrupted install
         canceled = isinstance(e, CanceledError)
-        device.record(
-            Event(
-                event=EventType.INSTALL,
-                result=Result.CANCELLED if canceled else Result.FAILED,
-                reason=f"{e}; slot {target} stays unbootable" if canceled and target else str(e),
-                txn=txn,
-                bundle_version=version,
-                slot=target,
-                downloaded=_counter(stream)(),
-            ),
-            state,
-        )
+        try:
+            device.record(
+                Event(
+                    event=EventType.INSTALL,
+                    result=Result.CANCELLED if canceled else Result.FAILED,
+                    reason=f"{e}; slot {target} stays unbootable" if canceled and target else str(e),
+                    txn=txn,
+                    bundle_version=version,
+                    slot=target,
+                    downloaded=_counter(stream)(),
+                ),
+                state,
+            )
+        except OtaError as unrecorded:
+            # The disk that failed the install may fail its report too (full, read-only):
+            # the cause is what the caller must see; the next boot reports it as interrupted.
+            log.error("the failed install could not be recorded: %s", unrecorded)
         raise
     downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"

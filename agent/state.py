@@ -405,8 +405,13 @@ class StateStore:
             os.close(fd)
 
     def save(self, state: AgentState) -> None:
-        with flocked(self.dir / LOCK_FILE):
-            self._save_locked(state)
+        """Durably replace the state; a full, read-only or failing disk is an
+        InstallError naming the directory and the system's reason (one line)."""
+        try:
+            with flocked(self.dir / LOCK_FILE):
+                self._save_locked(state)
+        except OSError as e:
+            raise InstallError(f"cannot save the agent state in {self.dir}: {e.strerror or e}") from None
 
     def _save_locked(self, state: AgentState) -> None:
         data = encode(state)
