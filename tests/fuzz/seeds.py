@@ -27,7 +27,7 @@ from bundler.format.writer import write_bundle
 from ota_common.frames import encode as encode_frame
 from tests.fuzz._harness import TEST_KEY
 
-HARNESSES = ("bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console")
+HARNESSES = ("bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console", "mqtt", "media")
 
 
 def _image(parts: list[bytes | int]) -> tuple[list[Op], bytes, bytes]:
@@ -129,6 +129,15 @@ timeout = 30
 """
 
 
+MQTT_SEEDS = [
+    b'{"job_id": "j1", "type": "install", "url": "https://example.com/b.otab", "sha256": "'
+    + b"ab" * 32 + b'", "expires": "2030-01-01T00:00:00Z"}',
+    b'{"job_id": "j2", "type": "reboot"}',
+    b'{"credit": 4, "offset": 0}',
+    b'{"report_id": "r1", "job_id": "j1", "status": "succeeded"}',
+]
+
+
 def seeds() -> dict[str, list[bytes]]:
     made = bundles()
     frames = [zstandard.ZstdCompressor(level=1).compress(b"x" * 5000), zstandard.ZstdCompressor().compress(b"")]
@@ -182,6 +191,9 @@ def seeds() -> dict[str, list[bytes]]:
         "outbox": outbox,
         "console": [b"\x07status\r\njson on\r" + encode_frame(7, 0, b"payload" * 40) + b"@ack 7 0 4096\r",
                     b"\x00" + b"x" * 5000 + b"\r" + encode_frame(1, 4096, bytes(300))],
+        "mqtt": MQTT_SEEDS,
+        # mkdir "edge-ota", a bundle in it, a link and a FIFO named like bundles, up, a file at the top
+        "media": [b"\x00\x07edge-ota\x02\x03v20\x03\x04evil\x04\x04fifo\x01\x00\x02\x03top"],
     }
 
 
