@@ -43,6 +43,12 @@ COUNTED = [
     ("hostile input", "tests/e2e/test_api_hostile_clients.py", ""),
     ("hostile input", "tests/e2e/test_console_garbage.py", ""),
     ("hostile input", "tests/e2e/test_media_toctou.py", ""),
+    ("hostile input", "tests/e2e/test_hostile_manifest_values.py", ""),
+    ("environment fault", "tests/e2e/test_commands_busy.py", ""),
+    ("environment fault", "tests/e2e/test_source_stalls.py", ""),
+    ("environment fault", "tests/e2e/test_watchdog_hang.py", ""),
+    ("environment fault", "tests/e2e/test_damaged_state.py", ""),
+    ("environment fault", "tests/component/test_uboot_env.py", ""),
 ]
 
 

@@ -5,7 +5,8 @@ one copy of U-Boot's redundant environment corrupted; an environment write that
 fails (the env file bind-mounted read-only); a slot returning EIO (a loop
 device over a sparse file on a full tmpfs: the kernel fails the writes, the
 error comes back at write or fsync); a clock unset or jumping; a new slot whose
-agent crash-loops (boot-check SIGKILLed at every boot); two installs at once.
+agent crash-loops (boot-check SIGKILLed at every boot); a broker that accepts
+and then drops every connection (the daemon keeps serving, with backoff).
 
 After each: the error is one clear line, the booted slot is byte for byte what
 it was and boots, the device's status works, and once the fault is gone the
@@ -19,8 +20,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +41,7 @@ from agent.status import status
 from bundler.build import BundleSpec, build_full
 from hw.bootloader.model import SlotBootState
 from ota_common.errors import OtaError
+from tests.e2e._mqtt import Daemon, daemons
 from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
 from tests.powercut.explore import REPO
 from tests.reliability.results import record
@@ -280,3 +285,69 @@ def test_a_new_slot_whose_agent_crash_loops_falls_back_to_the_old_one(tmp_path: 
 def _private(releases: Releases) -> Path:
     """The powercut releases' private key sits beside its public key (bundler.format.signing.generate_key)."""
     return releases.keyring.with_name("signing.key")
+
+
+class DroppingBroker:
+    """A TCP server that accepts every connection, reads what the client sends
+    (its MQTT CONNECT) and closes it without an answer."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_a_broker_that_drops_every_connection_leaves_the_agent_serving_with_backoff(
+    tmp_path: Path, releases: Releases
+) -> None:
+    broker = DroppingBroker()
+    d = tmp_path / "device"
+    try:
+        sim.init(sim.SimSpec(directory=d, image=releases.factory.path, keyring=releases.keyring,
+                             compatible=COMPATIBLE, slot_size=SLOT_SIZE, mqtt=f"mqtt://127.0.0.1:{broker.port}",
+                             device_id="dropped-1"))
+        sim.power_on(d, say=lambda _: None)
+        daemon = Daemon(d).start()
+        with daemons(daemon):
+            deadline = time.monotonic() + 8
+            while broker.accepted < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)
+            assert daemon.running, daemon.log_text()[-2000:]
+            assert broker.accepted >= 2, "the agent did not reconnect"
+            assert broker.accepted <= 30, f"{broker.accepted} connections: no backoff"
+            cli = subprocess.run([sys.executable, "-m", "agent.cli", "-c", str(sim.config_path(d)), "install",
+                                  str(releases.v3.bundle)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                                 check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert cli.returncode == 0, cli.stderr
+            assert daemon.running
+        assert daemon.proc is not None
+        assert daemon.proc.returncode == 0, daemon.log_text()[-2000:]
+    finally:
+        broker.close()
+    sim.power_on(d, say=lambda _: None)
+    assert status(build_device(sim.config_path(d))).booted == "B"
+    done("broker accepts then drops every connection")
