@@ -82,10 +82,11 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # One table: crash points (kill and power cut), dropped-write states, hostile bundles, environment
-# faults, fuzz executions per target (FUZZ_SECONDS each), and the unrecovered count, which must be 0.
+# faults, fuzz executions per target (RELIABILITY_FUZZ_SECONDS each), and the unrecovered count (must be 0).
+RELIABILITY_FUZZ_SECONDS ?= 10
 reliability: venv
 	$(BIN)/pip install -q -e '.[test,fuzz]'
-	$(BIN)/python -m tests.reliability.table --fuzz-seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m tests.reliability.table --fuzz-seconds $(RELIABILITY_FUZZ_SECONDS)
 
 # The same on every bootloader backend, plus >= 500 random kill instants and >= 500 random
 # dropped-write states (SOAK_SEED to replay a run; the seed is printed).
