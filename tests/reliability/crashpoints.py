@@ -13,7 +13,8 @@ event log acknowledged before the cut is lost or contradicted, and the next
 install works (`tests.powercut.explore.Explorer`); provisioning leaves no
 bootable partial slot and completes when run again; a USB receipt on the stick
 is never half there (the .json, written last, means both files are complete);
-an outbox acknowledgement cut short only re-sends, never loses, a report.
+an outbox acknowledgement cut short only re-sends, never loses, a report; a
+job journalled before the cut is known after it (a redelivery is a duplicate).
 
 `POINTS` lists them; `run_point` runs one and returns what it found.
 """
@@ -34,6 +35,8 @@ from agent import sim
 from agent.crashpoint import ENV
 from agent.daemon import build_device
 from agent.events import Event
+from agent.mqtt.journal import Journal
+from agent.mqtt.schema import parse_job
 from agent.outbox import EventLog
 from bundler import usb
 from tests.fixtures.factory import blank_device
@@ -41,6 +44,7 @@ from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
 from tests.powercut.explore import REPO, Explorer, Scenario
 from tests.powercut.replay import VARIANTS, Baseline, State, Trace
 from tests.powercut.test_power_cut_states import SCENARIOS, explorer_for
+from tests.reliability.outbox_driver import JOB
 
 INSTALL_POINTS = (
     "after-fetch-head", "after-verify", "after-started-reported", "after-mark-bad", "after-trial-saved",
@@ -81,6 +85,7 @@ POINTS: tuple[Point, ...] = (
     Point("media", "media-report-half-written", "USB report write"),
     Point("media", "mid-payload", "write (from a stick)"),
     Point("outbox", "outbox-after-ack", "outbox ack"),
+    Point("journal", "mqtt-job-journalled", "accept a job"),
     *(Point("provision", f"provision-after-{s}", f"provisioning: {s}") for s in PROVISION_STEPS),
 )
 
@@ -127,7 +132,7 @@ def cut_states(trace: Trace, kill_tree: str | None) -> list[State]:
 
 def run_point(tmp_path: Path, releases: Releases, point: Point, backend: str) -> PointResult:
     runner: Callable[[Path, Releases, Point, PointResult], None] = {
-        "provision": _provision, "outbox": _outbox, "media": _media,
+        "provision": _provision, "outbox": _outbox, "journal": _journal, "media": _media,
     }.get(point.flow, _device_flow)
     result = PointResult(point, backend)
     runner(tmp_path, releases, point, result)
@@ -245,7 +250,7 @@ def _provision_again(d: Path, config: Path, argv: list[str], image_sha: str, siz
 def _outbox(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
     root = tmp_path / "root"
     (root / "state").mkdir(parents=True)
-    _, trace = traced_kill(root, tmp_path / "trace", point.name, [str(root / "state")],
+    _, trace = traced_kill(root, tmp_path / "trace", point.name, ["outbox", str(root / "state")],
                            module="tests.reliability.outbox_driver")
     kill_state = trace.state(len(trace.ops), "all")
     assert kill_state is not None
@@ -276,3 +281,38 @@ def _outbox(tmp_path: Path, releases: Releases, point: Point, result: PointResul
     for state in states:
         result.cut += [f"{state.variant}: {p}" for p in check(state)]
 
+
+
+# -- accepting an MQTT job ---------------------------------------------------------------------
+
+
+def _journal(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
+    """The job was journalled when the cut came: it is known afterwards (the broker's
+    redelivery is absorbed as a duplicate, never run twice), and new jobs are accepted."""
+    root = tmp_path / "root"
+    (root / "state").mkdir(parents=True)
+    _, trace = traced_kill(root, tmp_path / "trace", point.name, ["journal", str(root / "state")],
+                           module="tests.reliability.outbox_driver")
+    kill_state = trace.state(len(trace.ops), "all")
+    assert kill_state is not None
+    explorer = Explorer(root, Scenario("journal", (), (), frozenset()), result.backend, {},
+                        (releases.v4.bundle, releases.v4.image))
+
+    def check(state: State) -> list[str]:
+        explorer.materialize(trace, state)
+        try:
+            journal = Journal(root / "state" / "jobs.journal")
+            problems = [] if journal.get("j1") is not None else ["the journalled job j1 was lost"]
+            if journal.admit(parse_job(JOB))[1]:
+                problems.append("the redelivered job j1 was admitted again (it would run twice)")
+            if not journal.admit(parse_job(JOB.replace(b'"j1"', b'"j2"')))[1]:
+                problems.append("a new job was not admitted")
+        except Exception as e:  # any failure to read the journal is the finding
+            return [f"journal: {type(e).__name__}: {e}"]
+        return problems
+
+    result.kill = check(kill_state)
+    states = cut_states(trace, trace.tree_hash(kill_state))
+    result.cut_states = len(states)
+    for state in states:
+        result.cut += [f"{state.variant}: {p}" for p in check(state)]
