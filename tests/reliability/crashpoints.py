@@ -228,7 +228,9 @@ def _provision(tmp_path: Path, releases: Releases, point: Point, result: PointRe
 
 def _provision_again(d: Path, config: Path, argv: list[str], image_sha: str, size: int) -> list[str]:
     """Provisioning run again (as its own process) completes with the image in both slots."""
-    again = [sys.executable, "-m", "agent.cli", *argv[:-2], "--json"]
+    rec = d / "provision" / "record.json"
+    pinned = rec.exists() and '"device_id": "pc-1"' in rec.read_text()
+    again = [sys.executable, "-m", "agent.cli", *(argv[:-2] if pinned else argv), "--json"]  # see _rerun
     proc = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0 and "already provisioned" not in proc.stderr:
