@@ -34,21 +34,21 @@ SUITES = [
 ]
 # Older tests of the same invariants, counted by outcome (category, pytest node path).
 COUNTED = [
-    ("crash point", "tests/component/test_mqtt_broker.py", "kill"),
-    ("crash point", "tests/e2e/test_power_cuts.py", ""),
-    ("crash point", "tests/e2e/test_provision_interrupted.py", ""),
-    ("hostile input", "tests/unit/test_format_tamper.py", ""),
-    ("hostile input", "tests/unit/test_format_bounds.py", ""),
-    ("hostile input", "tests/e2e/test_http_hostile_responses.py", ""),
-    ("hostile input", "tests/e2e/test_api_hostile_clients.py", ""),
-    ("hostile input", "tests/e2e/test_console_garbage.py", ""),
-    ("hostile input", "tests/e2e/test_media_toctou.py", ""),
-    ("hostile input", "tests/e2e/test_hostile_manifest_values.py", ""),
-    ("environment fault", "tests/e2e/test_commands_busy.py", ""),
-    ("environment fault", "tests/e2e/test_source_stalls.py", ""),
-    ("environment fault", "tests/e2e/test_watchdog_hang.py", ""),
-    ("environment fault", "tests/e2e/test_damaged_state.py", ""),
-    ("environment fault", "tests/component/test_uboot_env.py", ""),
+    ("crash point (older kill tests)", "tests/component/test_mqtt_broker.py", "kill"),
+    ("crash point (older kill tests)", "tests/e2e/test_power_cuts.py", ""),
+    ("crash point (older kill tests)", "tests/e2e/test_provision_interrupted.py", ""),
+    ("hostile input (tests)", "tests/unit/test_format_tamper.py", ""),
+    ("hostile input (tests)", "tests/unit/test_format_bounds.py", ""),
+    ("hostile input (tests)", "tests/e2e/test_http_hostile_responses.py", ""),
+    ("hostile input (tests)", "tests/e2e/test_api_hostile_clients.py", ""),
+    ("hostile input (tests)", "tests/e2e/test_console_garbage.py", ""),
+    ("hostile input (tests)", "tests/e2e/test_media_toctou.py", ""),
+    ("hostile input (tests)", "tests/e2e/test_hostile_manifest_values.py", ""),
+    ("environment fault (tests)", "tests/e2e/test_commands_busy.py", ""),
+    ("environment fault (tests)", "tests/e2e/test_source_stalls.py", ""),
+    ("environment fault (tests)", "tests/e2e/test_watchdog_hang.py", ""),
+    ("environment fault (tests)", "tests/e2e/test_damaged_state.py", ""),
+    ("environment fault (tests)", "tests/component/test_uboot_env.py", ""),
 ]
 
 
@@ -138,19 +138,20 @@ def main(argv: list[str] | None = None) -> int:
                     row.counts[k] += v
         fuzz_rows = fuzz(args.fuzz_seconds) if args.fuzz_seconds > 0 else []
     print()
-    print(f"{'category':<24}{'cases':>7}{'passed':>8}{'unrecovered':>13}  counts")
+    print(f"{'category':<32}{'cases':>7}{'passed':>8}{'unrecovered':>13}  counts")
     total_unrecovered = 0
-    order = ["crash point", "dropped-write states", "random kills", "random dropped-write states",
-             "hostile bundle", "hostile input", "environment fault"]
+    order = ["crash point", "crash point (older kill tests)", "dropped-write states", "random kills",
+             "random dropped-write states", "hostile bundle", "hostile input (tests)", "environment fault",
+             "environment fault (tests)"]
     for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
         r = rows[name]
         total_unrecovered += r.unrecovered
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()))
-        print(f"{name:<24}{r.cases:>7}{r.passed:>8}{r.unrecovered:>13}  {counts}")
+        print(f"{name:<32}{r.cases:>7}{r.passed:>8}{r.unrecovered:>13}  {counts}")
     for target, executions, result in fuzz_rows:
         bad = result != "ok"
         total_unrecovered += bad
-        print(f"{'fuzz ' + target:<24}{executions:>7}{'':>8}{int(bad):>13}  executions; {result}")
+        print(f"{'fuzz ' + target:<32}{executions:>7}{'':>8}{int(bad):>13}  executions; {result}")
     print(f"\nunrecovered: {total_unrecovered}" + ("" if not failed else "  (a suite failed: see above)"))
     return 1 if total_unrecovered or failed else 0
 

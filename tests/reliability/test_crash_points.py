@@ -37,6 +37,6 @@ def test_a_crash_at_every_named_point_recovers_as_a_kill_and_as_a_power_cut(
 ) -> None:
     result = run_point(tmp_path, releases, point, backend)
     record("crash point", f"{point.id}@{backend}", passed=result.unrecovered == 0, unrecovered=result.unrecovered,
-           phase=point.phase, cut_states=result.cut_states)
+           phase=point.phase, kills=1, power_cut_trees=result.cut_states)
     assert not result.kill, f"after the kill at {point.id}: " + "; ".join(result.kill[:10])
     assert not result.cut, f"after a power cut at {point.id}: " + "; ".join(result.cut[:10])
