@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,8 +164,6 @@ def _check_device(explorer: Explorer, tmp_path: Path, point: Point, argv: list[s
     explorer.baseline, trace = traced_kill(explorer.dir, tmp_path / "trace", point.name, argv)
     kill_state = trace.state(len(trace.ops), "all")
     assert kill_state is not None
-    snapshot = tmp_path / "killed"
-    shutil.copytree(explorer.dir, snapshot, symlinks=True)
     result.kill = explorer.check(trace, kill_state, next_install=True)
     if extra is not None:
         result.kill += extra()
@@ -175,7 +172,6 @@ def _check_device(explorer: Explorer, tmp_path: Path, point: Point, argv: list[s
     for n, state in enumerate(states):
         found = explorer.check(trace, state, next_install=n == len(states) - 1)
         result.cut += [f"{state.variant}: {p}" for p in found]
-    shutil.rmtree(snapshot)
 
 
 def _stick_receipts(stick: Path) -> list[str]:
@@ -262,7 +258,7 @@ def _outbox(tmp_path: Path, releases: Releases, point: Point, result: PointResul
     def check(state: State) -> list[str]:
         explorer.materialize(trace, state)
         log = EventLog(root / "state")
-        pending = [r.event.txn for r in log.outbox.pending()]
+        pending = [r.event.txn or "" for r in log.outbox.pending()]
         problems = []
         if "t3" not in pending:
             problems.append(f"the unacknowledged report t3 was lost: pending {pending}")

@@ -19,15 +19,17 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ExpiredError, IncompatibleError
-from bundler.format.errors import BoundsError, FormatError, HashMismatchError, OtaError, SignatureError, TruncatedError
+from bundler.format.errors import BoundsError, FormatError, HashMismatchError, SignatureError, TruncatedError
 from bundler.format.header import HEADER_SIZE, OP_RECORD_SIZE, Header
 from bundler.format.manifest import ImageEntry
 from bundler.format.ops import Op, OpType
+from ota_common.errors import OtaError
 from tests.unit.conftest import assemble, manifest_for
 
 # Header layout "<8sHHIIIQ32s": (name, offset, struct format)
@@ -129,7 +131,7 @@ def signed(key: Ed25519PrivateKey, other: Ed25519PrivateKey, compatible: str, se
     out: list[Hostile] = []
 
     def bundle(ops: list[Op], payload: bytes, *, size: int | None = None, signer: Ed25519PrivateKey = key,
-               **fields: object) -> bytes:
+               **fields: Any) -> bytes:
         fields.setdefault("compatible", compatible)
         fields.setdefault("security_version", security_version)
         m = manifest_for(ops, len(payload), size=size, **fields)

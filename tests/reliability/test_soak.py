@@ -74,7 +74,7 @@ def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases,
     killed = 0
     for n in range(kills):
         doc = status(build_device(sim.config_path(explorer.dir)))
-        running = explorer.slot_content(doc.booted)
+        running = explorer.slot_content(doc.booted or "A")
         choices = [r for v, r in every.items() if r.image.security_version > doc.committed_security_version
                    and (running is None or v != running.version)]
         if not choices:  # the floor reached the newest release: a fresh device
