@@ -7,10 +7,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests use: real tools we cross-check against or drive.
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
-	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm
+	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm \
+	docker-registry podman skopeo erofs-utils squashfs-tools \
+	debootstrap lintian python3-venv qemu-system-x86 grub-pc-bin xorriso
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console clean apt-test apt-demo bootscripts fuzz bench-http reliability soak
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo reliability soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +74,16 @@ bench-fleet: venv
 bench-console: venv
 	$(BIN)/python -m bench.console
 
+# Delta bundles against xdelta3, zstd --patch-from, bsdiff and casync on a Debian corpus
+# (built into $(CORPUS) by bench/delta_corpus/make-corpus.sh when absent; needs root).
+CORPUS ?= bench/corpus
+bench-delta: venv
+	CORPUS=$(CORPUS) $(BIN)/python -m bench.delta
+
+# Container images into ext4/erofs against tar + mkfs.ext4 -d; bundle bytes pulled from a registry.
+bench-oci: venv
+	$(BIN)/python bench/oci.py
+
 # Coverage-guided fuzzing (atheris) of every reader of untrusted bytes, FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60
 fuzz: venv
@@ -95,3 +107,41 @@ soak: venv
 	$(BIN)/pip install -q -e '.[test,fuzz]'
 	EDGE_OTA_CRASH_BACKENDS="sim uboot grub bls" $(BIN)/python -m tests.reliability.table --soak \
 		--fuzz-seconds $(FUZZ_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+
+# The Debian package (packaging/build-deb.sh): the agent in its own virtualenv
+# under /opt/edge-ota, made by Debian's /usr/bin/python3; lintian when present.
+DEB_DIR ?= build/deb
+deb:
+	sh packaging/build-deb.sh $(DEB_DIR)
+	@if command -v lintian >/dev/null; then lintian $(DEB_DIR)/edge-ota_*.deb || true; fi
+
+# For image builders (Yocto, Buildroot; docs/integration.md): the Python
+# package into PREFIX's site-packages (no dependencies: the image provides
+# paho-mqtt, zstandard, cryptography, tenacity, pyserial), the units, boot
+# scripts, docs and example config under DESTDIR.
+DESTDIR    ?=
+PREFIX     ?= /usr
+BINDIR     ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= $(PYTHON)
+install:
+	DEB_PYTHON_INSTALL_LAYOUT=deb PIP_BREAK_SYSTEM_PACKAGES=1 $(INSTALL_PYTHON) -m pip install -q --ignore-installed --no-deps --no-compile --no-warn-script-location \
+		--root "$(or $(DESTDIR),/)" --prefix "$(PREFIX)" .
+	sh packaging/install-data.sh "$(DESTDIR)" "$(PREFIX)" "$(BINDIR)" "$(SYSCONFDIR)" "$(UNITDIR)"
+
+# The virtual device (tests/vm): a Debian bookworm disk image made from Debian
+# packages (debootstrap), cached under EDGE_OTA_VM_CACHE (default
+# /var/cache/edge-ota-vm) by the hash of its inputs. Needs root.
+vm: apt-test venv
+	$(BIN)/python -m tests.vm.build
+
+# The update cycle in the VM over its serial console, with 10 power cuts
+# (make test runs the same test with VM_POWER_CUTS=1).
+VM_POWER_CUTS ?= 10
+vm-test: apt-test venv
+	VM_STEPS=all VM_POWER_CUTS=$(VM_POWER_CUTS) $(BIN)/python -m pytest -q -s tests/vm
+
+# Boots the VM and runs the update cycle with its serial console on this terminal.
+vm-demo: apt-test venv
+	$(BIN)/python -m tests.vm.demo

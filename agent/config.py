@@ -18,6 +18,7 @@ from typing import Any
 
 from agent.console.config import ConsoleConfig, load_console
 from agent.errors import ConfigError
+from agent.etcmerge import EtcConfig, OnConflict, Policy
 from agent.mqtt.config import MqttConfig, load_mqtt
 from hw import slotid
 from hw.bootloader import BACKENDS
@@ -72,6 +73,7 @@ class DownloadConfig:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # extra request headers; never logged
     proxy: str | None = None  # http://host:port (CONNECT for https URLs, absolute-form for http)
     no_proxy: tuple[str, ...] = ()  # host names (and their subdomains) reached directly; "*": all
+    registry_credentials: Path | None = None  # file holding USER:PASSWORD for oci:// registries
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class Config:
     download: DownloadConfig = DownloadConfig()
     mqtt: MqttConfig | None = None  # [mqtt]: jobs and reports over a broker (docs/mqtt.md)
     api: ApiConfig = ApiConfig()
+    etc: EtcConfig = EtcConfig()  # noqa: RUF009 - frozen; [etc]: /etc kept across updates (agent.etcmerge)
     console: ConsoleConfig = ConsoleConfig()  # noqa: RUF009 (frozen) [console]: serial ports (docs/console.md)
     provision: ProvisionConfig = ProvisionConfig()
 
@@ -256,8 +259,8 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _load(path: Path) -> Config:
     doc = _parse(path)
-    top = _Table(path, "", doc, {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api",
-                                "console", "provision"})
+    tables = {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api", "etc"}
+    top = _Table(path, "", doc, tables | {"console", "provision"})
     wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
@@ -303,6 +306,7 @@ def _load(path: Path) -> Config:
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
         api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),
+        etc=_etc(_Table(path, "etc", doc.get("etc", {}), ETC_KEYS)),
         console=load_console(doc.get("console", {}), path),
         provision=_provision(_Table(path, "provision", doc.get("provision", {}), PROVISION_KEYS)),
     )
@@ -331,7 +335,7 @@ def _provision(t: _Table) -> ProvisionConfig:
 
 DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "retries",
                  "retry_backoff", "retry_backoff_max", "ca_file", "client_cert", "client_key", "headers", "proxy",
-                 "no_proxy"}
+                 "no_proxy", "registry_credentials"}
 # Headers the HTTP client owns (framing, ranges, the connection): a config cannot override them.
 RESERVED_HEADERS = {"host", "range", "if-range", "connection", "content-length", "transfer-encoding", "te",
                     "upgrade", "accept-encoding", "expect", "keep-alive", "trailer", "proxy-connection"}
@@ -365,6 +369,47 @@ def _download(t: _Table) -> DownloadConfig:
         headers=_headers(t),
         proxy=proxy,
         no_proxy=t.strings("no_proxy"),
+        registry_credentials=t.path("registry_credentials") if "registry_credentials" in t.doc else None,
+    )
+
+
+ETC_KEYS = {"merge", "old", "current", "slot_class", "slot_etc", "slot_factory", "on_conflict", "paths"}
+MAX_ETC_RULES = 256
+
+
+def _etc(t: _Table) -> EtcConfig:
+    d = EtcConfig()
+    merge = t.doc.get("merge", False)
+    if not isinstance(merge, bool):
+        raise t.err("merge", f"must be true or false, got {_show(merge)}")
+    choices = {c.value: c for c in OnConflict}
+    on_conflict = t.string("on_conflict", d.on_conflict.value)
+    if on_conflict not in choices:
+        raise t.err("on_conflict", f"{on_conflict!r} is not one of {', '.join(choices)}")
+    raw = t.doc.get("paths", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_ETC_RULES:
+        raise t.err("paths", f'must be a table of at most {MAX_ETC_RULES} PATTERN = "keep|replace|merge" entries')
+    policies = {p.value: p for p in Policy}
+    rules = []
+    for pattern, value in raw.items():
+        if value not in policies or not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+            raise t.err(
+                f"paths.{pattern}", f"must be keep, replace or merge for a relative pattern, got {_show(value)}"
+            )
+        rules.append((pattern, policies[value]))
+    for key in ("slot_etc", "slot_factory"):
+        value = t.string(key, getattr(d, key))
+        if value.startswith("/") or ".." in value.split("/"):
+            raise t.err(key, "must be a path relative to the slot's root, without '..'")
+    return EtcConfig(
+        merge=merge,
+        old=t.path("old", str(d.old)),
+        current=t.path("current", str(d.current)),
+        slot_class=t.string("slot_class", d.slot_class),
+        slot_etc=t.string("slot_etc", d.slot_etc),
+        slot_factory=t.string("slot_factory", d.slot_factory),
+        on_conflict=choices[on_conflict],
+        paths=tuple(rules),
     )
 
 
@@ -422,8 +467,10 @@ def _socket_mode(t: _Table) -> int:
     if mode & 0o600 != 0o600:
         raise t.err("mode", f"= {mode:#05o} must let the owner (the agent) read and write (0o600)")
     if mode & 0o002:
-        raise t.err("mode", f"= {mode:#05o} would let every local user install, mark and reboot; "
-                            "grant access through `group` instead")
+        raise t.err(
+            "mode",
+            f"= {mode:#05o} would let every local user install, mark and reboot; grant access through `group` instead",
+        )
     return mode
 
 

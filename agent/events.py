@@ -62,6 +62,8 @@ class EventType(enum.StrEnum):
     OUTBOX = "outbox"  # the outbox was repaired
     PROGRESS = "progress"
     PROVISION = "provision"  # factory provisioning (agent.provision)
+    MEDIA = "media"  # a USB stick visit's receipt (agent.media.report)
+    CONSOLE_AUTH = "console-auth"  # a failed technician challenge or a lockout (agent.console.auth)
     JOB = "job"  # a step of an MQTT job's lifecycle: `result` is its `agent.mqtt.schema.JobStatus` value
 
 

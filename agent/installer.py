@@ -4,10 +4,15 @@ writer, the bootloader and the state. The only module that writes slots.
 Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
   a pending update not yet booted: save it as cancelled, then mark its slot bad
+  delta images: the booted slot of each class holds the base (SHA-256 of its
+  first base_size bytes)                              (still nothing touched)
   mark target slot bad in the bootloader               (before the trial changes)
   record the update as in flight (state: trial, not installed)
-  for each op: payload hash -> decode -> extent hash -> write
+  for each op (bundler.format.apply.apply_op): payload hash -> source extents
+  read from the booted slot or the target written so far, each hash-checked ->
+  decode -> extent hash -> write
   fsync -> read back the whole image -> compare SHA-256
+  [etc] merge on: the device's /etc merged into the new slot (agent.etcmerge)
   set target primary with N tries -> record the slot's contents, trial installed
 A bundle whose every image the booted slot already holds, or the other slot holds
 as the pending update, is answered "already installed" after the policy check:
@@ -26,14 +31,17 @@ success or refusal, is recorded in the state and the outbox.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import enum
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from agent import policy
+from agent import etcmerge, policy
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -41,8 +49,9 @@ from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
+from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op, file_sha256
 from bundler.format.errors import HashMismatchError
-from bundler.format.ops import Op, OpType, produce
+from bundler.format.ops import NEEDS_BASE, Op, OpType
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.chooser import booted_from_cmdline
@@ -77,6 +86,21 @@ class InstallOutcome:
     result: InstallResult = InstallResult.INSTALLED
     reason: str = ""
     downloaded: int | None = None  # bytes that crossed the network, when the source counts them
+    etc_conflicts: tuple[str, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD = 1 << 20
+
+
+def _bound_allocator() -> None:
+    """Have glibc serve every allocation of 1 MiB or more with its own mapping, returned
+    to the system when freed. Without a fixed threshold glibc raises it to the size of
+    each large block freed (up to 32 MiB), and later extents, payloads and dictionaries
+    come from the heap and stay resident after use: ~8 MiB more peak RSS for a delta
+    (docs/bundle-format.md section 9.1). Process-wide and harmless elsewhere; not glibc: no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 def install(
@@ -91,6 +115,7 @@ def install(
     """`txn` names the install in every event (the job id when a job runs it)."""
     txn = txn or uuid.uuid4().hex[:12]
     downloaded = _counter(stream)
+    _bound_allocator()
     try:
         with device.store.lock():
             return _install(
@@ -187,9 +212,11 @@ def _install(
             )
         )
         crashpoint("after-started-reported")
+        _check_bases(device, plan, booted)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
+        etc = etcmerge.merge_for_install(device.config.etc, [(i.image.slot_class, i.slot.path) for i in plan.images])
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
         state = device.store.load().with_slot(
@@ -221,6 +248,7 @@ def _install(
         raise
     downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
+    reason += f"; {etc.summary()}" if etc else ""
     device.record(
         Event(
             event=EventType.INSTALL,
@@ -234,7 +262,10 @@ def _install(
         state,
     )
     crashpoint("after-installed-recorded")
-    return InstallOutcome(txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded)
+    conflicts = tuple(map(str, etc.conflicts)) if etc else ()
+    return InstallOutcome(
+        txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
+    )
 
 
 def _already_installed(
@@ -272,6 +303,36 @@ def _already_installed(
             "on next boot; nothing written (--reinstall writes it again)"
         )
     return None
+
+
+def _booted_slot_of(device: Device, slot_class: str, booted: str) -> Path:
+    for s in device.config.slots:
+        if s.slot_class == slot_class and s.bootname == booted:
+            return s.path
+    raise InstallError(f"no {slot_class} slot in the booted slot group {booted} to read a delta's base from")
+
+
+def _check_bases(device: Device, plan: InstallPlan, booted: str) -> None:
+    """A delta image applies only onto its base: the booted slot of its class must
+    hold exactly the base image. Checked before anything is written; the source
+    extents are hash-checked again as they are read."""
+    for ip in plan.images:
+        image = ip.image
+        if image.base_sha256 is None or image.base_size is None:
+            continue
+        path = _booted_slot_of(device, image.slot_class, booted)
+        held = slot_size(path, booted)
+        if held < image.base_size:
+            raise InstallError(
+                f"delta for {image.slot_class} needs a {image.base_size}-byte base; booted slot {booted} "
+                f"holds only {held} bytes; install a full bundle"
+            )
+        actual = file_sha256(path, image.base_size)
+        if actual != image.base_sha256:
+            raise InstallError(
+                f"delta for {image.slot_class} applies to base {image.base_sha256[:16]}…, but booted slot "
+                f"{booted} holds {actual[:16]}…; nothing written (install a full bundle)"
+            )
 
 
 def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
@@ -334,16 +395,19 @@ def _stream_into(
     done = 0
     booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
     writers: dict[tuple[str, str], SlotWriter] = {}
+    sources: dict[str, ExtentSource] = {}
+    files: list[FileSource] = []
 
-    def write(index: int, op: Op, extent: Future[bytes] | None) -> None:
+    def write(index: int, op: Op, extent: Future[bytes | None] | None) -> None:
         nonlocal done
         slot_class = plans[0].image_for_op(index).image.slot_class
+        data = extent.result() if extent is not None else None
         for plan in plans:
             writer = writers[(plan.target, slot_class)]
-            if extent is None:
+            if data is None:
                 writer.write_zeros(op.dst_offset, op.dst_length)
             else:
-                writer.write(op.dst_offset, extent.result())
+                writer.write(op.dst_offset, data)
         done += op.dst_length
         if progress:
             progress(Phase.WRITE, done, total)
@@ -351,20 +415,44 @@ def _stream_into(
     # Pipeline: while op i is written, op i+1 is decoded and its extent hash
     # checked on a worker thread (zstd and hashlib release the GIL). Each extent
     # is still written only after its own checks passed; at most two are in memory.
+    # SOURCE_COPY and DELTA ops read the slots (the target as written so far), so
+    # they run alone: what precedes them is written first, and they are written
+    # before the next payload is read (their dictionary is the largest buffer).
     try:
         for plan in plans:
             for ip in plan.images:  # inside the try: a refusal of the second closes the first
-                writers[(plan.target, ip.image.slot_class)] = device.open_slot(
+                cls = ip.image.slot_class
+                writers[(plan.target, cls)] = device.open_slot(
                     ip.slot.path, plan.target, booted=booted or "", booted_paths=booted_paths
                 )
+                if ip.image.base_sha256 is None:
+                    sources[cls] = NoSource()
+                elif booted is None or len(plans) > 1:  # refuse_delta stops this before anything is written
+                    raise InstallError(f"a delta for {cls} needs a running base slot")
+                else:
+                    files.append(FileSource(_booted_slot_of(device, cls, booted), ip.slot.path))
+                    sources[cls] = files[-1]
+        bases = {ip.image.slot_class: ip.image.base_size or 0 for ip in plans[0].images}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
-            pending: tuple[int, Op, Future[bytes] | None] | None = None
+            pending: tuple[int, Op, Future[bytes | None] | None] | None = None
             for index, op, payload in reader.iter_payload(ops):
-                extent = decoder.submit(produce, op, payload, index) if payload is not None else None
+                cls = plans[0].image_for_op(index).image.slot_class
+                alone = op.type in NEEDS_BASE
+                if alone and pending is not None:
+                    write(*pending)
+                    pending = None
+                extent = None
+                if op.type is not OpType.ZERO:
+                    extent = decoder.submit(apply_op, op, payload, index, sources[cls], bases[cls])
                 if pending is not None:
                     write(*pending)
                     crashpoint("mid-payload")
                 pending = (index, op, extent)
+                if alone:
+                    write(*pending)
+                    crashpoint("mid-payload")
+                    pending = None
+                extent = None
             if pending is not None:
                 write(*pending)
             pending = extent = payload = None  # hold no payload or extent during the read-back
@@ -373,6 +461,8 @@ def _stream_into(
             w.sync()
         crashpoint("before-read-back")
     finally:
+        for f in files:
+            f.close()
         for w in writers.values():
             w.close()
     done = 0

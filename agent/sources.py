@@ -240,11 +240,16 @@ def tls_context(limits: DownloadConfig, name: str) -> ssl.SSLContext | None:
 
 
 def source_for(spec: str, limits: DownloadConfig | None = None, *, tls: ssl.SSLContext | None = None) -> BundleSource:
-    """`-` is stdin, http(s):// a URL, anything else a file path."""
+    """`-` is stdin, http(s):// a URL, oci:// a bundle in a registry (`agent.oci`), anything else a file path."""
     if spec == "-":
         return StdinSource(limits)
+    if spec.startswith(("oci://", "oci+http://")):
+        from agent.oci import OciSource  # noqa: PLC0415 - agent.oci builds on this module
+
+        return OciSource(spec, limits, tls=tls)
     if spec.startswith(("http://", "https://")):
         return HttpSource(spec, limits, tls=tls)
     if "://" in spec:
-        raise SourceError(spec, "unsupported URL scheme (use http://, https://, a file path or -)", transient=False)
+        message = "unsupported URL scheme (use http://, https://, oci://, a file path or -)"
+        raise SourceError(spec, message, transient=False)
     return FileSource(Path(spec), limits)

@@ -5,27 +5,30 @@ Owns three things:
   into the manifest is judged by the bundle reader's own parser
   (`bundler.format.manifest.parse`), so `create` can never sign what a device
   rejects; errors name the `ota-bundle create` option the value came from;
-- the choice of ops for a full image: runs of all-zero 1 MiB segments become
-  ZERO ops (no payload), everything else REPLACE ops of up to 4 MiB, each one
-  zstd frame compressed on a pool of threads. Several images (one per slot
-  class) follow each other in the op table and payload, each a contiguous range;
+- running the build: each image is planned (`bundler.planner`: a full image,
+  or a delta against its class's base image) and the plan executed
+  (`bundler.executor`: compression on a pool of threads). Several images (one
+  per slot class) follow each other in the op table and payload, each a
+  contiguous range;
 - the build's temporary data: the payload is spooled to an anonymous file
   beside the output (the header and op table, which come first, pin hashes only
-  known at the end); memory stays bounded by the number of chunks in flight.
+  known at the end). A full image is mapped, and memory stays bounded by the
+  ops in flight; a delta build holds both images in memory (the similarity
+  search scans them).
   The finished file is read back by the reader before it replaces the output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import stat
 import tempfile
-import threading
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +36,7 @@ from typing import IO, Any
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bundler.executor import Inputs, execute
 from bundler.format import manifest as manifest_mod
 from bundler.format.header import MAX_OPS, Header
 from bundler.format.manifest import (
@@ -44,18 +48,16 @@ from bundler.format.manifest import (
     Manifest,
     format_time,
 )
-from bundler.format.ops import Op, OpType
+from bundler.format.ops import Op
 from bundler.format.reader import BundleReader
 from bundler.format.signing import MAX_SIGNATURES, Keyring, key_id, load_private_key, verify
 from bundler.format.writer import op_table_digest, write_bundle_file
+from bundler.planner import SEGMENT, plan_delta, plan_full
 from ota_common.errors import OtaError
 from ota_common.text import clean
 
-SEGMENT = 1 << 20
-CHUNK = 4 << 20
 DEFAULT_LEVEL = 10
 MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
-_ZERO_SEGMENT = bytes(SEGMENT)
 _SHOWN = 80  # characters of a rejected value shown in an error
 
 Progress = Callable[[int, int], None]
@@ -99,6 +101,7 @@ class BundleSpec:
     slot_class: str = "rootfs"
     level: int = DEFAULT_LEVEL
     threads: int = 0  # 0: one per CPU
+    base: Mapping[str, Path] | None = None  # slot class -> base image: a delta bundle for those classes
 
     @property
     def sources(self) -> tuple[ImageSource, ...]:
@@ -129,6 +132,7 @@ class CheckedSpec:
     keys: tuple[Ed25519PrivateKey, ...]
     sizes: tuple[int, ...]
     warnings: tuple[str, ...]
+    bases: Mapping[str, Path] = field(default_factory=dict)
 
 
 # --- checking a spec with the reader's rules --------------------------------
@@ -185,9 +189,27 @@ def check(spec: BundleSpec, out: Path, *, overwrite: bool = False, now: datetime
     if not 1 <= spec.level <= MAX_LEVEL:
         raise OptionError("--level", f"{_show(spec.level)} is not a zstd level (1 to {MAX_LEVEL})")
     sizes = _check_images(spec.sources)
+    bases = _check_bases(spec.base or {}, {s.slot_class for s in spec.sources})
     keys = _check_keys(spec.keys)
-    _check_output(out, overwrite, [s.path for s in spec.sources] + list(spec.keys))
-    return CheckedSpec(keys, sizes, tuple(warnings))
+    _check_output(out, overwrite, [s.path for s in spec.sources] + list(bases.values()) + list(spec.keys))
+    return CheckedSpec(keys, sizes, tuple(warnings), bases)
+
+
+def _check_bases(bases: Mapping[str, Path], classes: set[str]) -> dict[str, Path]:
+    for cls, path in bases.items():
+        if cls not in classes:
+            raise OptionError("--base", f"a base for slot class {cls!r}, but the bundle has no image for it")
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise OptionError("--base", f"{path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise OptionError("--base", f"{path}: not a regular file")
+        if st.st_size == 0:
+            raise OptionError("--base", f"{path}: base image is empty")
+        if st.st_size > MAX_IMAGE_SIZE:
+            raise OptionError("--base", f"{path}: {st.st_size} bytes, a base image holds at most {MAX_IMAGE_SIZE}")
+    return dict(bases)
 
 
 def _check_images(sources: tuple[ImageSource, ...]) -> tuple[int, ...]:
@@ -261,17 +283,6 @@ def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 # --- building ----------------------------------------------------------------
 
-_local = threading.local()
-
-
-def _compress(data: bytes, level: int) -> tuple[bytes, bytes, bytes]:
-    compressor = getattr(_local, "c", None)
-    if compressor is None or _local.level != level:
-        compressor = _local.c = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        _local.level = level
-    frame = compressor.compress(data)
-    return frame, hashlib.sha256(frame).digest(), hashlib.sha256(data).digest()
-
 
 class _Payload:
     """The payload spool, an anonymous temporary file beside the output: it has
@@ -303,80 +314,60 @@ class _Payload:
         return self.file
 
 
+@contextlib.contextmanager
+def _mapped(path: Path, size: int, what: str) -> Iterator[mmap.mmap]:
+    """The file mapped read-only; it must still be `size` bytes long."""
+    try:
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                raise BuildError(f"{path}: the {what} changed size while building")
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+                yield m
+    except OSError as e:
+        raise BuildError(f"{path}: cannot read the {what}: {e.strerror}") from None
+
+
+def _sha256(data: mmap.mmap, size: int) -> str:
+    h = hashlib.sha256()
+    for at in range(0, size, SEGMENT):
+        h.update(data[at : at + SEGMENT])
+    return h.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
-class _Compression:
+class _Run:
+    spool: _Payload
     pool: ThreadPoolExecutor
     level: int
-    in_flight: int  # chunks queued beyond those being compressed
+    in_flight: int
+    tick: Callable[[int], None]
 
 
-def _read_image(
-    source: ImageSource, size: int, spool: _Payload, zstd: _Compression, tick: Callable[[int], None]
-) -> tuple[list[Op], str]:
-    """One image's ops (destination offsets from 0, payload offsets in the spool) and its SHA-256."""
-    ops: list[Op] = []
-    image_hash = hashlib.sha256()
-    pending: deque[tuple[int, int, Future[tuple[bytes, bytes, bytes]]]] = deque()
+def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -> tuple[list[Op], ImageEntry]:
+    """One image's ops (destination offsets from 0, payload offsets in the spool) and its entry
+    (op_first still 0)."""
+    with _mapped(source.path, size, "image") as target:
+        digest = _sha256(target, size)
+        if base is None:
+            ops = execute(
+                plan_full(target, size), Inputs(target), run.spool, run.pool,
+                level=run.level, in_flight=run.in_flight, tick=run.tick,
+            )
+            return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
+        base_size = base.stat().st_size
+        with _mapped(base, base_size, "base image") as old:
+            base_digest = _sha256(old, base_size)
+            target_bytes, base_bytes = bytes(target), bytes(old)  # the similarity search scans both
+        plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
+        inputs = Inputs(target_bytes, base_bytes)
+        ops = execute(plan, inputs, run.spool, run.pool, level=run.level, in_flight=run.in_flight, tick=run.tick)
+        if _sha256_bytes(target_bytes) != digest:
+            raise BuildError(f"{source.path}: the image changed while building")
+        return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops), base_digest, base_size)
 
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            offset, length, fut = pending.popleft()
-            frame, frame_hash, dst_hash = fut.result()
-            at = spool.write(frame)
-            ops.append(Op(OpType.REPLACE, offset, length, at, len(frame), frame_hash, dst_hash))
 
-    def add_zero(offset: int, length: int) -> None:
-        drain(0)  # keep ops in destination order
-        last = ops[-1] if ops else None
-        if last is not None and last.type is OpType.ZERO and last.dst_offset + last.dst_length == offset:
-            ops[-1] = Op(OpType.ZERO, last.dst_offset, last.dst_length + length)
-        else:
-            ops.append(Op(OpType.ZERO, offset, length))
-
-    chunk = bytearray()
-    chunk_start = 0
-    offset = 0
-
-    def submit_chunk() -> None:
-        nonlocal chunk
-        pending.append((chunk_start, len(chunk), zstd.pool.submit(_compress, bytes(chunk), zstd.level)))
-        chunk = bytearray()
-
-    try:
-        with source.path.open("rb") as image:
-            while True:
-                try:
-                    segment = image.read(SEGMENT)
-                except OSError as e:
-                    raise BuildError(f"{source.path}: cannot read the image: {e.strerror}") from None
-                if not segment:
-                    break
-                image_hash.update(segment)
-                if segment == _ZERO_SEGMENT[: len(segment)]:
-                    if chunk:
-                        submit_chunk()
-                    add_zero(offset, len(segment))
-                else:
-                    if not chunk:
-                        chunk_start = offset
-                    chunk += segment
-                    if len(chunk) >= CHUNK:
-                        submit_chunk()
-                        drain(zstd.in_flight)
-                offset += len(segment)
-                tick(len(segment))
-                if offset > size:
-                    break
-        if chunk:
-            submit_chunk()
-        drain(0)
-    except BaseException:
-        for _, _, fut in pending:
-            fut.cancel()  # an interrupt or error does not wait for queued compressions
-        raise
-    if offset != size:
-        raise BuildError(f"{source.path}: read {offset} bytes, expected {size} (file changed while reading?)")
-    return ops, image_hash.hexdigest()
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def build_full(
@@ -407,10 +398,11 @@ def build_full(
     entries: list[ImageEntry] = []
     spool = _Payload(out)
     with spool.file, ThreadPoolExecutor(max_workers=threads) as pool:
-        zstd = _Compression(pool, spec.level, 2 * threads)
         for source, size in zip(spec.sources, checked.sizes, strict=True):
-            image_ops, digest = _read_image(source, size, spool, zstd, tick)
-            entries.append(ImageEntry(source.slot_class, size, digest, len(ops), len(image_ops)))
+            base = checked.bases.get(source.slot_class)
+            run = _Run(spool, pool, spec.level, 2 * threads, tick)
+            image_ops, entry = _build_image(source, size, base, run)
+            entries.append(replace(entry, op_first=len(ops)))
             ops += image_ops
         if len(ops) > MAX_OPS:
             raise BuildError(f"the images need {len(ops)} ops; a bundle holds at most {MAX_OPS}")

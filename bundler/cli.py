@@ -1,28 +1,33 @@
-"""`ota-bundle`: keygen, create, inspect, verify, usb (bundler.usb). One line per error (a
+"""`ota-bundle`: keygen, create, inspect, verify, usb (bundler.usb); image and push
+(container images and registries, `bundler.oci.cli`). One line per error (a
 traceback only with -v); `--json` on every command that reports (one JSON
 object on stdout, and errors as one JSON object on stderr)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from bundler import usb
 from bundler.build import BuildResult, BundleSpec, ImageSource, OptionError, build_full
 from bundler.format import manifest as manifest_mod
+from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
 from bundler.format.header import Header
-from bundler.format.manifest import Manifest, format_time, parse_time
-from bundler.format.ops import Op, OpType, produce, unpack_table
+from bundler.format.manifest import ImageEntry, Manifest, format_time, parse_time
+from bundler.format.ops import Op, OpType, unpack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import Keyring, Signature, generate_key, unpack_signatures, verify
+from bundler.oci import cli as oci_cli
 from ota_common.errors import OtaError
 from ota_common.text import clean
 from ota_common.tty import Progress, run_reporting_errors, version_string
@@ -67,6 +72,22 @@ def _image_sources(values: list[str], slot_class: str | None) -> tuple[ImageSour
     return tuple(sources)
 
 
+def _bases(values: list[str] | None, images: list[str], slot_class: str | None) -> dict[str, Path]:
+    """`--base CLASS=PATH` (repeatable), or a plain `--base PATH` for the bundle's only image."""
+    bases: dict[str, Path] = {}
+    for value in values or []:
+        cls, sep, path = value.partition("=")
+        if not (sep and "/" not in cls):
+            sources = _image_sources(images, slot_class)
+            if len(sources) != 1:
+                raise OptionError("--base", "a plain --base PATH needs exactly one --image; write --base CLASS=PATH")
+            cls, path = sources[0].slot_class, value
+        if cls in bases:
+            raise OptionError("--base", f"two bases for slot class {cls!r}")
+        bases[cls] = Path(path)
+    return bases
+
+
 def _create(args: argparse.Namespace) -> int:
     expires = None
     if args.expires:
@@ -76,14 +97,34 @@ def _create(args: argparse.Namespace) -> int:
             example = "e.g. 2027-01-01T00:00:00Z"
             shown = clean(repr(args.expires), 80)
             raise OptionError("--expires", f"{shown} is not an ISO 8601 time with a zone, {example}") from None
+    if bool(args.image) == bool(args.from_oci):
+        raise OptionError("--image", "give --image (image files) or --from-oci (a container image), one of them")
+    if args.from_oci:
+        return _create_from_oci(args, expires)
+    return _create_bundle(args, expires, _image_sources(args.image, args.slot_class))
+
+
+def _create_from_oci(args: argparse.Namespace, expires: datetime | None) -> int:
+    """`create --from-oci SRC`: the container image made into a filesystem image
+    beside the output, bundled, and the image removed."""
+    image, _ = oci_cli.image_for_create(args, Path(args.output))
+    try:
+        return _create_bundle(args, expires, (ImageSource(args.slot_class or "rootfs", image, "--slot-class"),))
+    finally:
+        image.unlink(missing_ok=True)
+        image.parent.rmdir()
+
+
+def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: tuple[ImageSource, ...]) -> int:
     spec = BundleSpec(
-        image=_image_sources(args.image, args.slot_class),
+        image=sources,
         key=tuple(Path(k) for k in args.key),
         version=args.version,
         security_version=args.security_version,
         compatible=args.compatible,
         expires=expires,
         level=args.level,
+        base=_bases(args.base, args.image, args.slot_class),
     )
     progress = None if args.json else Progress("bundling")
     out = Path(args.output)
@@ -220,6 +261,39 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_bases(values: list[str] | None, images: Sequence[ImageEntry]) -> dict[str, Path]:
+    """The base image of each delta image, from `--base`; refused when one is missing or does not match."""
+    given: dict[str, Path] = {}
+    for value in values or []:
+        cls, sep, path = value.partition("=")
+        if not (sep and "/" not in cls):
+            if len(images) != 1:
+                raise OptionError("--base", "the bundle has several images; write --base CLASS=PATH")
+            cls, path = images[0].slot_class, value
+        given[cls] = Path(path)
+    for image in images:
+        if image.base_sha256 is None:
+            continue
+        base = given.get(image.slot_class)
+        if base is None:
+            raise OptionError("--base", f"image {image.slot_class} is a delta: give its base image with --base")
+        try:
+            size = base.stat().st_size
+            digest = file_digest(base)
+        except OSError as e:
+            raise OptionError("--base", f"{base}: {e.strerror}") from None
+        if size != image.base_size or digest != image.base_sha256:
+            raise OptionError(
+                "--base", f"{base} is not the base of image {image.slot_class} (sha256 {image.base_sha256[:16]}…)"
+            )
+    return given
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _verify(args: argparse.Namespace) -> int:
     """Check the signature, the op table, every payload and extent hash, and each
     image's whole SHA-256 (zero runs included), without writing anything."""
@@ -231,21 +305,44 @@ def _verify(args: argparse.Namespace) -> int:
         verified = verify(head, keyring)
         ops = reader.read_op_table(verified)
         images = verified.manifest.images
+        bases = _verify_bases(args.base, images)
         hashes = [hashlib.sha256() for _ in images]
         owner = [i for i, image in enumerate(images) for _ in range(image.op_count)]
         total = sum(op.dst_length for op in ops)
         progress = None if args.json else Progress("verifying")
         done = 0
-        for index, op, payload in reader.iter_payload(ops):
-            h = hashes[owner[index]]
-            if payload is None:
-                for start in range(0, op.dst_length, len(_ZEROS)):
-                    h.update(_ZEROS[: min(len(_ZEROS), op.dst_length - start)])
-            else:
-                h.update(produce(op, payload, index))
-            done += op.dst_length
-            if progress:
-                progress(done, total)
+        with contextlib.ExitStack() as stack:
+            # A delta image is rebuilt into an anonymous file: its DELTA ops may read the target written so far.
+            rebuilt: list[IO[bytes] | None] = []
+            sources: list[ExtentSource] = []
+            for image in images:
+                base = bases.get(image.slot_class)
+                if base is None:
+                    rebuilt.append(None)
+                    sources.append(NoSource())
+                    continue
+                spool = stack.enter_context(tempfile.NamedTemporaryFile(prefix=".ota-verify-"))
+                rebuilt.append(spool)
+                sources.append(stack.enter_context(FileSource(base, Path(spool.name))))
+            for index, op, payload in reader.iter_payload(ops):
+                k = owner[index]
+                h = hashes[k]
+                extent = apply_op(op, payload, index, sources[k], images[k].base_size or 0)
+                spool_file = rebuilt[k]
+                if extent is None:
+                    for start in range(0, op.dst_length, len(_ZEROS)):
+                        h.update(_ZEROS[: min(len(_ZEROS), op.dst_length - start)])
+                    if spool_file is not None:
+                        spool_file.truncate(op.dst_offset + op.dst_length)
+                else:
+                    h.update(extent)
+                    if spool_file is not None:
+                        spool_file.seek(op.dst_offset)
+                        spool_file.write(extent)
+                        spool_file.flush()
+                done += op.dst_length
+                if progress:
+                    progress(done, total)
         if progress:
             progress.finish()
     for image, h in zip(images, hashes, strict=True):
@@ -304,7 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("create", help="build a signed full bundle from one or more images")
     p.add_argument(
         "--image",
-        required=True,
         action="append",
         metavar="[CLASS=]PATH",
         help="filesystem image (ext4, squashfs, erofs, ...) for slot class CLASS; repeat for several classes."
@@ -321,11 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compatible", required=True, help="device compatible string")
     p.add_argument("--expires", help="ISO 8601 expiry time, e.g. 2027-01-01T00:00:00Z")
     p.add_argument("--slot-class", help="slot class of a plain --image PATH (default rootfs)")
+    p.add_argument(
+        "--base",
+        action="append",
+        metavar="[CLASS=]PATH",
+        help="build a delta against this base image (what the device runs now); repeat per slot class",
+    )
     p.add_argument("--level", type=int, default=10, help="zstd level 1..22 (default 10)")
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="report the bundle as one JSON object")
+    oci_cli.add_image_options(p, required=False)
     p.set_defaults(func=_create)
+
+    oci_cli.add_image_parser(sub)
+    oci_cli.add_push_parser(sub)
 
     p = sub.add_parser("inspect", help="show a bundle's manifest and layout")
     p.add_argument("bundle")
@@ -336,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check the signature and every hash")
     p.add_argument("bundle")
     p.add_argument("--keyring", required=True, help=".pub file or directory of .pub files")
+    p.add_argument(
+        "--base",
+        action="append",
+        metavar="[CLASS=]PATH",
+        help="base image of a delta bundle's image (CLASS= when the bundle has several)",
+    )
     p.add_argument("--json", action="store_true", help="report the result as one JSON object")
     p.set_defaults(func=_verify)
 

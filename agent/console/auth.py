@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 
-from agent.events import Event
+from agent.events import Event, EventType, Result
 from bundler.format.signing import Keyring
 from ota_common.errors import OtaError
 from ota_common.frames import CHALLENGE_PREFIX
@@ -41,7 +41,7 @@ from ota_common.text import clean
 
 log = logging.getLogger(__name__)
 
-EVENT = "console-auth"
+EVENT = EventType.CONSOLE_AUTH
 MAX_SIGNATURE_TEXT = 200  # base64 of a 64-byte signature is 88 characters
 
 
@@ -126,11 +126,11 @@ class Gate:
         now = self.clock()
         self._failures = [t for t in self._failures if now - t < self.lockout] + [now]
         self._open.clear()
-        self.record(Event(event=EVENT, result="failed", reason=f"console: {reason}"))
+        self.record(Event(event=EVENT, result=Result.FAILED, reason=f"console: {reason}"))
         if len(self._failures) >= self.max_failures:
             self._locked_until = now + self.lockout
             self._failures.clear()
-            self.record(Event(event=EVENT, result="failed",
+            self.record(Event(event=EVENT, result=Result.FAILED,
                               reason=f"console: {self.max_failures} failed responses; locked for {self.lockout:g} s"))
             raise AuthError(f"{reason}; too many failures: locked for {self.lockout:g} s")
         raise AuthError(reason)

@@ -18,13 +18,13 @@ import errno
 import os
 
 from agent.crashpoint import crashpoint
-from agent.events import Event
+from agent.events import Event, EventType
 from agent.outbox import EventLog
 from ota_common import media as layout
 from ota_common.media import Receipt
 from ota_common.text import clean
 
-EVENT = "media"  # the outbox record's `event`
+EVENT = EventType.MEDIA  # the outbox record's `event`
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -258,8 +258,8 @@ def _url(value: object) -> str:
         _ = parts.port
     except ValueError as e:
         raise JobError(f"{clean(value, 80)!r} is not a URL: {e}", field="url") from None
-    if parts.scheme not in ("http", "https"):
-        raise JobError(f"scheme {clean(parts.scheme, 20)!r} is not http or https", field="url")
+    if parts.scheme not in ("http", "https", "oci", "oci+http"):  # oci: a bundle in a registry (agent.oci)
+        raise JobError(f"scheme {clean(parts.scheme, 20)!r} is not http or https (or oci)", field="url")
     if not parts.hostname:
         raise JobError(f"{clean(value, 80)!r} has no host", field="url")
     if parts.username is not None or parts.password is not None:

@@ -196,7 +196,7 @@ class ChunkStream:
             try:
                 self.state.accept(payload)
             except SourceError as e:
-                log.error("mqtt: %s", e)
+                log.error("install stream: %s", e)
                 self._failure = e
             self._last_chunk = time.monotonic()
             self._cond.notify_all()

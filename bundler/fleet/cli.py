@@ -5,6 +5,7 @@
     ota-fleet --broker URL deploy (--device ID ... | --group G) --url BUNDLE_URL [--wait] [--timeout S] [--json]
     ota-fleet --broker URL deploy --device ID --file BUNDLE [--chunk-size N] [--wait] ...
     ota-fleet --broker URL status [--device ID ...] [--json]
+    ota-fleet provision --port PORT [--port ...] --bundle FULL.otab [--ca CA.key --ca-cert CA.pem] --log F
 
 The broker options (`--broker`, `--ca`, `--cert`, `--key`, `--username`,
 `--password-file`, `--protocol`, `--prefix`) are those of a device's `[mqtt]`
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.mqtt.schema import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK
+from bundler.fleet import provision_cli
 from bundler.fleet.broker import BrokerOptions, FleetError
 from bundler.fleet.deploy import DeploySpec, deploy
 from bundler.fleet.serve import BundleServer
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", action="append", help="a device id (repeatable; default: every device)")
     p.add_argument("--json", action="store_true", help="one JSON object per device")
     p.set_defaults(func=_status)
+
+    provision_cli.add_parser(sub)
     return parser
 
 

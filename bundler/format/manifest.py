@@ -41,9 +41,10 @@ class ImageEntry:
     op_first: int
     op_count: int
     base_sha256: str | None = None
+    base_size: int | None = None  # set exactly when base_sha256 is: the base image's size
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "slot_class": self.slot_class,
             "size": self.size,
             "sha256": self.sha256,
@@ -51,6 +52,9 @@ class ImageEntry:
             "op_first": self.op_first,
             "op_count": self.op_count,
         }
+        if self.base_size is not None:
+            doc["base_size"] = self.base_size
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,9 @@ def _image(f: _Fields) -> ImageEntry:
     base = f.opt_string("base_sha256")
     if base is not None and not HEX64.match(base):
         raise FormatError(f"{f.where}.base_sha256 is not a SHA-256 hex digest", region="manifest")
+    base_size = f.integer("base_size", 1, MAX_IMAGE_SIZE) if "base_size" in f.doc else None
+    if (base is None) != (base_size is None):
+        raise FormatError(f"{f.where}: base_sha256 and base_size come together", region="manifest")
     return ImageEntry(
         slot_class=f.name("slot_class"),
         size=f.integer("size", 1, MAX_IMAGE_SIZE),
@@ -161,6 +168,7 @@ def _image(f: _Fields) -> ImageEntry:
         op_first=f.integer("op_first", 0, MAX_OPS),
         op_count=f.integer("op_count", 1, MAX_OPS),
         base_sha256=base,
+        base_size=base_size,
     )
 
 
@@ -183,7 +191,7 @@ KNOWN_KEYS = {
     },
     "manifest.op_table": {"count", "sha256"},
     "manifest.payload": {"length"},
-    "image": {"slot_class", "size", "sha256", "base_sha256", "op_first", "op_count"},
+    "image": {"slot_class", "size", "sha256", "base_sha256", "base_size", "op_first", "op_count"},
 }
 
 

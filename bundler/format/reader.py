@@ -8,7 +8,8 @@ Order of trust, matching invariant 1 of docs/architecture.md:
 3. `read_op_table()` reads the op table, checks it against the manifest's hash,
    then validates its structure;
 4. `iter_payload()` yields each op's payload only after its hash matched.
-Decompression and the produced-extent hash check are `ops.produce()`.
+Running an op (source reads, decompression, the produced-extent hash check)
+is `bundler.format.apply.apply_op()`.
 
 A stream that can read a range again (`refetch(offset, length) -> Readable`,
 an HTTP source) gets a damaged op table or op payload fetched again, up to
@@ -30,7 +31,7 @@ from typing import Protocol
 
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError, TruncatedError
 from bundler.format.header import HEADER_SIZE, Header
-from bundler.format.ops import MAX_OP_PAYLOAD, Op, OpTable, OpType, unpack_table, validate_image_ops
+from bundler.format.ops import MAX_DELTA_PAYLOAD, Op, OpTable, OpType, unpack_table, validate_image_ops
 from bundler.format.signing import UnverifiedBundle, VerifiedBundle
 
 READ_CHUNK = 256 << 10
@@ -103,7 +104,7 @@ class BundleReader:
             if image.op_first != next_op:
                 raise FormatError(f"image {i} ops start at {image.op_first}, expected {next_op}", region="manifest")
             end = image.op_first + image.op_count
-            cursor = validate_image_ops(ops[image.op_first : end], image.op_first, image.size, cursor)
+            cursor = validate_image_ops(ops[image.op_first : end], image.op_first, image.size, cursor, image.base_size)
             next_op = end
         if next_op != len(ops):
             raise FormatError(f"images use {next_op} of {len(ops)} ops", region="manifest")
@@ -115,16 +116,17 @@ class BundleReader:
         return ops
 
     def iter_payload(self, ops: Sequence[Op]) -> Iterator[tuple[int, Op, memoryview | None]]:
-        """Yield (index, op, payload) in table order; payload is None for ZERO ops,
-        else a read-only view of exactly the bytes whose SHA-256 was checked.
+        """Yield (index, op, payload) in table order; payload is None for ops without
+        one (ZERO, SOURCE_COPY), else a read-only view of exactly the bytes whose
+        SHA-256 was checked.
         Call only with the table `read_op_table` returned (it checked the lengths).
         After the last op the stream must end."""
         for index, op in enumerate(ops):
-            if op.type is OpType.ZERO:
+            if op.type is OpType.ZERO or op.type is OpType.SOURCE_COPY:
                 yield index, op, None
                 continue
-            if not 0 < op.payload_length <= MAX_OP_PAYLOAD:  # read_op_table checked it; never allocate more
-                raise BoundsError("payload_length", op.payload_length, 1, MAX_OP_PAYLOAD, region=f"op {index}")
+            if not 0 < op.payload_length <= MAX_DELTA_PAYLOAD:  # read_op_table checked it; never allocate more
+                raise BoundsError("payload_length", op.payload_length, 1, MAX_DELTA_PAYLOAD, region=f"op {index}")
             start, region = self.position, f"payload of op {index}"
             payload: bytearray | None = self._read_into(op.payload_length, region)
             tries = 0

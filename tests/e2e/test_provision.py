@@ -134,7 +134,8 @@ def test_a_delta_bundle_is_refused_before_anything_is_written(
 ) -> None:
     size = 1 << 20
     ops = [Op(OpType.ZERO, 0, size)]
-    image = ImageEntry("rootfs", size, hashlib.sha256(bytes(size)).hexdigest(), 0, 1, base_sha256=images.factory.sha256)
+    image = ImageEntry("rootfs", size, hashlib.sha256(bytes(size)).hexdigest(), 0, 1,
+                       base_sha256=images.factory.sha256, base_size=images.factory.size)
     manifest = Manifest(bundle_version="2.0", security_version=1, compatible=COMPATIBLE,
                         created=datetime.now(UTC).replace(microsecond=0), expires=None, images=(image,),
                         op_count=1, op_table_sha256=op_table_digest(ops), payload_length=0)

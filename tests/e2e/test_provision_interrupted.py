@@ -23,8 +23,11 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sim", "grub"])
-@pytest.mark.parametrize("point", POINTS)
+CASES = [(p, "sim") for p in POINTS] + [(p, "grub") for p in ("after-mark-bad", "mid-payload",
+                                                                "provision-after-bootloader")]
+
+
+@pytest.mark.parametrize(("point", "backend"), CASES)
 def test_provisioning_killed_at_each_step_resumes_and_keeps_the_identity(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, make_bundle: BundleFactory,
     images: Images, point: str, backend: str,

@@ -26,7 +26,7 @@ from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
 from tests.powercut.explore import REPO, RESULTS, Explorer, Result, Scenario
 from tests.powercut.replay import Baseline, State, Trace
 
-RERUNS = 12  # provisioning re-runs per backend, spread over the distinct states
+RERUNS = 8  # provisioning re-runs per backend, spread over the distinct states
 
 
 def _sha(path: Path, length: int) -> str:

@@ -20,9 +20,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.build import BundleSpec, build_full
+from bundler.format.apply import ExtentSource, NoSource, apply_op
 from bundler.format.header import Header
 from bundler.format.manifest import ImageEntry, Manifest
-from bundler.format.ops import Op, OpType, pack_table, produce
+from bundler.format.ops import Op, OpType, pack_table
 from bundler.format.reader import BundleReader
 from bundler.format.signing import (
     Keyring,
@@ -197,19 +198,20 @@ class SimSlot:
         self.written.append(index)
 
 
-def stream_install(data: bytes, keyring: Keyring, slot: SimSlot) -> VerifiedBundle:
-    """Stream bundle bytes into `slot` in the documented trust order; no read-back here."""
+def stream_install(
+    data: bytes, keyring: Keyring, slot: SimSlot, source: ExtentSource | None = None
+) -> VerifiedBundle:
+    """Stream bundle bytes into `slot` in the documented trust order, each op run by
+    the one op-execution function (`apply.apply_op`); no read-back here."""
     reader = BundleReader(io.BytesIO(data))
     verified = verify(reader.read_head(), keyring)
     ops = reader.read_op_table(verified)
+    base_size = verified.manifest.images[0].base_size or 0
     for index, op, payload in reader.iter_payload(ops):
-        if payload is None:
-            assert op.type is OpType.ZERO
-            extent = bytes(op.dst_length)
-        else:
+        if op.type is not OpType.ZERO:
             slot.produced.append(index)
-            extent = produce(op, payload, index)
-        slot.write(index, op, extent)
+        extent = apply_op(op, payload, index, source or NoSource(), base_size)
+        slot.write(index, op, bytes(op.dst_length) if extent is None else extent)
     return verified
 
 

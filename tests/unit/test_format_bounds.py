@@ -293,9 +293,21 @@ MANIFEST_BOUNDS: list[tuple[str, Any, Any, list[Any]]] = [
     ),
     (
         "images[0].base_sha256",
-        lambda d, v: d["images"][0].__setitem__("base_sha256", v),
-        [None, "f" * 64],
+        lambda d, v: d["images"][0].update(base_sha256=v, base_size=1),
+        ["f" * 64],
         ["F" * 64, 5],
+    ),
+    (
+        "images[0].base_size",
+        lambda d, v: d["images"][0].update(base_sha256="f" * 64, base_size=v),
+        [1, MAX_IMAGE_SIZE],
+        [0, MAX_IMAGE_SIZE + 1, "1"],
+    ),
+    (
+        "images[0]: base_sha256 and base_size come together",
+        lambda d, v: d["images"][0].update(v),
+        [{"base_sha256": None}],
+        [{"base_sha256": "f" * 64}, {"base_sha256": None, "base_size": 5}],
     ),
 ]
 

@@ -1,0 +1,208 @@
+"""Running one op: the single function every consumer of a bundle uses to turn
+an op and its hash-checked payload into the bytes of its extent (the
+installer, `ota-bundle verify`, the tests and the fuzzers).
+
+Owns the source-reader seam: `ExtentSource` reads an extent of the base image
+(the running slot of the image's class) or of the target image already
+written, and `read_checked` hash-checks every such read before anything uses
+it. The source is only asked for ranges the op table and the DELTA extent list
+were checked to allow (bundler.format.ops); a source that returns something
+else is caught by the hash.
+
+`apply_op` returns the extent's bytes, or None for a ZERO op (the caller
+writes `dst_length` zeros, cheaply: a hole or BLKZEROOUT). The op type alone
+decides; a missing payload means nothing by itself.
+
+Memory of one op: a SOURCE_COPY holds its extent twice at most (<= 2 x
+MAX_OP_DST); a DELTA its payload, its dictionary (<= MAX_DICT, read straight
+into one buffer) and its extent. The installer runs DELTA and SOURCE_COPY ops
+one at a time, nothing else in flight (docs/bundle-format.md section 9.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from bundler.format.deflate import Codec, deflate, inflate
+from bundler.format.errors import FormatError, HashMismatchError
+from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce, raw_dictionary
+
+RECOMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class SourceError(FormatError):
+    """A source extent could not be read (short read, I/O error, no such source)."""
+
+
+class ExtentSource(Protocol):
+    """Reads extents for SOURCE_COPY and DELTA ops of one image."""
+
+    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
+        """Fill `buf` with the bytes at `offset` of the base (BASE) or target (TARGET)
+        image, or raise SourceError."""
+        ...
+
+
+class NoSource:
+    """The source of a full image: any source read is an error."""
+
+    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
+        raise SourceError(f"this image has no {origin.name.lower()} to read from", region="source")
+
+
+def pread_into(fd: int, offset: int, buf: memoryview, what: str) -> None:
+    done = 0
+    try:
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise SourceError(f"{what} ends at {offset + done}, {len(buf) - done} bytes short", region="source")
+            done += n
+    except OSError as e:
+        raise SourceError(f"cannot read {what} at {offset + done}: {e.strerror}", region="source") from None
+
+
+def file_sha256(path: Path, length: int, chunk: int = 4 << 20) -> str:
+    """SHA-256 of the first `length` bytes of a file or block device, read through the
+    page cache (kept: the source extents read next are then served from memory)."""
+    h = hashlib.sha256()
+    buf = bytearray(min(chunk, max(length, 1)))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}", region="source") from None
+    try:
+        done = 0
+        view = memoryview(buf)
+        while done < length:
+            n = min(len(buf), length - done)
+            pread_into(fd, done, view[:n], str(path))
+            h.update(view[:n])
+            done += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+class FileSource:
+    """Base and target as files or block devices (each opened read-only here;
+    the target's path may be None where no target can be read back)."""
+
+    def __init__(self, base: Path | None, target: Path | None) -> None:
+        self._fds: dict[Origin, int] = {}
+        self._names = {Origin.BASE: str(base), Origin.TARGET: str(target)}
+        try:
+            for origin, path in ((Origin.BASE, base), (Origin.TARGET, target)):
+                if path is not None:
+                    self._fds[origin] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.close()
+            raise SourceError(f"cannot open {e.filename}: {e.strerror}", region="source") from None
+
+    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
+        fd = self._fds.get(origin)
+        if fd is None:
+            raise SourceError(f"no {origin.name.lower()} image to read from", region="source")
+        pread_into(fd, offset, buf, self._names[origin])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_checked(
+    source: ExtentSource, origin: Origin, offset: int, buf: memoryview, *, sha256: bytes, index: int
+) -> None:
+    """Fill `buf` from the source and check it against the pinned hash."""
+    source.readinto(origin, offset, buf)
+    actual = hashlib.sha256(buf).digest()
+    if actual != sha256:
+        what = f"{origin.name.lower()} source extent at {offset} (+{len(buf)})"
+        raise HashMismatchError(what, sha256.hex(), actual.hex(), op_index=index)
+
+
+def apply_op(
+    op: Op, payload: Buffer | None, index: int, source: ExtentSource, base_size: int = 0
+) -> bytes | None:
+    """The bytes op `index` produces, every input checked before use: the
+    payload was hash-checked by the reader, source extents are checked here,
+    the produced extent against `dst_sha256`. None for ZERO."""
+    if op.type is OpType.ZERO:
+        return None
+    if op.type is OpType.SOURCE_COPY:
+        buf = bytearray(op.dst_length)
+        read_checked(source, Origin.BASE, op.src_offset, memoryview(buf), sha256=op.dst_sha256, index=index)
+        return bytes(buf)  # one extent copied once: SOURCE_COPY ops run alone (module docstring)
+    if payload is None:
+        raise FormatError(f"op {index}: {op.type.name} op without its payload", region="payload")
+    if op.type is OpType.REPLACE:
+        return produce(op, payload, index)
+    delta = parse_delta(op, payload, index, base_size)
+    dictionary = bytearray(op.src_length)
+    view = memoryview(dictionary)
+    at = 0
+    for k, extent in enumerate(delta.extents):
+        into = view[at : at + extent.produces]
+        if extent.codec is Codec.RAW:
+            read_checked(source, extent.origin, extent.offset, into, sha256=extent.sha256, index=index)
+        else:
+            packed = bytearray(extent.length)
+            read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
+            into[:] = inflate(packed, extent.codec, extent.produces, f"op {index}: dictionary extent {k}")
+            del packed
+        del into
+        at += extent.produces
+    del view
+    loaded = raw_dictionary(dictionary) if delta.extents else None
+    del dictionary  # the library's copy is the one used: hold the dictionary once while decoding
+    if not delta.pieces:
+        return produce(op, delta.frame, index, loaded, None)
+    return _recompress(op, [produce(op, delta.frame, index, loaded, delta.decoded_length)], delta.pieces, index)
+
+
+def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: int) -> bytes:
+    """The extent from a deflate-aware DELTA's decoded pieces (bundler.format.deflate),
+    checked against dst_sha256. `holder` hands over the only reference to the decoded
+    bytes, so they are freed before the extent is copied out."""
+    out = bytearray(op.dst_length)
+    src = [memoryview(holder.pop())]  # cleared at the end: the decoded bytes go with it
+    spans: list[tuple[int, int, Piece]] = []  # (decoded offset, output offset, piece)
+    at = done = 0
+    for piece in pieces:
+        spans.append((at, done, piece))
+        at += piece.in_length
+        done += piece.out_length
+
+    def make(span: tuple[int, int, Piece]) -> bytes | memoryview:
+        start, _, piece = span
+        content = src[0][start : start + piece.in_length]
+        if piece.codec is Codec.RAW:
+            return content
+        return deflate(content, piece.codec, piece.level, piece.mem_level)
+
+    # Pieces are independent and zlib releases the GIL: recompress them on every core.
+    with ThreadPoolExecutor(max_workers=min(RECOMPRESS_THREADS, len(spans))) as pool:
+        for k, ((_, where, piece), packed) in enumerate(zip(spans, pool.map(make, spans), strict=True)):
+            if len(packed) != piece.out_length:
+                raise FormatError(
+                    f"op {index}: output piece {k} recompresses to {len(packed)} bytes, not {piece.out_length}"
+                    " (this device's zlib deflates differently)", region="payload",
+                )
+            out[where : where + piece.out_length] = packed
+            del packed
+    src.clear()
+    actual = hashlib.sha256(out).digest()
+    if actual != op.dst_sha256:
+        raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
+    return bytes(out)

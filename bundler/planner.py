@@ -1,0 +1,335 @@
+"""Choosing the ops of one image: pure (reads the images, compresses and
+writes nothing; that is `bundler.executor`).
+
+Full image: runs of all-zero 1 MiB segments become ZERO ops, everything else
+REPLACE ops of up to 4 MiB.
+
+Against a base image (`plan_delta`):
+1. block dedup against the whole base: every 4 KiB block of the target is
+   looked up among the base's 4 KiB-aligned blocks (preferring the block after
+   the previous match, then the same offset), so a file that moved inside an
+   ext4 image is still copied; runs whose source blocks are contiguous become
+   SOURCE_COPY ops, zero runs ZERO ops;
+2. what is left (and runs too short to be worth an op of their own) becomes
+   DELTA stretches of up to `DELTA_TARGET` bytes, each with a dictionary of up
+   to MAX_DICT bytes chosen by content similarity (`bundler.similarity`) from
+   anywhere in the base and from the target already written; a stretch with no
+   similar unit at all is a REPLACE;
+3. deflate-aware (docs/delta.md): compressed streams of the target that the
+   device's deflate reproduces exactly (`bundler.streams`) are carried as their
+   uncompressed content and recompressed on the device (output pieces), and
+   the dictionary may hold inflated streams of the base, so similarity works on
+   uncompressed data; streams that do not reproduce stay raw bytes.
+The executor still picks per op whichever of DELTA and REPLACE is smaller.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from bundler.format.deflate import Codec, inflate
+from bundler.format.ops import MAX_DICT, MAX_DICT_EXTENTS, MAX_OP_DST, MAX_STREAM_EXTENT, OpType, Origin, Piece
+from bundler.similarity import MIN_SCORE, REGION, UnitIndex, score
+from bundler.streams import Stream, find_streams
+
+SEGMENT = 1 << 20
+CHUNK = MAX_OP_DST
+BLOCK = 4096
+DELTA_TARGET = 4 << 20  # target bytes per DELTA op
+DICT_PER_BYTE = 2  # dictionary budget per byte of a stretch's content (capped at MAX_DICT)
+DICT_MIN = 256 << 10
+MIN_RUN = 8  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
+_ZERO_SEGMENT = bytes(SEGMENT)
+_ZERO_BLOCK = bytes(BLOCK)
+
+Buffer = bytes | mmap.mmap
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One op as chosen: what the executor makes into an `Op` (and a payload)."""
+
+    type: OpType
+    dst_offset: int
+    dst_length: int
+    src_offset: int = 0  # SOURCE_COPY: where in the base
+    dictionary: tuple[Unit, ...] = ()  # DELTA: its dictionary, in order
+    pieces: tuple[Piece, ...] = ()  # DELTA: how its decoded content becomes the extent (none: as it is)
+
+
+def plan_full(image: Buffer, size: int) -> Iterator[Planned]:
+    """ZERO for runs of zero 1 MiB segments, REPLACE chunks of up to 4 MiB between them."""
+    zero_start: int | None = None
+    chunk_start: int | None = None
+    for offset in range(0, size, SEGMENT):
+        length = min(SEGMENT, size - offset)
+        if image[offset : offset + length] == _ZERO_SEGMENT[:length]:
+            if chunk_start is not None:
+                yield Planned(OpType.REPLACE, chunk_start, offset - chunk_start)
+                chunk_start = None
+            if zero_start is None:
+                zero_start = offset
+            continue
+        if zero_start is not None:
+            yield Planned(OpType.ZERO, zero_start, offset - zero_start)
+            zero_start = None
+        if chunk_start is None:
+            chunk_start = offset
+        if offset + length - chunk_start >= CHUNK:
+            yield Planned(OpType.REPLACE, chunk_start, offset + length - chunk_start)
+            chunk_start = None
+    if zero_start is not None:
+        yield Planned(OpType.ZERO, zero_start, size - zero_start)
+    if chunk_start is not None:
+        yield Planned(OpType.REPLACE, chunk_start, size - chunk_start)
+
+
+_ZERO = -1
+_NEW = -2
+
+
+def _block_sources(target: Buffer, size: int, base: Buffer, base_size: int) -> list[int]:
+    """Per target block: _ZERO, _NEW, or the base offset holding the same bytes."""
+    index: dict[int, int] = {}  # hash of a block -> its first offset (bytes compared on use)
+    for offset in range(0, base_size - BLOCK + 1, BLOCK):
+        block = base[offset : offset + BLOCK]
+        if block != _ZERO_BLOCK:
+            index.setdefault(hash(block), offset)
+    sources: list[int] = []
+    previous = _NEW
+    for offset in range(0, size, BLOCK):
+        block = target[offset : offset + BLOCK]
+        if block == _ZERO_BLOCK[: len(block)]:
+            sources.append(_ZERO)
+            previous = _NEW
+            continue
+        src = _NEW
+        if len(block) == BLOCK:
+            follow = previous + BLOCK
+            if previous >= 0 and follow + BLOCK <= base_size and base[follow : follow + BLOCK] == block:
+                src = follow
+            elif offset + BLOCK <= base_size and base[offset : offset + BLOCK] == block:
+                src = offset
+            else:
+                found = index.get(hash(block), _NEW)
+                if found >= 0 and base[found : found + BLOCK] == block:
+                    src = found
+        sources.append(src)
+        previous = src
+    return sources
+
+
+def _runs(sources: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(kind, first block, block count): kind is _ZERO, _NEW or the base offset of the
+    first block of a run whose sources are contiguous."""
+    i = 0
+    n = len(sources)
+    while i < n:
+        kind = sources[i]
+        j = i + 1
+        if kind >= 0:
+            while j < n and sources[j] == kind + (j - i) * BLOCK:
+                j += 1
+        else:
+            while j < n and sources[j] == kind:
+                j += 1
+        yield kind, i, j - i
+        i = j
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A piece of an image a dictionary can take: raw bytes or one inflated stream."""
+
+    origin: Origin
+    offset: int
+    length: int
+    codec: Codec = Codec.RAW
+    produces: int = 0  # bytes it puts into a dictionary
+
+    def content(self, image: bytes) -> bytes:
+        raw = image[self.offset : self.offset + self.length]
+        return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
+
+
+def _units(origin: Origin, size: int, streams: list[Stream]) -> list[Unit]:
+    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between them."""
+    units: list[Unit] = []
+    at = 0
+
+    def raw_until(end: int) -> None:
+        nonlocal at
+        while at < end:
+            stop = min(end, (at // REGION + 1) * REGION)
+            units.append(Unit(origin, at, stop - at, Codec.RAW, stop - at))
+            at = stop
+
+    for s in streams:
+        if s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
+            continue
+        raw_until(s.offset)
+        units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
+        at = s.offset + s.length
+    raw_until(size)
+    return units
+
+
+@dataclass
+class _Search:
+    """The similarity index over the base's and the target's units."""
+
+    base: bytes
+    target: bytes
+    units: list[Unit]
+    index: UnitIndex
+
+    @classmethod
+    def build(cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream]) -> _Search:
+        units = _units(Origin.BASE, len(base), base_streams) + _units(Origin.TARGET, len(target), target_streams)
+        index = UnitIndex()
+        for i, unit in enumerate(units):
+            image = base if unit.origin is Origin.BASE else target
+            if unit.codec is Codec.RAW:
+                index.add(i, image, unit.offset, unit.offset + unit.length)
+            else:
+                content = unit.content(image)
+                index.add(i, content, 0, len(content))
+        return cls(base, target, units, index)
+
+    def dictionary(self, content: bytes, before: int) -> tuple[Unit, ...]:
+        """Units like `content` (target units only if they end by `before`), best last, within MAX_DICT."""
+        units = self.units
+
+        def allowed(i: int) -> bool:
+            u = units[i]
+            return u.origin is Origin.BASE or u.offset + u.length <= before
+
+        hits = score(content, self.index, allowed)
+        ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
+        chosen: list[Unit] = []
+        # A dictionary much larger than the stretch adds little and costs build time
+        # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
+        budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
+        for _, i in reversed(ranked):
+            u = units[i]
+            if u.produces > budget:
+                continue
+            chosen.append(u)
+            budget -= u.produces
+            if budget < 4096 or len(chosen) == MAX_DICT_EXTENTS:
+                break
+        return tuple(reversed(chosen))
+
+
+Segment = tuple[int, int, Stream | None]  # offset, length, the stream there (None: raw bytes)
+
+
+def _segments(start: int, end: int, streams: list[Stream], starts: list[int]) -> Iterator[Segment]:
+    """[start, end) as raw stretches and the verified streams wholly inside it."""
+    at = start
+    k = bisect.bisect_left(starts, start)
+    while k < len(streams) and streams[k].offset < end:
+        s = streams[k]
+        k += 1
+        if s.offset + s.length > end or s.offset < at:
+            continue
+        if s.offset > at:
+            yield at, s.offset - at, None
+        yield s.offset, s.length, s
+        at = s.offset + s.length
+    if at < end:
+        yield at, end - at, None
+
+
+def _stretches(
+    start: int, end: int, streams: list[Stream], starts: list[int]
+) -> Iterator[tuple[int, int, tuple[Segment, ...]]]:
+    """A changed run cut into DELTA stretches: at most DELTA_TARGET bytes of output and of
+    decoded content each, cut between streams (raw bytes anywhere)."""
+    pieces: list[Segment] = []
+    out = decoded = 0
+    first = start
+    for offset, length, stream in _segments(start, end, streams, starts):
+        at, left = offset, length
+        while left:
+            if stream is None:
+                take = min(left, DELTA_TARGET - out, DELTA_TARGET - decoded)
+                size = take
+            else:
+                take, size = length, stream.content_length
+                if out + take > DELTA_TARGET or decoded + size > DELTA_TARGET:
+                    take = 0
+            if take == 0:
+                assert pieces, "every stream fits an empty stretch (MAX_CONTENT < DELTA_TARGET)"
+                yield first, out, tuple(pieces)
+                pieces, out, decoded, first = [], 0, 0, at
+                continue
+            pieces.append((at, take, stream))
+            out += take
+            decoded += size
+            at += take
+            left -= take
+    if pieces:
+        yield first, out, tuple(pieces)
+
+
+def _delta_op(search: _Search, first: int, length: int, segments: tuple[Segment, ...]) -> Planned:
+    target = search.target
+    parts: list[bytes] = []
+    pieces: list[Piece] = []
+    for at, n, stream in segments:
+        if stream is None:
+            parts.append(target[at : at + n])
+            if pieces and pieces[-1].codec is Codec.RAW:
+                last = pieces[-1]
+                pieces[-1] = Piece(Codec.RAW, last.in_length + n, last.out_length + n)
+            else:
+                pieces.append(Piece(Codec.RAW, n, n))
+        else:
+            parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
+            pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
+    content = b"".join(parts)
+    dictionary = search.dictionary(content, first)
+    if all(p.codec is Codec.RAW for p in pieces):
+        pieces = []
+    if not dictionary and not pieces:
+        return Planned(OpType.REPLACE, first, length)
+    return Planned(OpType.DELTA, first, length, dictionary=dictionary, pieces=tuple(pieces))
+
+
+def plan_delta(
+    target: bytes, size: int, base: bytes, base_size: int, pool: ThreadPoolExecutor | None = None
+) -> Iterator[Planned]:
+    """The ops of `target` against `base` (both whole images in memory)."""
+    sources = _block_sources(target, size, base, base_size)
+    kinds: list[tuple[int, int, int]] = []  # (kind, first block, count), short runs turned _NEW
+    for run, first, count in _runs(sources):
+        kind = _NEW if run != _NEW and count < MIN_RUN and first + count < len(sources) else run
+        if kinds and kinds[-1][0] == _NEW and kind == _NEW:
+            kinds[-1] = (_NEW, kinds[-1][1], kinds[-1][2] + count)
+        else:
+            kinds.append((kind, first, count))
+    search: _Search | None = None
+    streams: list[Stream] = []
+    starts: list[int] = []
+    for kind, first, count in kinds:
+        start = first * BLOCK
+        end = min(size, (first + count) * BLOCK)
+        if kind == _ZERO:
+            yield Planned(OpType.ZERO, start, end - start)
+        elif kind >= 0:
+            for at in range(start, end, MAX_OP_DST):
+                length = min(MAX_OP_DST, end - at)
+                yield Planned(OpType.SOURCE_COPY, at, length, src_offset=kind + (at - start))
+        else:
+            if search is None:
+                changed = [(f * BLOCK, min(size, (f + c) * BLOCK)) for k, f, c in kinds if k == _NEW]
+                streams = find_streams(target, pool, within=changed)
+                starts = [s.offset for s in streams]
+                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams)
+            for first_byte, length, segments in _stretches(start, end, streams, starts):
+                yield _delta_op(search, first_byte, length, segments)

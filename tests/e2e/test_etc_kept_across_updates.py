@@ -1,0 +1,106 @@
+"""The installer merges the device's /etc into the new slot before the switch
+(`[etc] merge = true`): the sim device's slots hold ext4 images with /etc
+(mounted on loop devices by the agent), the device's live /etc is a directory.
+A clean merge installs and says so in the result; a conflict fails the install
+before the switch (the booted slot stays primary) and is listed in the error,
+the result and the status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent import sim
+from bundler.build import BundleSpec, build_full
+from tests.e2e._sim import COMPATIBLE, SimDevice
+from tests.e2e.conftest import KeyPair
+from tests.oci._trees import mounted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the agent mounts the ext4 slot")
+
+ETC = {"hostname": "default", "ssh/sshd_config": "Port 22", "app.d/a.conf": "a=1"}
+
+
+def etc_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def ext4_image(root: Path, out: Path, etc: dict[str, str]) -> Path:
+    """A small rootfs image: /etc and its factory copy /usr/share/factory/etc."""
+    etc_tree(root / "etc", etc)
+    etc_tree(root / "usr/share/factory/etc", etc)
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"}
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(out), "8M"], check=True, env=env)
+    return out
+
+
+def device_with_etc(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: KeyPair, **etc_opts: str) -> SimDevice:
+    factory = ext4_image(tmp_path / "v1", tmp_path / "v1.ext4", ETC)
+    directory = tmp_path / "device"
+    sim.init(sim.SimSpec(directory, factory, key.public, COMPATIBLE, slot_size=16 << 20))
+    live = etc_tree(directory / "live-etc", ETC)
+    (live / "hostname").write_text("device-17")  # the device's own configuration
+    (live / "ssh/host_key").write_text("device key")
+    defaults = etc_tree(directory / "factory-etc", ETC)  # the booted image's pristine /etc
+    extra = "".join(f'{k} = "{v}"\n' for k, v in etc_opts.items())
+    with sim.config_path(directory).open("a") as f:
+        f.write(f'\n[etc]\nmerge = true\nold = "{defaults}"\ncurrent = "{live}"\n{extra}')
+    return SimDevice(directory, capsys)
+
+
+def bundle(tmp_path: Path, key: KeyPair, etc: dict[str, str]) -> Path:
+    image = ext4_image(tmp_path / "v2", tmp_path / "v2.ext4", etc)
+    out = tmp_path / "v2.otab"
+    spec = BundleSpec(image=image, key=key.private, version="2.0", security_version=1, compatible=COMPATIBLE)
+    build_full(spec, out)
+    return out
+
+
+def test_the_new_slot_gets_the_devices_etc_merged_with_the_new_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
+) -> None:
+    device = device_with_etc(tmp_path, capsys, signing_key)
+    new = ETC | {"app.d/b.conf": "b=2", "ssh/sshd_config": "Port 22\nPermitRootLogin no"}
+    device.install_ok(bundle(tmp_path, signing_key, new))
+    status = device.status()
+    assert (status["last_result"]["result"], status["primary"]) == ("ok", "B")
+    assert "/etc merged: " in status["last_result"]["reason"]
+    with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
+        assert (root / "etc/hostname").read_text() == "device-17"
+        assert (root / "etc/ssh/host_key").read_text() == "device key"
+        assert (root / "etc/app.d/b.conf").read_text() == "b=2"
+        assert (root / "etc/ssh/sshd_config").read_text() == "Port 22\nPermitRootLogin no"
+        assert (root / "usr/share/factory/etc/hostname").read_text() == "default"  # next update's old side
+        assert not [p for p in root.iterdir() if p.name.startswith(".etc-merge-")]
+
+
+def test_a_conflict_fails_the_install_before_the_switch_and_is_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
+) -> None:
+    device = device_with_etc(tmp_path, capsys, signing_key)
+    before = device.snapshot()
+    line = device.install(bundle(tmp_path, signing_key, ETC | {"hostname": "image-name"})).one_error_line()
+    assert "/etc merge: 1 conflicts: hostname (changed on the device and in the new image)" in line
+    last = device.status()["last_result"]
+    assert last["result"] == "failed"
+    assert "hostname (changed on the device and in the new image)" in last["reason"]
+    status = device.status()
+    assert (status["booted"], status["primary"], status["trial"]) == ("A", "A", None)  # no switch
+    assert device.snapshot().slot("A") == before.slot("A")
+
+
+def test_on_conflict_keep_local_installs_and_reports_the_conflict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
+) -> None:
+    device = device_with_etc(tmp_path, capsys, signing_key, on_conflict="keep-local")
+    device.install_ok(bundle(tmp_path, signing_key, ETC | {"hostname": "image-name"}))
+    reason = device.status()["last_result"]["reason"]
+    assert "1 conflicts resolved by policy: hostname" in reason
+    with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
+        assert (root / "etc/hostname").read_text() == "device-17"
