@@ -24,7 +24,7 @@ from typing import Any
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import ExpiredError, IncompatibleError
+from agent.errors import ExpiredError, IncompatibleError, InstallError
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError, SignatureError, TruncatedError
 from bundler.format.header import HEADER_SIZE, OP_RECORD_SIZE, Header
 from bundler.format.manifest import ImageEntry
@@ -125,8 +125,8 @@ def from_good(good: bytes, ops: list[Op]) -> list[Hostile]:
     return out
 
 
-def signed(key: Ed25519PrivateKey, other: Ed25519PrivateKey, compatible: str, security_version: int
-           ) -> list[Hostile]:
+def signed(key: Ed25519PrivateKey, other: Ed25519PrivateKey, compatible: str, security_version: int,
+           base: bytes) -> list[Hostile]:
     """Bundles genuinely signed by the trusted key (or, once, by an unknown one) whose contents lie."""
     out: list[Hostile] = []
 
@@ -170,14 +170,22 @@ def signed(key: Ed25519PrivateKey, other: Ed25519PrivateKey, compatible: str, se
     out.append(Hostile("extent hash lies", bundle([lying_dst], frame), HashMismatchError,
                        "extent hash mismatch", "payload"))
     out.append(Hostile("image hash lies", bundle([one], frame), HashMismatchError, "read-back", "payload"))
-    src = Op(OpType.SOURCE_COPY, 0, 4096, src_offset=0, src_length=4096, dst_sha256=hashlib.sha256(block).digest())
-    out.append(Hostile("delta: SOURCE_COPY whose source hash lies", bundle([src], b""), FormatError, "SOURCE_COPY"))
-    delta = Op(OpType.DELTA, 0, 4096, 0, len(frame), hashlib.sha256(frame).digest(), hashlib.sha256(block).digest(),
-               0, 4096)
+    # Deltas onto the booted slot's image (`base`): one against another base, one whose
+    # source extent hash lies about what the base holds there, one without a base at all.
+    base_entry: dict[str, Any] = {"base_sha256": hashlib.sha256(base).hexdigest(), "base_size": len(base)}
+    lie = Op(OpType.SOURCE_COPY, 0, 4096, src_offset=0, src_length=4096, dst_sha256=hashlib.sha256(block).digest())
+    out.append(Hostile("delta whose source extent hash lies",
+                       bundle([lie], b"", images=(ImageEntry("rootfs", 4096, hashlib.sha256(block).hexdigest(), 0, 1,
+                                                            **base_entry),)),
+                       HashMismatchError, "base source extent at 0", "payload"))
+    copy = Op(OpType.SOURCE_COPY, 0, 4096, src_offset=0, src_length=4096,
+              dst_sha256=hashlib.sha256(base[:4096]).digest())
+    wrong: dict[str, Any] = {"base_sha256": "cd" * 32, "base_size": len(base)}
     out.append(Hostile("delta against the wrong base",
-                       bundle([delta], frame, images=(ImageEntry("rootfs", 4096, hashlib.sha256(block).hexdigest(),
-                                                                 0, 1, base_sha256="cd" * 32),)),
-                       FormatError, "DELTA"))
+                       bundle([copy], b"", images=(ImageEntry("rootfs", 4096, hashlib.sha256(base[:4096]).hexdigest(),
+                                                             0, 1, **wrong),)),
+                       InstallError, "nothing written"))
+    out.append(Hostile("delta op in a full image (no base named)", bundle([copy], b""), FormatError, "SOURCE_COPY"))
     out.append(Hostile("signed by an unknown key", bundle([one], frame, signer=other), SignatureError,
                        "none of which is in the keyring"))
     out.append(Hostile("built for another board", bundle([one], frame, compatible="other-board"), IncompatibleError,

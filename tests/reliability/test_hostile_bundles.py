@@ -41,7 +41,8 @@ class Rig:
         build_full(BundleSpec(image=image, key=private, version="2.0", security_version=2, compatible=COMPATIBLE,
                               threads=1), self.good_path)
         factory = d / "factory.img"
-        factory.write_bytes(b"factory" * 100000)
+        self.factory = b"factory" * 100000
+        factory.write_bytes(self.factory)
         self.device = d / "device"
         sim.init(sim.SimSpec(directory=self.device, image=factory, keyring=public, compatible=COMPATIBLE,
                              bootloader="uboot", slot_size=4 * MiB, tries=3))
@@ -60,7 +61,7 @@ def _cases(rig: Rig) -> list[Hostile]:
     good = rig.good_path.read_bytes()
     reader = BundleReader(io.BytesIO(good))
     ops = list(reader.read_op_table(verify(reader.read_head(), build_device(sim.config_path(rig.device)).keyring())))
-    return from_good(good, ops) + signed(rig.key, rig.other, COMPATIBLE, 2)
+    return from_good(good, ops) + signed(rig.key, rig.other, COMPATIBLE, 2, rig.factory)
 
 
 def test_every_crafted_hostile_bundle_is_rejected_with_its_error_and_changes_nothing(tmp_path: Path) -> None:
@@ -124,6 +125,6 @@ def test_the_generator_covers_every_class_the_issue_names(tmp_path: Path) -> Non
     rig = Rig(tmp_path)
     names = " ".join(c.name for c in _cases(rig))
     for needle in ("truncated", "bit flip in header", "= 0", "= 2147483648", "= 4294967295", "= 9223372036854775808",
-                   "bomb", "overlapping", "beyond the image", "reordered", "wrong base", "source hash lies",
+                   "bomb", "overlapping", "beyond the image", "reordered", "wrong base", "source extent hash lies",
                    "trailing data"):
         assert needle in names, needle
