@@ -12,7 +12,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	debootstrap lintian python3-venv qemu-system-x86 grub-pc-bin xorriso
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo reliability soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,21 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# One table: crash points (kill and power cut), dropped-write states, hostile bundles, environment
+# faults, fuzz executions per target (RELIABILITY_FUZZ_SECONDS each), and the unrecovered count (must be 0).
+RELIABILITY_FUZZ_SECONDS ?= 10
+reliability: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	$(BIN)/python -m tests.reliability.table --fuzz-seconds $(RELIABILITY_FUZZ_SECONDS)
+
+# The same on every bootloader backend, plus >= 500 random kill instants and >= 500 random
+# dropped-write states (SOAK_SEED to replay a run; the seed is printed).
+SOAK_SEED ?=
+soak: venv
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	EDGE_OTA_CRASH_BACKENDS="sim uboot grub bls" $(BIN)/python -m tests.reliability.table --soak \
+		--fuzz-seconds $(FUZZ_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 # The Debian package (packaging/build-deb.sh): the agent in its own virtualenv
 # under /opt/edge-ota, made by Debian's /usr/bin/python3; lintian when present.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bootcheck import BootCheckOutcome, boot_check
+from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import LockBusyError, MarkError
 from agent.events import Event, EventType, Result, iso
@@ -213,6 +214,7 @@ class App:
         outcome = boot_check(self.device)
         rebooting = outcome.reboot and reboot
         if rebooting:
+            crashpoint("before-reboot")
             self.rebooter()
         return BootCheckResult(outcome, rebooting)
 

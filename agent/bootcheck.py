@@ -169,6 +169,7 @@ def _boot_check(device: Device, health: HealthOverride | None) -> BootCheckOutco
             hung = "system hung during the health checks; nothing feeds the watchdog"
             return BootCheckOutcome(Outcome.HUNG, booted, hung)
         with _Feeder(device.watchdog, max(wd_cfg.timeout / 3, 0.5), time.monotonic() + device.config.health.deadline):
+            crashpoint("during-health-check")
             result = _health(device, health)
         version = trial.bundle_version if trial and trial.slot == booted else None
         txn = trial.txn if trial and trial.slot == booted else None
@@ -308,6 +309,7 @@ def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
         slot=booted,
     )
     device.record(event, replace(state, committed_security_version=floor, trial=None))
+    crashpoint("after-commit-recorded")
     return BootCheckOutcome(Outcome.COMMITTED, booted, reason)
 
 

@@ -169,7 +169,9 @@ def _install(
                 "run boot-check first"
             )
         reader = BundleReader(stream)
-        bundle = verify(reader.read_head(), device.keyring())
+        head = reader.read_head()
+        crashpoint("after-fetch-head")
+        bundle = verify(head, device.keyring())
         version = bundle.manifest.bundle_version
         policy.check(
             bundle,
@@ -178,6 +180,7 @@ def _install(
             now=device.clock(),
             allow_downgrade=allow_downgrade,
         )
+        crashpoint("after-verify")
         ops = reader.read_op_table(bundle)
         capacity = {(s.slot_class, s.bootname): slot_size(s.path, s.bootname) for s in device.config.slots}
         plan = make_plan(bundle, device.config.slots, booted, capacity)
@@ -208,6 +211,7 @@ def _install(
                 slot=target,
             )
         )
+        crashpoint("after-started-reported")
         _check_bases(device, plan, booted)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
@@ -224,18 +228,23 @@ def _install(
         if state.trial is not None and state.trial.txn == txn:
             state = replace(state, trial=None)  # reported here, not as an interrupted install
         canceled = isinstance(e, CanceledError)
-        device.record(
-            Event(
-                event=EventType.INSTALL,
-                result=Result.CANCELLED if canceled else Result.FAILED,
-                reason=f"{e}; slot {target} stays unbootable" if canceled and target else str(e),
-                txn=txn,
-                bundle_version=version,
-                slot=target,
-                downloaded=_counter(stream)(),
-            ),
-            state,
-        )
+        try:
+            device.record(
+                Event(
+                    event=EventType.INSTALL,
+                    result=Result.CANCELLED if canceled else Result.FAILED,
+                    reason=f"{e}; slot {target} stays unbootable" if canceled and target else str(e),
+                    txn=txn,
+                    bundle_version=version,
+                    slot=target,
+                    downloaded=_counter(stream)(),
+                ),
+                state,
+            )
+        except OtaError as unrecorded:
+            # The disk that failed the install may fail its report too (full, read-only):
+            # the cause is what the caller must see; the next boot reports it as interrupted.
+            log.error("the failed install could not be recorded: %s", unrecorded)
         raise
     downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
@@ -252,6 +261,7 @@ def _install(
         ),
         state,
     )
+    crashpoint("after-installed-recorded")
     conflicts = tuple(map(str, etc.conflicts)) if etc else ()
     return InstallOutcome(
         txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
@@ -446,6 +456,7 @@ def _stream_into(
             if pending is not None:
                 write(*pending)
             pending = extent = payload = None  # hold no payload or extent during the read-back
+        crashpoint("before-sync")
         for w in writers.values():
             w.sync()
         crashpoint("before-read-back")
@@ -468,6 +479,7 @@ def _stream_into(
             actual = device.read_back(ip.slot.path, plan.target, ip.image.size, tick)
             if actual != ip.image.sha256:
                 raise HashMismatchError(f"slot {plan.target} read-back", ip.image.sha256, actual)
+    crashpoint("after-read-back")
 
 
 def refuse_delta(bundle: VerifiedBundle, ops: Sequence[Op] = ()) -> None:

@@ -62,8 +62,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.crashpoint import crashpoint
 from agent.events import LIMITS, MAX_DOWNLOADED, Clock, Event, EventType, Result, iso, utcnow
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
+from ota_common.errors import OtaError
 from ota_common.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -233,7 +235,14 @@ class Outbox:
     # --- public API -------------------------------------------------------
 
     def append(self, event: Event) -> Record:
-        """Persist `event` as the newest record; returns it once it is durable."""
+        """Persist `event` as the newest record; returns it once it is durable. A
+        full, read-only or failing disk is an OtaError naming the outbox (one line)."""
+        try:
+            return self._append(event)
+        except OSError as e:
+            raise OtaError(f"cannot append the report to the outbox {self.path}: {e.strerror or e}") from None
+
+    def _append(self, event: Event) -> Record:
         with self._locked():
             view = self._current()
             record = Record(view.next_seq, uuid.uuid4().hex, event)
@@ -259,6 +268,7 @@ class Outbox:
             if seq <= view.acked:
                 return
             atomic_write(self.acked_path, b"%d\n" % seq)
+            crashpoint("outbox-after-ack")
             view.acked = seq
             view.key = self._key()
             acked_bytes = sum(line.size for line in view.parsed.lines if line.record.seq <= seq)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent.bootcheck import BootCheckOutcome, HealthOverride, Outcome, boot_check
 from agent.config import MAX_TRIES
+from agent.crashpoint import crashpoint
 from agent.daemon import build_device
 from agent.errors import InstallError
 from agent.mqtt.config import load_mqtt
@@ -195,4 +196,5 @@ def power_on(
             continue
         if not outcome.reboot:
             return boots
+        crashpoint("before-reboot")
     raise InstallError(f"device did not settle within {MAX_BOOTS} boots")

@@ -47,7 +47,7 @@ from agent.events import NAME_LIMIT, REASON_LIMIT, Event, EventType, Result, cle
 from agent.outbox import EventLog
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from bundler.format.manifest import HEX64, NAME
-from ota_common.fsutil import atomic_write, open_regular
+from ota_common.fsutil import atomic_write, make_dirs, open_regular
 from ota_common.text import clean
 
 log = logging.getLogger(__name__)
@@ -387,7 +387,7 @@ class StateStore:
     def lock(self) -> Iterator[None]:
         """Exclusive lock for changes that span several steps (an install, a boot-check);
         raises LockBusyError at once when another process holds it."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(self.dir, 0o700)
         try:
             fd = open_regular(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -405,8 +405,13 @@ class StateStore:
             os.close(fd)
 
     def save(self, state: AgentState) -> None:
-        with flocked(self.dir / LOCK_FILE):
-            self._save_locked(state)
+        """Durably replace the state; a full, read-only or failing disk is an
+        InstallError naming the directory and the system's reason (one line)."""
+        try:
+            with flocked(self.dir / LOCK_FILE):
+                self._save_locked(state)
+        except OSError as e:
+            raise InstallError(f"cannot save the agent state in {self.dir}: {e.strerror or e}") from None
 
     def _save_locked(self, state: AgentState) -> None:
         data = encode(state)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from ota_common.fsutil import UnsafeFileError, fsync_dir, open_regular, read_regular
+from ota_common.fsutil import UnsafeFileError, fsync_dir, make_dirs, open_regular, read_regular
 
 NotRegularError = UnsafeFileError  # the path names a symlink, FIFO, device or directory
 
@@ -56,7 +56,7 @@ def ensure_dir(directory: Path) -> None:
     """Create the state directory if needed, making its own entry durable."""
     if directory.is_dir():
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     fsync_dir(directory.parent)
 
 

@@ -189,12 +189,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: Path, mode: int = 0o777) -> None:
+    """`mkdir -p` that survives a power cut: each directory it creates is followed
+    by an fsync of its parent, so the new entry (and what is later written and
+    synced inside it) is not lost with the parent's unsynced metadata."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=mode)
+        fsync_dir(d.parent)
+
+
 def ensure_private_dir(directory: Path) -> None:
     """Create `directory` (mode 0700) when missing; refuse one that is not a
     directory, is not owned by this process's user, or that group or others may
     write (they could plant links or files for the agent to trust or overwrite)."""
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700, parents=True)
+    make_dirs(directory, 0o700)
     st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeFileError(directory, f"is {kind_of(st.st_mode)}, not a directory", errno.ENOTDIR)

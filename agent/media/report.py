@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 
+from agent.crashpoint import crashpoint
 from agent.events import Event, EventType
 from agent.outbox import EventLog
 from ota_common import media as layout
@@ -44,6 +45,7 @@ def _subdir(parent: int, name: str) -> int:
     except FileNotFoundError:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o755, dir_fd=parent)
+        os.fsync(parent)  # the new directory's entry is durable before receipts go in it
         return os.open(name, DIR_FLAGS, dir_fd=parent)
 
 
@@ -75,6 +77,7 @@ def write_back(root_fd: int, r: Receipt) -> str:
         try:
             stem = r.file_stem()
             _write_file(reports, f"{stem}.txt", r.text().encode())
+            crashpoint("media-report-half-written")
             _write_file(reports, f"{stem}.json", r.encode())  # last: its presence means both are complete
             os.fsync(reports)
         finally:

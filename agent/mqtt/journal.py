@@ -41,7 +41,7 @@ from typing import Any
 from agent.mqtt.errors import JobError, JournalError, TopicError, TransitionError
 from agent.mqtt.schema import Job, JobStatus, JobType, encode, format_time, job_document, parse_job, parse_time
 from agent.mqtt.topics import check_name
-from ota_common.fsutil import atomic_write, fsync_dir
+from ota_common.fsutil import atomic_write, fsync_dir, make_dirs
 from ota_common.text import clean
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Journal:
             self._compact()
         created = not self.path.exists()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 view = memoryview(frame)

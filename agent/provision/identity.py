@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.crashpoint import crashpoint
 from agent.errors import InstallError
-from ota_common.fsutil import atomic_write, read_regular
+from ota_common.fsutil import atomic_write, make_dirs, read_regular
 from ota_common.text import clean
 
 KEY_FILE = "key.pem"
@@ -126,7 +126,7 @@ def load_or_create_key(directory: Path, key_type: str) -> tuple[PrivateKey, bool
     key = _generate(key_type)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(directory, 0o700)
     atomic_write(path, pem, mode=0o600)
     crashpoint("provision-after-key")
     return key, True

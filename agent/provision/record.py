@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.errors import InstallError
 from ota_common import strictjson
-from ota_common.fsutil import atomic_write, read_regular
+from ota_common.fsutil import atomic_write, make_dirs, read_regular
 from ota_common.text import clean
 
 RECORD_FILE = "record.json"
@@ -96,7 +96,7 @@ def load(directory: Path) -> Record:
 def save(directory: Path, record: Record) -> None:
     data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(directory, 0o700)
         atomic_write(path_of(directory), data, mode=0o644)
     except OSError as e:
         raise RecordError(f"cannot write the provisioning record {path_of(directory)}: {e.strerror}") from None

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from hw.bootloader.model import BootDecision, BootState, SlotBoot, SlotBootState
 from hw.errors import BootEnvError
-from ota_common.fsutil import atomic_write, fsync_dir, read_regular
+from ota_common.fsutil import atomic_write, fsync_dir, make_dirs, read_regular
 
 PREFIX = "ota-"
 SUFFIX = ".conf"
@@ -197,7 +197,7 @@ class BlsEnv:
         """A fresh ESP layout equal to `BootState.initial`: loader.conf's default,
         one template entry per slot (ours only; other entries are left alone)."""
         try:
-            self.entries_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.entries_dir)
             for name in os.listdir(self.entries_dir):
                 if _is_ours(name):
                     (self.entries_dir / name).unlink()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sys
+import tarfile
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +29,9 @@ from bundler.format.writer import write_bundle
 from ota_common.frames import encode as encode_frame
 from tests.fuzz._harness import TEST_KEY
 
-HARNESSES = ("bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console")
+HARNESSES = (
+    "bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console", "mqtt", "media", "oci",
+)
 
 
 def _image(parts: list[bytes | int]) -> tuple[list[Op], bytes, bytes]:
@@ -129,6 +133,34 @@ timeout = 30
 """
 
 
+MQTT_SEEDS = [
+    b'{"job_id": "j1", "type": "install", "url": "https://example.com/b.otab", "sha256": "'
+    + b"ab" * 32 + b'", "expires": "2030-01-01T00:00:00Z"}',
+    b'{"job_id": "j2", "type": "reboot"}',
+    b'{"credit": 4, "offset": 0}',
+    b'{"report_id": "r1", "job_id": "j1", "status": "succeeded"}',
+]
+
+
+def _oci_seeds() -> list[bytes]:
+    """A small layer tar (a directory, a file, a symlink, a whiteout), an index, references."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data in (("etc", tarfile.DIRTYPE, b""), ("etc/hostname", tarfile.REGTYPE, b"gw\n"),
+                                 ("etc/link", tarfile.SYMTYPE, b""), ("etc/.wh.old", tarfile.REGTYPE, b"")):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data)
+            info.linkname = "hostname" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(info, io.BytesIO(data))
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "ab" * 32, "size": 500,
+         "platform": {"os": "linux", "architecture": "amd64"},
+         "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}
+    return [b"\x00" + buf.getvalue(), b"\x01" + json.dumps(index).encode(),
+            b"\x02oci://registry.example:5000/edge/gw@sha256:" + b"cd" * 32, b"\x02oci://localhost/a/b:1.0"]
+
+
 def seeds() -> dict[str, list[bytes]]:
     made = bundles()
     frames = [zstandard.ZstdCompressor(level=1).compress(b"x" * 5000), zstandard.ZstdCompressor().compress(b"")]
@@ -182,6 +214,10 @@ def seeds() -> dict[str, list[bytes]]:
         "outbox": outbox,
         "console": [b"\x07status\r\njson on\r" + encode_frame(7, 0, b"payload" * 40) + b"@ack 7 0 4096\r",
                     b"\x00" + b"x" * 5000 + b"\r" + encode_frame(1, 4096, bytes(300))],
+        "mqtt": MQTT_SEEDS,
+        "oci": _oci_seeds(),
+        # mkdir "edge-ota", a bundle in it, a link and a FIFO named like bundles, up, a file at the top
+        "media": [b"\x00\x07edge-ota\x02\x03v20\x03\x04evil\x04\x04fifo\x01\x00\x02\x03top"],
     }
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from bundler.build import BundleSpec, build_full
 from bundler.format.signing import generate_key
-from tests.powercut.explore import Image, summary_lines
+from tests.powercut.explore import RESULTS, Image, summary_lines
+from tests.reliability.results import record
 
 MiB = 1 << 20
 COMPATIBLE = "powercut-board"
@@ -68,6 +69,9 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for r in RESULTS:  # for `make reliability` (tests.reliability.results; nothing without its variable)
+        record("dropped-write states", f"{r.scenario}@{r.backend}", passed=not r.failures,
+               unrecovered=len(r.failures), states=r.distinct, explored=r.explored)
     lines = summary_lines()
     if lines:
         terminalreporter.section("power cuts with unsynced writes dropped")

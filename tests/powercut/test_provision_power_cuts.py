@@ -95,7 +95,11 @@ def _rerun(d: Path, config: Path, argv: tuple[str, ...], image_sha: str, size: i
     key = d / "provision" / "key.pem"
     key_before = key.read_bytes() if key.exists() else None
     capsys.readouterr()
-    rc = agent_main([*argv[:-2], "--json"])  # the re-run does not repeat the device id
+    rec = d / "provision" / "record.json"
+    pinned = rec.exists() and '"device_id": "pc-1"' in rec.read_text()
+    # Once the id is recorded the re-run need not repeat it; before that (the cut came
+    # before the first record was durable, so no key exists either) the operator repeats it.
+    rc = agent_main([*(argv[:-2] if pinned else argv), "--json"])
     out: Any = capsys.readouterr()
     if rc != 0 and "already provisioned" not in out.err:
         return [f"provisioning again failed: {out.err.strip()[:300]}"]

@@ -1,0 +1,120 @@
+"""`make soak` (EDGE_OTA_SOAK=1; skipped otherwise): random instants, seed
+printed (EDGE_OTA_SOAK_SEED replays a run).
+
+* **Random kills**: on one simulated device per backend, again and again, an
+  install (of a release other than the running one) or a power-on with its
+  boot-check runs as a real process and is SIGKILLed after a random delay
+  within its measured duration; then the device powers on and must settle on a
+  good slot holding a known image, with status consistent with the slots
+  (`Explorer.power_on_and_check`), and the next install (the next round) must work.
+* **Random dropped-write states**: install, commit and rollback traced once per
+  backend; random (cut, variant) states of those traces are put in place and
+  checked like the exhaustive explorer does (acknowledged reports included).
+
+Counts are at least EDGE_OTA_SOAK_KILLS / EDGE_OTA_SOAK_STATES (500 each).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import sim
+from agent.daemon import build_device
+from agent.status import status
+from tests.powercut.conftest import Releases
+from tests.powercut.explore import REPO
+from tests.powercut.test_power_cut_states import BACKENDS, SCENARIOS, explorer_for
+from tests.reliability.results import record
+
+SOAK = os.environ.get("EDGE_OTA_SOAK") == "1"
+KILLS = int(os.environ.get("EDGE_OTA_SOAK_KILLS", "500"))
+STATES = int(os.environ.get("EDGE_OTA_SOAK_STATES", "500"))
+pytestmark = pytest.mark.skipif(not SOAK, reason="make soak runs these (EDGE_OTA_SOAK=1)")
+
+
+def _seed() -> int:
+    seed = int(os.environ.get("EDGE_OTA_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
+    print(f"soak seed: {seed} (EDGE_OTA_SOAK_SEED={seed} replays it)", file=sys.stderr)
+    return seed
+
+
+def _run(argv: list[str], delay: float | None) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if delay is not None:
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=120)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases, backend: str) -> None:
+    rng = random.Random(_seed())
+    explorer = explorer_for(tmp_path, releases, SCENARIOS["install"], backend, installs=0)
+    config = str(sim.config_path(explorer.dir))
+    every = {r.image.version: r for r in (releases.v2, releases.v3, releases.v4)}
+    versions = frozenset({"factory", *every})
+    started = time.monotonic()
+    _run(["-c", config, "install", str(releases.v2.bundle)], None)
+    took = time.monotonic() - started
+    sim.power_on(explorer.dir, say=lambda _: None)
+    kills = max(1, KILLS // len(BACKENDS))
+    failures: list[str] = []
+    killed = 0
+    for n in range(kills):
+        doc = status(build_device(sim.config_path(explorer.dir)))
+        running = explorer.slot_content(doc.booted or "A")
+        choices = [r for v, r in every.items() if r.image.security_version > doc.committed_security_version
+                   and (running is None or v != running.version)]
+        if not choices:  # the floor reached the newest release: a fresh device
+            shutil.rmtree(tmp_path / "device")
+            explorer = explorer_for(tmp_path, releases, SCENARIOS["install"], backend, installs=0)
+            choices = list(every.values())
+        release = rng.choice(choices)
+        delay = rng.uniform(0.0, took * 1.1)
+        argv = ["-c", config, "install", str(release.bundle)]
+        if rng.random() < 0.7:
+            rc = _run(argv, delay)
+        else:
+            if _run(argv, None) != 0:
+                failures.append(f"kill {n}: the install before the boot failed")
+            rc = _run(["sim", "boot", str(explorer.dir)], delay)
+        if rc not in (0, -signal.SIGKILL):
+            failures.append(f"kill {n}: the run itself failed (rc {rc}) after the previous kill")
+        killed += rc == -signal.SIGKILL
+        problems = explorer.power_on_and_check([], None, versions, ())
+        failures += [f"kill {n} after {delay:.3f}s (rc {rc}): {p}" for p in problems]
+    record("random kills", backend, passed=not failures, unrecovered=len(failures), kills=kills,
+           killed_mid_run=killed)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_dropped_write_states_always_recover(tmp_path: Path, releases: Releases, backend: str) -> None:
+    rng = random.Random(_seed())
+    per_flow = max(1, STATES // len(BACKENDS) // 3)
+    failures: list[str] = []
+    checked = 0
+    for name in ("install", "commit", "rollback"):
+        explorer = explorer_for(tmp_path / name, releases, SCENARIOS[name], backend, installs=0)
+        trace = explorer.trace(tmp_path / name / "trace")
+        all_states = list(trace.states())
+        for n in range(per_flow):
+            state = rng.choice(all_states)
+            found = explorer.check(trace, state, next_install=n % 10 == 9)
+            checked += 1
+            failures += [f"{name} cut {state.cut} ({state.variant}): {p}" for p in found]
+    record("random dropped-write states", backend, passed=not failures, unrecovered=len(failures), states=checked)
+    assert not failures, "\n".join(failures[:20])
+
