@@ -18,7 +18,7 @@ damaged one is fetched again, up to REFETCHES times), and the installer checks
 every produced extent and reads the whole image back, as for any install.
 
 `[download] max_download_bytes` / `max_download_ratio` (docs/config.md) are
-checked here, before anything is written: the bytes the install would download
+checked here, before anything is written (with `adaptive = true`, off by default): the bytes the install would download
 (what was read already plus every planned range; the whole bundle when the
 server ignores Range) over either limit refuse the install. A server that
 ignores Range falls back to the plain stream.
@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import DownloadConfig, SlotConfig
-from agent.errors import InstallError
+from agent.errors import InstallError, SourceError
 from agent.plan import InstallPlan
-from agent.ranged import RangeStream, ResumableSource
-from bundler.format.apply import SourceError, pread_into
+from agent.ranged import RangeStream, ResourceChangedError, ResumableSource
+from bundler.format.apply import SourceError as ExtentError
+from bundler.format.apply import pread_into
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
 from bundler.format.ops import Op, OpType
 from bundler.format.reader import READ_CHUNK, REFETCHES, Readable
@@ -112,7 +113,7 @@ def _holds(path: Path, op: Op, buf: bytearray) -> bool:
         return False
     try:
         pread_into(fd, op.dst_offset, view, str(path))
-    except SourceError:
+    except ExtentError:
         return False
     finally:
         os.close(fd)
@@ -152,12 +153,21 @@ def prepare(
 ) -> Decision | None:
     """The decision for every op, or None when the server ignores Range (the plain
     stream goes on). Reads the candidate slots; writes nothing."""
-    total = ranges.total()
+    total = ranges.known_total
+    if total is None:
+        log.info("%s: the server does not say how large the bundle is; streaming it", ranges.name)
+        return None
     if total != payload_start + payload_length:
         raise FormatError(f"the bundle is {total} bytes; its head says {payload_start + payload_length}",
                           region="trailer")
-    with ranges.fetch(0, 1) as probe:  # the plain stream sent no Range: learn whether the server honours it
-        probe.read(1)
+    try:
+        with ranges.fetch(0, 1) as probe:  # the plain stream sent no Range: learn whether the server honours it
+            probe.read(1)
+    except SourceError as e:
+        if isinstance(e, ResourceChangedError):
+            raise
+        log.warning("%s; streaming the whole bundle", e)
+        return None
     if ranges.ranges is not True:
         log.info("%s: the server ignores Range; streaming the whole bundle", ranges.name)
         return None

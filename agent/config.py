@@ -75,7 +75,7 @@ class DownloadConfig:
     no_proxy: tuple[str, ...] = ()  # host names (and their subdomains) reached directly; "*": all
     registry_credentials: Path | None = None  # file holding USER:PASSWORD for oci:// registries
     # adaptive download (agent.adaptive): fetch by Range only what no local slot holds
-    adaptive: bool = True
+    adaptive: bool = False  # opt-in: it adds Range requests to every http(s)/oci:// install
     max_download_bytes: int = 0  # refuse an install that would download more (0: no limit)
     max_download_ratio: float = 0.0  # ... or more than this fraction of the bundle (0: no limit)
 

@@ -16,9 +16,8 @@ from bundler.fleet.serve import BundleHandler, BundleServer
 from tests.e2e._sim import SimDevice
 from tests.fixtures.faultproxy import FaultProxy
 
-# adaptive = false: these tests exercise the plain stream (test_adaptive_download turns it on).
 FAST_RETRIES = {"retries": 4, "retry_backoff": 0.01, "retry_backoff_max": 0.05, "stall_bytes": 1024,
-                "stall_seconds": 1, "adaptive": False}
+                "stall_seconds": 1}
 
 
 def toml_value(v: object) -> str:
