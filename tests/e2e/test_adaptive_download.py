@@ -58,17 +58,17 @@ def full_bundle(tmp_path: Path, key: KeyPair, image: Path) -> Path:
     return out
 
 
-def layout(bundle: Path, old: Path) -> tuple[int, int]:
-    """(bytes before the payload, payload bytes of the ops whose extent differs from `old`)."""
+def layout(bundle: Path, *olds: Path) -> tuple[int, int]:
+    """(bytes before the payload, payload bytes of the ops whose extent none of `olds` holds)."""
     raw = bundle.read_bytes()
     header = Header.unpack(raw[:HEADER_SIZE])
     start = HEADER_SIZE + header.manifest_length + header.signature_length
     ops = unpack_table(raw[start : start + header.op_table_length])
-    base = old.read_bytes()
+    bases = [old.read_bytes() for old in olds]
     new = 0
     for op in ops:
-        held = base[op.dst_offset : op.dst_offset + op.dst_length]
-        if op.type is OpType.REPLACE and hashlib.sha256(held).digest() != op.dst_sha256:
+        held = {hashlib.sha256(b[op.dst_offset : op.dst_offset + op.dst_length]).digest() for b in bases}
+        if op.type is OpType.REPLACE and op.dst_sha256 not in held:
             new += op.payload_length
     return start + header.op_table_length, new
 
@@ -101,6 +101,29 @@ def test_a_full_bundle_downloads_only_the_ops_that_changed_and_commits(
     dev.boot()
     doc = dev.status()
     assert (doc["booted"], doc["slots"]["B"]["boot_state"], doc["slots"]["B"]["version"]) == ("B", "good", "2.0")
+
+
+def test_what_an_interrupted_attempt_wrote_into_the_target_slot_is_not_downloaded_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, pair: tuple[Path, Path], lab: Origin
+) -> None:
+    v1, v2 = pair
+    bundle = full_bundle(tmp_path, signing_key, v2)
+    dev = device_on(tmp_path, capsys, signing_key, v1)
+    download_table(dev, adaptive=True)
+    half = IMAGE // 2  # the first change lies before, the second after
+    with v2.open("rb") as src, dev.slot_path("B").open("r+b") as dst:  # an attempt cut halfway
+        dst.write(src.read(half))
+    partial = tmp_path / "partial.img"
+    partial.write_bytes(dev.slot_path("B").read_bytes()[:IMAGE])
+    head, changed = layout(bundle, v1, partial)
+    _, both = layout(bundle, v1)
+    assert 0 < changed < both
+
+    dev.install_ok(lab.url(lab.publish(bundle)))
+
+    downloaded = int(last_result(dev)["downloaded"])
+    assert head + changed <= downloaded <= head + changed + 1 + 2 * adaptive.COALESCE_GAP
+    assert dev.slot_image_sha256("B", IMAGE) == sha256_file(v2)
 
 
 def test_an_identical_image_downloads_only_the_head(
