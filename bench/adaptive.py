@@ -9,7 +9,8 @@ slots hold v1), and prints the bytes downloaded next to the full bundle and our
 delta bundle (`ota-bundle create --base`, built only with --delta: it takes
 minutes; else the size given by --delta-size KIND=BYTES, e.g. from the
 bench/delta.py table). Not a pass/fail test. Target (issue 9): downloaded <=
-1.2x our delta.
+1.2x our delta. A second row installs onto a device whose target slot holds
+the first half of v2 (an attempt cut halfway).
 
 Usage: .venv/bin/python -m bench.adaptive [--corpus DIR] [--pair ext4|sqfs ...] [--delta]
        [--delta-size ext4=3826638 ...] [--workdir DIR]
@@ -43,6 +44,30 @@ def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
+def install(device: Path, v1: Path, cut: tuple[Path, int] | None, keys: Path, url: str) -> tuple[int, float]:
+    """Bytes downloaded (and seconds) installing `url` adaptively onto a device booted from v1,
+    its target slot holding the first `cut[1]` bytes of `cut[0]` (an interrupted attempt)."""
+    slot_size = -(-max(v1.stat().st_size, (cut[0] if cut else v1).stat().st_size) // MIB) * MIB
+    run([tool("ota-agent"), "sim", "init", str(device), "--image", str(v1), "--keyring", str(keys / "signing.pub"),
+         "--compatible", COMPATIBLE, "--slot-size", str(slot_size)])
+    if cut is not None:
+        with cut[0].open("rb") as src, (device / "slot-B.img").open("r+b") as dst:
+            left = cut[1]
+            while left:
+                chunk = src.read(min(left, 4 * MIB))
+                dst.write(chunk)
+                left -= len(chunk)
+    config = device / "agent.toml"
+    config.write_text(config.read_text() + "\n[download]\nadaptive = true\n")
+    t0 = time.perf_counter()
+    run([tool("ota-agent"), "-c", str(config), "install", url])
+    took = time.perf_counter() - t0
+    last = json.loads(run([tool("ota-agent"), "-c", str(config), "status", "--json"]).stdout)["last_result"]
+    assert last["result"] == "ok", last
+    shutil.rmtree(device, ignore_errors=True)
+    return int(last["downloaded"]), took
+
+
 def run_pair(
     work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool
 ) -> None:
@@ -59,23 +84,14 @@ def run_pair(
         delta = d / "delta.otab"
         run([tool("ota-bundle"), "create", "--image", str(v2), "--base", str(v1), *key, "-o", str(delta)])
         delta_size = delta.stat().st_size
-    device = d / "device"
-    slot_size = -(-max(v1.stat().st_size, v2.stat().st_size) // MIB) * MIB
-    run([tool("ota-agent"), "sim", "init", str(device), "--image", str(v1), "--keyring", str(keys / "signing.pub"),
-         "--compatible", COMPATIBLE, "--slot-size", str(slot_size)])
-    config = device / "agent.toml"
-    config.write_text(config.read_text() + "\n[download]\nadaptive = true\n")
     server = BundleServer(d / "www", quiet=True)
     server.start()
     try:
-        t0 = time.perf_counter()
-        run([tool("ota-agent"), "-c", str(config), "install", f"{server.url}/full.otab"])
-        took = time.perf_counter() - t0
+        downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/full.otab")
+        half = v2.stat().st_size // 2
+        interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full.otab")
     finally:
         server.stop()
-    last = json.loads(run([tool("ota-agent"), "-c", str(config), "status", "--json"]).stdout)["last_result"]
-    assert last["result"] == "ok", last
-    downloaded = int(last["downloaded"])
     size = full.stat().st_size
     print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); full bundle built in {built:.0f} s, "
           f"adaptive install {took:.1f} s")
@@ -92,6 +108,7 @@ def run_pair(
     row("full bundle (plain download)", size)
     row("our delta bundle", delta_size)
     row("adaptive download of the full bundle", downloaded)
+    row("same, after an attempt cut halfway (target slot holds half of v2)", interrupted)
 
 
 def main(argv: list[str] | None = None) -> int:
