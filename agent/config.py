@@ -74,6 +74,10 @@ class DownloadConfig:
     proxy: str | None = None  # http://host:port (CONNECT for https URLs, absolute-form for http)
     no_proxy: tuple[str, ...] = ()  # host names (and their subdomains) reached directly; "*": all
     registry_credentials: Path | None = None  # file holding USER:PASSWORD for oci:// registries
+    # adaptive download (agent.adaptive): fetch by Range only what no local slot holds
+    adaptive: bool = False  # opt-in: it adds Range requests to every http(s)/oci:// install
+    max_download_bytes: int = 0  # refuse an install that would download more (0: no limit)
+    max_download_ratio: float = 0.0  # ... or more than this fraction of the bundle (0: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +192,12 @@ class _Table:
         if not low <= v <= high:
             raise self.err(key, f"= {_show(v)} is outside {low}..{high}")
         return float(v)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self.doc.get(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, f"must be true or false, got {_show(v)}")
+        return v
 
     def strings(self, key: str) -> tuple[str, ...]:
         v = self.doc.get(key, [])
@@ -335,7 +345,7 @@ def _provision(t: _Table) -> ProvisionConfig:
 
 DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "retries",
                  "retry_backoff", "retry_backoff_max", "ca_file", "client_cert", "client_key", "headers", "proxy",
-                 "no_proxy", "registry_credentials"}
+                 "no_proxy", "registry_credentials", "adaptive", "max_download_bytes", "max_download_ratio"}
 # Headers the HTTP client owns (framing, ranges, the connection): a config cannot override them.
 RESERVED_HEADERS = {"host", "range", "if-range", "connection", "content-length", "transfer-encoding", "te",
                     "upgrade", "accept-encoding", "expect", "keep-alive", "trailer", "proxy-connection"}
@@ -370,6 +380,9 @@ def _download(t: _Table) -> DownloadConfig:
         proxy=proxy,
         no_proxy=t.strings("no_proxy"),
         registry_credentials=t.path("registry_credentials") if "registry_credentials" in t.doc else None,
+        adaptive=t.boolean("adaptive", d.adaptive),
+        max_download_bytes=t.integer("max_download_bytes", d.max_download_bytes, 0, 1 << 50),
+        max_download_ratio=t.number("max_download_ratio", d.max_download_ratio, 0.0, 1000.0),
     )
 
 

@@ -36,12 +36,12 @@ import ctypes
 import enum
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent import etcmerge, policy
+from agent import adaptive, etcmerge, policy
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -213,9 +213,10 @@ def _install(
         )
         crashpoint("after-started-reported")
         _check_bases(device, plan, booted)
+        fetcher = _adaptive(device, stream, reader=reader, bundle=bundle, ops=ops, plan=plan, booted=booted)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
-        _write(device, reader, ops, plan, booted, trial=trial, progress=progress)
+        _write(device, reader, ops, plan, booted, trial=trial, progress=progress, fetcher=fetcher)
         etc = etcmerge.merge_for_install(device.config.etc, [(i.image.slot_class, i.slot.path) for i in plan.images])
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
@@ -335,6 +336,39 @@ def _check_bases(device: Device, plan: InstallPlan, booted: str) -> None:
             )
 
 
+def _adaptive(
+    device: Device,
+    stream: Readable,
+    *,
+    reader: BundleReader,
+    bundle: VerifiedBundle,
+    ops: Sequence[Op],
+    plan: InstallPlan,
+    booted: str,
+) -> adaptive.Fetcher | None:
+    """For a stream that reads ranges (http(s), oci://): fetch only the payloads no
+    local slot holds (agent.adaptive), within the [download] limits; None: stream on.
+    Reads slots, writes nothing: a refusal here leaves every slot as it was."""
+    ranges = adaptive.range_source(stream)
+    if ranges is None:
+        return None
+    limits = device.config.download
+    start, size = reader.position, reader.position + bundle.manifest.payload_length
+    decision = None
+    if limits.adaptive:
+        decision = adaptive.prepare(ranges, ops, plan, slots=device.config.slots, booted=booted,
+                                    payload_start=start, payload_length=bundle.manifest.payload_length)
+    if decision is None:
+        adaptive.check_limits(limits, size, size, "streaming the whole bundle")
+        return None
+    adaptive.check_limits(limits, ranges.downloaded + decision.fetch_bytes, size, "adaptive download")
+    log.info("%s", decision.summary())
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()  # the plain stream is not read on: its connection goes
+    return adaptive.Fetcher(ranges, decision, start)
+
+
 def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:
     """A pending update (installed or interrupted, not yet booted) is being replaced.
     The verdict is saved first: from then on boot-check never commits it, even if
@@ -363,6 +397,7 @@ def _write(
     *,
     trial: Trial,
     progress: ProgressFn | None,
+    fetcher: adaptive.Fetcher | None = None,
 ) -> None:
     target = plan.target
     _cancel_pending(device, booted, trial)
@@ -376,7 +411,8 @@ def _write(
     state = device.store.load().with_slot(target, SlotRecord())
     device.store.save(replace(state, trial=trial))
     crashpoint("after-trial-saved")
-    _stream_into(device, reader, ops, (plan,), booted=booted, progress=progress)
+    payloads = fetcher.iter_payload(ops) if fetcher is not None else None
+    _stream_into(device, reader, ops, (plan,), booted=booted, progress=progress, payloads=payloads)
 
 
 def _stream_into(
@@ -387,6 +423,7 @@ def _stream_into(
     *,
     booted: str | None,
     progress: ProgressFn | None,
+    payloads: Iterator[tuple[int, Op, adaptive.Payload]] | None = None,
 ) -> None:
     """Every op of the bundle, each checked once, into every planned slot; then each
     slot read back from the medium and compared with its image's SHA-256. `booted`
@@ -435,14 +472,17 @@ def _stream_into(
         bases = {ip.image.slot_class: ip.image.base_size or 0 for ip in plans[0].images}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
             pending: tuple[int, Op, Future[bytes | None] | None] | None = None
-            for index, op, payload in reader.iter_payload(ops):
+            items: Iterator[tuple[int, Op, adaptive.Payload]] = payloads or reader.iter_payload(ops)
+            for index, op, payload in items:
                 cls = plans[0].image_for_op(index).image.slot_class
                 alone = op.type in NEEDS_BASE
                 if alone and pending is not None:
                     write(*pending)
                     pending = None
-                extent = None
-                if op.type is not OpType.ZERO:
+                extent: Future[bytes | None] | None = None
+                if isinstance(payload, adaptive.LocalExtent):  # held by a slot: read and hash-checked again
+                    extent = decoder.submit(payload.produce, op, index)
+                elif op.type is not OpType.ZERO:
                     extent = decoder.submit(apply_op, op, payload, index, sources[cls], bases[cls])
                 if pending is not None:
                     write(*pending)

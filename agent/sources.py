@@ -64,6 +64,11 @@ class BundleStream:
         return self._ranges.downloaded if self._ranges is not None else self.consumed
 
     @property
+    def range_source(self) -> ResumableSource | None:
+        """The ranged reader behind the stream (http(s), oci://), for adaptive download."""
+        return self._ranges
+
+    @property
     def can_refetch(self) -> bool:
         return self._ranges is not None
 

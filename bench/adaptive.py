@@ -1,0 +1,140 @@
+"""Adaptive download on real Debian images: bytes a device holding the base downloads
+when it installs the *full* bundle of the new image with `[download] adaptive = true`.
+
+Owns the adaptive-download benchmark: for each image pair of the corpus (as
+bench/delta.py finds it: --corpus, else $CORPUS, else bench/corpus; it is not
+built here) it builds the full bundle of v2, serves it with `ota-fleet serve`'s
+server on 127.0.0.1, installs it onto a simulated device booted from v1 (both
+slots hold v1), and prints the bytes downloaded next to the full bundle and our
+delta bundle (`ota-bundle create --base`, built only with --delta: it takes
+minutes; else the size given by --delta-size KIND=BYTES, e.g. from the
+bench/delta.py table). Not a pass/fail test. Target (issue 9): downloaded <=
+1.2x our delta. A second row installs onto a device whose target slot holds
+the first half of v2 (an attempt cut halfway).
+
+Usage: .venv/bin/python -m bench.adaptive [--corpus DIR] [--pair ext4|sqfs ...] [--delta]
+       [--delta-size ext4=3826638 ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bundler.fleet.serve import BundleServer
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+COMPATIBLE = "edge-ota-bench"
+TARGET = 1.2
+
+
+def tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def install(device: Path, v1: Path, cut: tuple[Path, int] | None, keys: Path, url: str) -> tuple[int, float]:
+    """Bytes downloaded (and seconds) installing `url` adaptively onto a device booted from v1,
+    its target slot holding the first `cut[1]` bytes of `cut[0]` (an interrupted attempt)."""
+    slot_size = -(-max(v1.stat().st_size, (cut[0] if cut else v1).stat().st_size) // MIB) * MIB
+    run([tool("ota-agent"), "sim", "init", str(device), "--image", str(v1), "--keyring", str(keys / "signing.pub"),
+         "--compatible", COMPATIBLE, "--slot-size", str(slot_size)])
+    if cut is not None:
+        with cut[0].open("rb") as src, (device / "slot-B.img").open("r+b") as dst:
+            left = cut[1]
+            while left:
+                chunk = src.read(min(left, 4 * MIB))
+                dst.write(chunk)
+                left -= len(chunk)
+    config = device / "agent.toml"
+    config.write_text(config.read_text() + "\n[download]\nadaptive = true\n")
+    t0 = time.perf_counter()
+    run([tool("ota-agent"), "-c", str(config), "install", url])
+    took = time.perf_counter() - t0
+    last = json.loads(run([tool("ota-agent"), "-c", str(config), "status", "--json"]).stdout)["last_result"]
+    assert last["result"] == "ok", last
+    shutil.rmtree(device, ignore_errors=True)
+    return int(last["downloaded"]), took
+
+
+def run_pair(
+    work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool
+) -> None:
+    v1, v2 = pair
+    d = work / kind
+    (d / "www").mkdir(parents=True)
+    key = ["--key", str(keys / "signing.key"), "--version", "2.0", "--security-version", "1",
+           "--compatible", COMPATIBLE]
+    full = d / "www" / "full.otab"
+    t0 = time.perf_counter()
+    run([tool("ota-bundle"), "create", "--image", str(v2), *key, "-o", str(full)])
+    built = time.perf_counter() - t0
+    if build_delta:
+        delta = d / "delta.otab"
+        run([tool("ota-bundle"), "create", "--image", str(v2), "--base", str(v1), *key, "-o", str(delta)])
+        delta_size = delta.stat().st_size
+    server = BundleServer(d / "www", quiet=True)
+    server.start()
+    try:
+        downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/full.otab")
+        half = v2.stat().st_size // 2
+        interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full.otab")
+    finally:
+        server.stop()
+    size = full.stat().st_size
+    print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); full bundle built in {built:.0f} s, "
+          f"adaptive install {took:.1f} s")
+    print(f"| what | bytes | vs full bundle | vs our delta (target <= {TARGET}x) |")
+    print("|---|---:|---:|---:|")
+
+    def row(what: str, n: int | None) -> None:
+        if n is None:
+            print(f"| {what} | - | - | - |")
+            return
+        vs_delta = f"{n / delta_size:.2f}x" if delta_size else "-"
+        print(f"| {what} | {n:,} | {n / size:.3f}x | {vs_delta} |")
+
+    row("full bundle (plain download)", size)
+    row("our delta bundle", delta_size)
+    row("adaptive download of the full bundle", downloaded)
+    row("same, after an attempt cut halfway (target slot holds half of v2)", interrupted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.adaptive", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("CORPUS", HERE / "corpus")))
+    parser.add_argument("--pair", action="append", choices=("ext4", "sqfs"))
+    parser.add_argument("--delta", action="store_true", help="build our delta bundle too (minutes)")
+    parser.add_argument("--delta-size", action="append", default=[], metavar="KIND=BYTES")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    sizes = {k: int(v) for k, _, v in (s.partition("=") for s in args.delta_size)}
+    images = args.corpus / "images"
+    if not images.is_dir():
+        print(f"no corpus at {args.corpus} (bench/delta_corpus/make-corpus.sh builds one)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="adaptive-bench-", dir=args.workdir))
+    try:
+        keys = work / "keys"
+        run([tool("ota-bundle"), "keygen", str(keys)])
+        for kind in args.pair or ["ext4", "sqfs"]:
+            pair = (images / f"v1.{kind}", images / f"v2.{kind}")
+            run_pair(work, kind, pair, keys, delta_size=sizes.get(kind), build_delta=args.delta)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
