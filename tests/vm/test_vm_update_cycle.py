@@ -16,8 +16,8 @@ the edge-ota .deb), driven over its serial console.
 
 One machine runs all steps in order (each builds on the previous state);
 the test prints a timeline. VM_STEPS selects steps: all with KVM; under TCG
-(this host's KVM cannot run guests, a boot takes a minute or more) only 1
-and 2 unless `make vm-test` (VM_STEPS=all).
+(this host's KVM cannot run guests, a boot takes a minute or more) only
+step 1 unless `make vm-test` (VM_STEPS=all).
 """
 
 from __future__ import annotations
