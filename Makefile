@@ -137,10 +137,13 @@ vm: apt-test venv
 	$(BIN)/python -m tests.vm.build
 
 # The update cycle in the VM over its serial console, with 10 power cuts
-# (make test runs the same test with VM_POWER_CUTS=1).
+# (make test runs the same test with VM_POWER_CUTS=1), then the same cycle from
+# a USB stick, over MQTT and over a second serial line (only here, not in make
+# test). VM_STEPS=usb,mqtt,serial (or 1,2,...) runs some of the steps.
 VM_POWER_CUTS ?= 10
+VM_STEPS ?= all
 vm-test: apt-test venv
-	VM_STEPS=all VM_POWER_CUTS=$(VM_POWER_CUTS) $(BIN)/python -m pytest -q -s tests/vm
+	VM_STEPS=$(VM_STEPS) VM_POWER_CUTS=$(VM_POWER_CUTS) $(BIN)/python -m pytest -q -s tests/vm
 
 # Boots the VM and runs the update cycle with its serial console on this terminal.
 vm-demo: apt-test venv

@@ -10,10 +10,12 @@ destdir=$1 prefix=$2 bindir=$3 sysconfdir=$4 unitdir=$5
 install -d "$destdir$unitdir" "$destdir$prefix/share/edge-ota" "$destdir$prefix/share/doc/edge-ota" \
 	"$destdir$sysconfdir/edge-ota"
 install -d -m 0700 "$destdir$sysconfdir/edge-ota/keys"
-for unit in "$top"/systemd/*.service; do
+for unit in "$top"/systemd/*.service "$top"/systemd/*.timer "$top"/systemd/*.service.d/*.conf; do
+	case $unit in *.conf) install -d "$destdir$unitdir/$(basename "$(dirname "$unit")")";
+		name=$(basename "$(dirname "$unit")")/$(basename "$unit");; *) name=$(basename "$unit");; esac
 	sed -e "s|/usr/bin/ota-agent|$bindir/ota-agent|g" -e "s|/etc/edge-ota/|$sysconfdir/edge-ota/|g" \
-		-e "s|/usr/share/doc/edge-ota/|$prefix/share/doc/edge-ota/|g" "$unit" > "$destdir$unitdir/$(basename "$unit")"
-	chmod 0644 "$destdir$unitdir/$(basename "$unit")"
+		-e "s|/usr/share/doc/edge-ota/|$prefix/share/doc/edge-ota/|g" "$unit" > "$destdir$unitdir/$name"
+	chmod 0644 "$destdir$unitdir/$name"
 done
 if ls "$top"/systemd/*.rules >/dev/null 2>&1; then
 	rules=$(dirname "$unitdir")/../udev/rules.d

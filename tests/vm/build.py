@@ -17,9 +17,10 @@ installs the .deb and rebuilds the initramfs needs root (and /proc, /sys,
 /dev bind mounts, undone in every case).
 
 The result is cached under the cache directory (tests/vm/paths.py) by the
-content hash of its inputs: this checkout's source, units, packaging and
-tests/vm, and the base tarball's key. `python -m tests.vm.build` prints the
-image directory; a second run with nothing changed answers in a second.
+content hash of its inputs: this checkout's source, units, packaging, the
+image's own files in tests/vm (build.py, paths.py, mkbase.sh, guest/; not
+the tests), and the base tarball's key. `python -m tests.vm.build` prints
+the image directory; a second run with nothing changed answers in a second.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ INPUTS = (
     "ota_common",
     "systemd",
     "packaging",
-    "tests/vm",
+    # The image's own build inputs, not the tests that drive it (editing a
+    # scenario must not rebuild the image).
+    "tests/vm/build.py",
+    "tests/vm/paths.py",
+    "tests/vm/mkbase.sh",
+    "tests/vm/guest",
     "pyproject.toml",
     "README.md",
     "docs",
@@ -221,9 +227,9 @@ def _make_rootfs(root: Path, deb: Path, keys: Path) -> str:
             target.mkdir()
     (root / "tmp").chmod(0o1777)
     docs = root / "usr/share/doc"
-    for d in docs.iterdir():
-        if d.name != "edge-ota":
-            shutil.rmtree(d) if d.is_dir() and not d.is_symlink() else d.unlink()
+    for doc in docs.iterdir():
+        if doc.name != "edge-ota":
+            shutil.rmtree(doc) if doc.is_dir() and not doc.is_symlink() else doc.unlink()
     (root / "usr/sbin/policy-rc.d").unlink()
     (root / "etc/machine-id").write_text("")
     return kver

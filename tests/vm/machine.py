@@ -3,6 +3,7 @@ console and monitor on unix sockets, and a shell driven over the console.
 
     -device i6300esb -action watchdog=reset   the hardware watchdog
     -chardev socket (serial)                   console: GRUB, kernel, systemd, a root shell
+    -chardev pty (second_serial)               ttyS1 on a host pty: a technician's serial cable
     -monitor unix socket                       quit (a power cut), system_reset, device_add
     -device qemu-xhci                          a USB bus for sticks (`plug_stick`)
     -netdev user                               the host is 10.0.2.2 (HTTP bundle server)
@@ -82,7 +83,15 @@ class GuestError(AssertionError):
 class Machine:
     """A QEMU virtual device on `disk` (modified in place: pass a copy)."""
 
-    def __init__(self, disk: Path, workdir: Path, *, log_name: str = "console.log", echo: bool = False) -> None:
+    def __init__(
+        self,
+        disk: Path,
+        workdir: Path,
+        *,
+        log_name: str = "console.log",
+        echo: bool = False,
+        second_serial: bool = False,
+    ) -> None:
         self.disk = disk
         self.work = workdir
         self.work.mkdir(parents=True, exist_ok=True)
@@ -90,6 +99,7 @@ class Machine:
         self.monitor_path = self.work / "monitor.sock"
         self.log_path = self.work / log_name
         self.echo = echo
+        self.second_serial = second_serial  # ttyS1 on a host pty (`serial_pty`)
         self.accel = "kvm" if kvm_usable() else "tcg"
         self.proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -112,6 +122,8 @@ class Machine:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
         argv += ["-device", "i6300esb", "-action", "watchdog=reset", "-device", "qemu-xhci,id=xhci"]
         argv += ["-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=on", "-serial", "chardev:ser0"]
+        if self.second_serial:
+            argv += ["-chardev", "pty,id=ser1", "-serial", "chardev:ser1"]
         argv += ["-monitor", f"unix:{self.monitor_path},server=on,wait=off"]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(self.work / "qemu.err").open("ab")
@@ -184,6 +196,14 @@ class Machine:
             answer = self.monitor(command)
             if "rror" in answer or "could not" in answer:
                 raise GuestError(f"monitor {command!r}: {answer.strip()[-500:]}")
+
+    def serial_pty(self) -> str:
+        """The host pty of the guest's ttyS1 (`second_serial`), as the monitor names it."""
+        answer = self.monitor("info chardev")
+        m = re.search(r"ser1: filename=pty:(/dev/pts/\d+)", answer)
+        if m is None:
+            raise GuestError(f"no pty for ser1 in 'info chardev': {answer.strip()[-500:]}")
+        return m.group(1)
 
     def unplug_stick(self, name: str = "stick") -> None:
         self.monitor(f"device_del {name}-dev")

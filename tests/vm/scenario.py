@@ -10,7 +10,9 @@ Their bundles are signed with the VM's key and served over HTTP from the host
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.vm.build import COMPATIBLE, Image
+from tests.vm.build import COMPATIBLE, GUEST, Image
 from tests.vm.machine import GuestError, Machine, kvm_usable
 from tests.vm.paths import TOP
 
@@ -34,11 +36,17 @@ BOOT_TIMEOUT = 900.0  # TCG on a busy 2-core host
 
 
 def selected_steps() -> list[str]:
-    """VM_STEPS (e.g. "1,2" or "all"). Default: every step with KVM; under TCG (a
-    boot takes a minute or more) step 1 only, so `make test` stays within its
-    15 minutes on 2 cores; `make vm-test` sets VM_STEPS=all."""
-    default = "all" if kvm_usable() else "1"
-    return os.environ.get("VM_STEPS", default).replace("all", "1,2,3,4,5").split(",")
+    """VM_STEPS (e.g. "1,2", "usb,mqtt" or "all"). Default: the update cycle
+    (steps 1 to 5) with KVM; under TCG (a boot takes a minute or more) step 1
+    only, so `make test` stays within its 15 minutes on 2 cores. The transports (6 usb, 7 mqtt, 8
+    serial) run only when named; `make vm-test` sets VM_STEPS=all."""
+    default = "1,2,3,4,5" if kvm_usable() else "1"
+    chosen = os.environ.get("VM_STEPS", default).replace("all", "1,2,3,4,5,6,7,8")
+    return [TRANSPORT_STEPS.get(s.strip(), s.strip()) for s in chosen.split(",")]
+
+
+# The transports (tests/vm/test_vm_transports.py): only when named, or "all".
+TRANSPORT_STEPS = {"usb": "6", "mqtt": "7", "serial": "8"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class Variant:
     version: str
     security_version: int
     health: str  # ok | fail | lockup
+    config: str = ""  # appended to the guest's /etc/edge-ota/agent.toml in this image
+
+    @property
+    def filename(self) -> str:
+        if not self.config:
+            return f"vm-{self.version}.otab"
+        return f"vm-{self.version}-{hashlib.sha256(self.config.encode()).hexdigest()[:8]}.otab"
 
 
 V2 = Variant("2.0.0", 2, "ok")
@@ -66,11 +81,11 @@ def _debugfs_write(image: Path, path: str, text: str, work: Path) -> None:
 
 def bundle(image: Image, v: Variant) -> Path:
     """The signed bundle of `v` (cached beside the image)."""
-    out = Path(image.directory) / "bundles" / f"vm-{v.version}.otab"
+    out = Path(image.directory) / "bundles" / v.filename
     if out.exists():
         return out
     out.parent.mkdir(exist_ok=True)
-    work = out.parent / f"work-{v.version}"
+    work = out.parent / f"work-{v.filename}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
@@ -78,6 +93,9 @@ def bundle(image: Image, v: Variant) -> Path:
         subprocess.run(["cp", "--sparse=always", str(image.rootfs), str(rootfs)], check=True)
         _debugfs_write(rootfs, "/etc/edge-ota-vm/version", v.version + "\n", work)
         _debugfs_write(rootfs, "/etc/edge-ota-vm/health", v.health + "\n", work)
+        if v.config:
+            toml = (GUEST / "agent.toml").read_text() + v.config
+            _debugfs_write(rootfs, "/etc/edge-ota/agent.toml", toml, work)
         key = Path(image.directory).parent / "keys" / "signing.key"
         tmp = work / "b.otab"
         subprocess.run(
@@ -197,12 +215,26 @@ class Device:
     def install(self, v: Variant) -> None:
         start = time.monotonic()
         with self.timeline.step(f"install {v.version} over HTTP"):
-            self.m.sh(f"ota-agent install http://10.0.2.2:{self.port}/vm-{v.version}.otab", timeout=BOOT_TIMEOUT)
+            self.m.sh(f"ota-agent install http://10.0.2.2:{self.port}/{v.filename}", timeout=BOOT_TIMEOUT)
         self.install_seconds = time.monotonic() - start
         self.say(f"installed {v.version}")
 
     def reboot(self) -> None:
         self.m.send("ota-agent reboot\n")
+
+    def write_file(self, path: str, text: str, mode: str = "0644") -> None:
+        """Writes `text` to `path` in the guest (base64 over the console, in lines a tty takes)."""
+        data = base64.b64encode(text.encode()).decode()
+        self.m.sh(f"mkdir -p $(dirname {path}) && : > {path}.b64")
+        for i in range(0, len(data), 1024):
+            self.m.sh(f"printf %s {data[i : i + 1024]} >> {path}.b64")
+        self.m.sh(f"base64 -d {path}.b64 > {path} && rm {path}.b64 && chmod {mode} {path}")
+
+    def add_config(self, text: str) -> None:
+        """Appends `text` to the running slot's agent.toml and restarts the daemon with it."""
+        self.write_file("/tmp/agent-extra.toml", "\n" + text)
+        self.m.sh("cat /tmp/agent-extra.toml >> /etc/edge-ota/agent.toml")
+        self.m.sh("systemctl restart ota-agent.service && systemctl is-active ota-agent.service", timeout=300)
 
     def boot_until_lockup(self, n: int) -> None:
         with self.timeline.step(f"try {n + 1}: v4 in A locks up, i6300esb resets"):
@@ -264,7 +296,7 @@ def power_cuts(d: Device, cuts: int, rng: random.Random, start_slot: str) -> lis
         v = powercut_variant(n)
         delay = rng.uniform(0.0, d.install_seconds)
         with d.timeline.step(f"power cut {n + 1}/{cuts} {delay:.1f} s into installing {v.version}"):
-            d.m.send(f"ota-agent install http://10.0.2.2:{d.port}/vm-{v.version}.otab\n")
+            d.m.send(f"ota-agent install http://10.0.2.2:{d.port}/{v.filename}\n")
             time.sleep(delay)
             d.m.power_cut()
             d.m.start()
