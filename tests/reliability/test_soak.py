@@ -1,4 +1,4 @@
-"""`make soak` (EDGE_OTA_SOAK=1; skipped otherwise): random instants, seed
+"""`make soak` (EDGE_OTA_SOAK=1; deselected otherwise, tests/reliability/conftest.py): random instants, seed
 printed (EDGE_OTA_SOAK_SEED replays a run).
 
 * **Random kills**: on one simulated device per backend, again and again, an
@@ -35,10 +35,8 @@ from tests.powercut.explore import REPO
 from tests.powercut.test_power_cut_states import BACKENDS, SCENARIOS, explorer_for
 from tests.reliability.results import record
 
-SOAK = os.environ.get("EDGE_OTA_SOAK") == "1"
 KILLS = int(os.environ.get("EDGE_OTA_SOAK_KILLS", "500"))
 STATES = int(os.environ.get("EDGE_OTA_SOAK_STATES", "500"))
-pytestmark = pytest.mark.skipif(not SOAK, reason="make soak runs these (EDGE_OTA_SOAK=1)")
 
 
 def _seed() -> int:
