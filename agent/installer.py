@@ -39,9 +39,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from agent import adaptive, etcmerge, policy
+from agent import adaptive, deltabase, etcmerge, policy
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -49,7 +48,7 @@ from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
-from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op, file_sha256
+from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
 from bundler.format.errors import HashMismatchError
 from bundler.format.ops import NEEDS_BASE, Op, OpType
 from bundler.format.reader import BundleReader, Readable
@@ -212,7 +211,7 @@ def _install(
             )
         )
         crashpoint("after-started-reported")
-        _check_bases(device, plan, booted)
+        deltabase.check_bases(device, plan, booted)
         fetcher = _adaptive(device, stream, reader=reader, bundle=bundle, ops=ops, plan=plan, booted=booted)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
@@ -304,36 +303,6 @@ def _already_installed(
             "on next boot; nothing written (--reinstall writes it again)"
         )
     return None
-
-
-def _booted_slot_of(device: Device, slot_class: str, booted: str) -> Path:
-    for s in device.config.slots:
-        if s.slot_class == slot_class and s.bootname == booted:
-            return s.path
-    raise InstallError(f"no {slot_class} slot in the booted slot group {booted} to read a delta's base from")
-
-
-def _check_bases(device: Device, plan: InstallPlan, booted: str) -> None:
-    """A delta image applies only onto its base: the booted slot of its class must
-    hold exactly the base image. Checked before anything is written; the source
-    extents are hash-checked again as they are read."""
-    for ip in plan.images:
-        image = ip.image
-        if image.base_sha256 is None or image.base_size is None:
-            continue
-        path = _booted_slot_of(device, image.slot_class, booted)
-        held = slot_size(path, booted)
-        if held < image.base_size:
-            raise InstallError(
-                f"delta for {image.slot_class} needs a {image.base_size}-byte base; booted slot {booted} "
-                f"holds only {held} bytes; install a full bundle"
-            )
-        actual = file_sha256(path, image.base_size)
-        if actual != image.base_sha256:
-            raise InstallError(
-                f"delta for {image.slot_class} applies to base {image.base_sha256[:16]}…, but booted slot "
-                f"{booted} holds {actual[:16]}…; nothing written (install a full bundle)"
-            )
 
 
 def _adaptive(
@@ -467,7 +436,7 @@ def _stream_into(
                 elif booted is None or len(plans) > 1:  # refuse_delta stops this before anything is written
                     raise InstallError(f"a delta for {cls} needs a running base slot")
                 else:
-                    files.append(FileSource(_booted_slot_of(device, cls, booted), ip.slot.path))
+                    files.append(FileSource(deltabase.booted_slot_of(device, cls, booted), ip.slot.path))
                     sources[cls] = files[-1]
         bases = {ip.image.slot_class: ip.image.base_size or 0 for ip in plans[0].images}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
