@@ -63,11 +63,14 @@ class Outcome(enum.Enum):
 
 
 class HealthOverride(enum.Enum):
-    """Test seam for the simulated device: force the health checks' result."""
+    """Test seam for the simulated device: force the health checks' result.
+    BLOCK: a trial boot never gets to boot-check (a unit it waits for blocks);
+    the simulator handles it (agent/sim.py), boot-check never sees it."""
 
     OK = "ok"
     FAIL = "fail"
     HANG = "hang"
+    BLOCK = "block"
 
 
 class _Feeder:

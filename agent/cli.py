@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import api_client, service, sim, wiring
+from agent import api_client, service, sim, trialwatch, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run as the device's service (systemd Type=notify, watchdog)")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("trial-watchdog", parents=[common], help="from early boot: arm the watchdog in a trial boot "
+                       "until boot-check takes it over or [watchdog] trial_deadline passes")
+    p.set_defaults(func=lambda args: trialwatch.run(Path(args.config)))
     p = sub.add_parser("console", parents=[common], help="serve a technician's serial console on one port")
     p.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyS0")
     p.add_argument("--baud", type=int, help="line speed (default: [console] baud, 115200)")

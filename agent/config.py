@@ -52,6 +52,9 @@ class WatchdogConfig:
     backend: str = "none"  # dev | sim | none
     path: Path = Path("/dev/watchdog")
     timeout: int = 30
+    # Seconds after the kernel started by which a trial boot's boot-check must have
+    # taken the watchdog over from the early trial watchdog (agent/trialwatch.py).
+    trial_deadline: int = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,7 @@ def _load(path: Path) -> Config:
     doc = _parse(path)
     tables = {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api", "etc"}
     top = _Table(path, "", doc, tables | {"console", "provision"})
-    wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout"})
+    wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout", "trial_deadline"})
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
     health = _Table(path, "health", doc.get("health", {}), {"deadline", "commands", "units"})
@@ -312,7 +315,12 @@ def _load(path: Path) -> Config:
             commands=health.commands("commands"),
             units=health.strings("units"),
         ),
-        watchdog=WatchdogConfig(wd_backend, wd.path("path", "/dev/watchdog"), wd.integer("timeout", 30, 1, 3600)),
+        watchdog=WatchdogConfig(
+            wd_backend,
+            wd.path("path", "/dev/watchdog"),
+            wd.integer("timeout", 30, 1, 3600),
+            wd.integer("trial_deadline", 600, 10, 86400),
+        ),
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,
         api=_api(_Table(path, "api", doc.get("api", {}), API_KEYS)),

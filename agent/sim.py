@@ -5,7 +5,10 @@ kernel command line as a file, and the agent's config — all in one directory.
 `init()` creates it; `power_on()` is one power-on: the simulated firmware
 applies the shared counting rules (hw.bootloader.model.choose) to the stored
 state, writes the command line the boot script would pass, then runs what the
-device runs at boot (boot-check), rebooting as long as boot-check asks for it.
+device runs at boot: the early trial watchdog (agent/trialwatch.py, on a
+virtual clock: boot-check takes the watchdog over BOOT_CHECK_AT seconds after
+power-on, or never when the boot blocks) and boot-check, rebooting as long as
+boot-check asks for it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from pathlib import Path
 from agent.bootcheck import BootCheckOutcome, HealthOverride, Outcome, boot_check
 from agent.config import MAX_TRIES
 from agent.crashpoint import crashpoint
-from agent.daemon import build_device
+from agent.daemon import Device, build_device
 from agent.errors import InstallError
 from agent.mqtt.config import load_mqtt
 from agent.state import AgentState, SlotRecord, StateStore
+from agent.trialwatch import GuardOutcome, GuardResult, guard
 from bundler.format.signing import Keyring
 from hw.bootloader import model, open_env
 from hw.slot import file_sha256
@@ -33,6 +37,7 @@ BOOTNAMES = ("A", "B")
 MAX_BOOTS = 20
 ENV_PATHS = {"sim": "bootloader.json", "uboot": "fw_env.config", "grub": "grubenv", "bls": "boot"}
 UBOOT_ENV_SIZE = 0x4000
+BOOT_CHECK_AT = 20.0  # virtual seconds from power-on until boot-check starts (when nothing blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +180,8 @@ def power_on(
     device = build_device(config_path(directory))
     env = device.bootloader.env
     watchdog = device.watchdog if isinstance(device.watchdog, SimWatchdog) else None
-    if health is HealthOverride.HANG and watchdog is None:
-        raise InstallError("--health hang needs the simulated watchdog ([watchdog] backend = \"sim\")")
+    if health in (HealthOverride.HANG, HealthOverride.BLOCK) and watchdog is None:
+        raise InstallError(f"--health {health.value} needs the simulated watchdog ([watchdog] backend = \"sim\")")
     boots: list[BootRecord] = []
     hang_end: float | None = None
     for n in range(1, MAX_BOOTS + 1):
@@ -185,9 +190,21 @@ def power_on(
         state, decision = model.choose(env.load())
         env.store(state)
         _set_cmdline(device.config.cmdline, decision.slot)
-        outcome = boot_check(device, health=health)
-        boots.append(BootRecord(decision.slot, decision.reason, outcome))
         after = ", after a watchdog reset" if reset else ""
+        early = _early_boot(device, watchdog, blocked=health is HealthOverride.BLOCK)
+        if early is not None and early.outcome is not GuardOutcome.RELEASED and health is HealthOverride.BLOCK:
+            hung = f"the boot blocked before boot-check; {early.reason}"
+            boots.append(BootRecord(decision.slot, decision.reason,
+                                    BootCheckOutcome(Outcome.HUNG, decision.slot, hung, booted_good=False)))
+            say(f"boot {n}: slot {decision.slot} ({decision.reason}{after}); {hung}")
+            deadline = watchdog.deadline() if watchdog is not None else None
+            if early.outcome is not GuardOutcome.EXPIRED or deadline is None:
+                raise InstallError(f"boot {n} of slot {decision.slot} blocked and nothing resets it: {early.reason}")
+            hang_end = deadline + 1.0
+            say(f"        the watchdog was not fed for {device.config.watchdog.timeout}s: it resets the board")
+            continue
+        outcome = boot_check(device, health=None if health is HealthOverride.BLOCK else health)
+        boots.append(BootRecord(decision.slot, decision.reason, outcome))
         say(f"boot {n}: slot {decision.slot} ({decision.reason}{after}); boot-check: {outcome.reason}")
         if outcome.outcome is Outcome.HUNG and watchdog is not None:
             deadline = watchdog.deadline()
@@ -198,3 +215,27 @@ def power_on(
             return boots
         crashpoint("before-reboot")
     raise InstallError(f"device did not settle within {MAX_BOOTS} boots")
+
+
+def _early_boot(device: Device, watchdog: SimWatchdog | None, *, blocked: bool) -> GuardResult | None:
+    """The early trial watchdog of one boot, on a virtual clock that starts at
+    power-on: boot-check takes the watchdog over at BOOT_CHECK_AT, never when the
+    boot is `blocked`. None without the simulated watchdog."""
+    if watchdog is None:
+        return None
+    base = watchdog.clock()
+    elapsed = 0.0
+
+    def uptime() -> float:
+        return elapsed
+
+    def wait(seconds: float) -> bool:
+        nonlocal elapsed
+        if not blocked and elapsed + seconds >= BOOT_CHECK_AT:
+            elapsed = max(elapsed, BOOT_CHECK_AT)
+            return True
+        elapsed += seconds
+        return False
+
+    virtual = SimWatchdog(watchdog.path.parent, clock=lambda: base + elapsed)
+    return guard(device.config.watchdog, device.bootloader, virtual, uptime=uptime, wait=wait)

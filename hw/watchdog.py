@@ -2,8 +2,8 @@
 driver (`DevWatchdog`, the kernel's ioctl API through fcntl), its simulated
 twin (`SimWatchdog`, a JSON file plus a clock) and a no-op for devices without one.
 
-This module owns arming, feeding and magic-closing a watchdog and telling a
-watchdog reset from a power cut (``WDIOC_GETBOOTSTATUS`` & ``WDIOF_CARDRESET``).
+This module owns arming, feeding, handing over and magic-closing a watchdog and
+telling a watchdog reset from a power cut (``WDIOC_GETBOOTSTATUS`` & ``WDIOF_CARDRESET``).
 It does not own *when* to feed (the agent's main loop does) nor systemd's
 service watchdog (``hw/sdnotify.py``). Every OSError becomes `WatchdogError`
 naming the device.
@@ -12,7 +12,9 @@ Linux API (Documentation/watchdog/watchdog-api.rst): opening the device arms
 it; any write or ``WDIOC_KEEPALIVE`` feeds it; writing ``'V'`` right before
 close() disarms it when the driver has ``WDIOF_MAGICCLOSE`` (never with
 ``CONFIG_WATCHDOG_NOWAYOUT``); closing without it leaves it running, so the
-board resets when the timeout passes.
+board resets when the timeout passes. That is also how one process hands the
+running watchdog to the next (`hand_over`): the next opener has the timeout to
+take it over, and nobody taking it over is a reset.
 """
 
 from __future__ import annotations
@@ -89,14 +91,18 @@ class WatchdogInfo:
 class Watchdog(Protocol):
     """What the agent needs from a watchdog. `start` arms it (returns the timeout
     the device actually applied), `keepalive` feeds it, `stop` disarms it with a
-    magic close, `last_reset_was_watchdog` tells whether the previous boot ended
-    in a watchdog reset rather than a power cut or a clean reboot."""
+    magic close, `hand_over` feeds it once and lets go of it still running (the
+    next `start`, in this or another process, must come within the timeout),
+    `last_reset_was_watchdog` tells whether the previous boot ended in a
+    watchdog reset rather than a power cut or a clean reboot."""
 
     def start(self, timeout_s: int) -> int: ...
 
     def keepalive(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    def hand_over(self) -> None: ...
 
     def last_reset_was_watchdog(self) -> bool: ...
 
@@ -179,6 +185,18 @@ class DevWatchdog:
             self._close()
             raise WatchdogError(f"watchdog {self.path}: magic close write failed: {e.strerror}") from e
         self._close()
+
+    def hand_over(self) -> None:
+        """Feed once, then close without the magic character: the watchdog keeps
+        running and resets the board unless the next opener feeds it within the
+        timeout. (A driver without WDIOF_MAGICCLOSE stops on any close: it cannot
+        be handed over, and the next opener arms it again.)"""
+        if self._fd is None:
+            return
+        try:
+            self.keepalive()
+        finally:
+            self._close()
 
     def last_reset_was_watchdog(self) -> bool:
         """WDIOC_GETBOOTSTATUS & WDIOF_CARDRESET when the device is open; before
@@ -278,6 +296,11 @@ class SimWatchdog:
         rec = self.record()
         self._write(SimWatchdogRecord(boot_status=rec.boot_status))
 
+    def hand_over(self) -> None:
+        """Fed once and left armed: the record stays, the next `start` takes it over."""
+        if self.record().armed:
+            self.keepalive()
+
     def last_reset_was_watchdog(self) -> bool:
         return bool(self.record().boot_status & WDIOF_CARDRESET)
 
@@ -347,6 +370,9 @@ class NoWatchdog:
         return None
 
     def stop(self) -> None:
+        return None
+
+    def hand_over(self) -> None:
         return None
 
     def last_reset_was_watchdog(self) -> bool:

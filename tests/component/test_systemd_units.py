@@ -15,7 +15,9 @@ import pytest
 from tests.component._units import unit_settings
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
-UNITS = ("ota-agent.service", "ota-boot-check.service")
+UNITS = ("ota-agent.service", "ota-boot-check.service", "ota-trial-watchdog.service")
+# Sandboxed with a mount namespace; the trial watchdog runs before /tmp and /var exist.
+HARDENED = ("ota-agent.service", "ota-boot-check.service")
 AGENT = "/usr/bin/ota-agent"
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze absent")
@@ -60,7 +62,7 @@ def test_verify_does_catch_a_broken_unit(tmp_path: Path) -> None:
     assert "Unknown key 'WatchdogSecs'" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", UNITS)
+@pytest.mark.parametrize("name", HARDENED)
 def test_hardening_exposure_is_low(tmp_path: Path, name: str) -> None:
     staged = {p.name: p for p in _staged(tmp_path)}
     result = subprocess.run(
@@ -98,3 +100,14 @@ def test_boot_check_gates_boot_complete_target() -> None:
     assert "boot-complete.target" in s["Unit.Before"]
     assert s["Install.RequiredBy"] == ["boot-complete.target"]
     assert s["Install.WantedBy"] == ["multi-user.target"]
+
+
+def test_the_trial_watchdog_starts_in_early_boot_and_boot_check_takes_it_over() -> None:
+    s = _settings("ota-trial-watchdog.service")
+    assert s["Service.ExecStart"] == ["/usr/bin/ota-agent -c /etc/edge-ota/agent.toml trial-watchdog"]
+    assert s["Unit.DefaultDependencies"] == ["no"]  # not after sysinit, local-fs or the network
+    assert "After" not in {k.split(".")[1] for k in s if k.startswith("Unit.")}  # waits for nothing
+    assert s["Install.WantedBy"] == ["sysinit.target"]
+    assert "PrivateTmp" not in {k.split(".")[1] for k in s}  # would wait for /tmp and /var
+    check = _settings("ota-boot-check.service")
+    assert check["Service.ExecStartPre"] == ["-+/bin/systemctl stop ota-trial-watchdog.service"]

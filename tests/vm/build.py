@@ -194,6 +194,7 @@ def _make_rootfs(root: Path, deb: Path, keys: Path) -> str:
     _install(GUEST / "10-dhcp.network", root / "etc/systemd/network/10-dhcp.network")
     _install(GUEST / "autologin.conf", root / "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf")
     _install(GUEST / "vm-version.service", root / "etc/systemd/system/vm-version.service")
+    _install(GUEST / "vm-block.service", root / "etc/systemd/system/vm-block.service")
     (root / "etc/edge-ota-vm").mkdir(exist_ok=True)
     (root / "etc/edge-ota-vm/version").write_text(V1 + "\n")
     (root / "etc/hostname").write_text("edge-ota-vm\n")
@@ -208,7 +209,7 @@ def _make_rootfs(root: Path, deb: Path, keys: Path) -> str:
         _install(GUEST / "agent.toml", root / "etc/edge-ota/agent.toml")
         _install(keys / "signing.pub", root / "etc/edge-ota/keys/signing.pub")
         ch.run("passwd", "-d", "root")
-        ch.run("systemctl", "enable", "systemd-networkd.service", "vm-version.service")
+        ch.run("systemctl", "enable", "systemd-networkd.service", "vm-version.service", "vm-block.service")
         mods = root / "lib/modules" / kver
         keep = root / "tmp/keep-modules"
         keep.mkdir()

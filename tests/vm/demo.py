@@ -46,7 +46,7 @@ def main() -> int:
                     _banner("installing v3, whose health check fails: watch it roll back to B")
                     sc.failing_health_rolls_back(d)
                 if "4" in steps:
-                    _banner("installing v4, which locks up: the i6300esb watchdog resets it, GRUB falls back")
+                    _banner("installing v4, whose boot blocks before its health check: the watchdog resets it")
                     sc.hang_resets_and_falls_back(d)
                 _, out = machine.sh("ota-agent status", timeout=120)
             finally:

@@ -2,8 +2,10 @@
 (`make vm-test`, tests/vm/test_vm_update_cycle.py) and `make vm-demo`.
 
 The test images are the v1 root file system with a file or two changed by
-`debugfs -w` (no mount): /etc/edge-ota-vm/version, and /etc/edge-ota-vm/health
-(ok | fail | lockup, read by the guest's health check /usr/local/sbin/vm-health).
+`debugfs -w` (no mount): /etc/edge-ota-vm/version, /etc/edge-ota-vm/health
+(ok | fail | block | lockup, read by the guest's health check
+/usr/local/sbin/vm-health and by vm-block.service, which boot-check waits for),
+and /etc/edge-ota/agent.toml when the image changes the agent's config.
 Their bundles are signed with the VM's key and served over HTTP from the host
 (10.0.2.2 in the guest). Every step records a timeline entry.
 """
@@ -17,6 +19,7 @@ import http.server
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -53,19 +56,32 @@ TRANSPORT_STEPS = {"usb": "6", "mqtt": "7", "serial": "8"}
 class Variant:
     version: str
     security_version: int
-    health: str  # ok | fail | lockup
+    health: str  # ok | fail | block | lockup
     config: str = ""  # appended to the guest's /etc/edge-ota/agent.toml in this image
+    trial_deadline: int = 0  # this image's [watchdog] trial_deadline (0: the guest's)
+
+    def agent_toml(self) -> str | None:
+        """This image's agent.toml when it differs from the guest's."""
+        if not self.config and not self.trial_deadline:
+            return None
+        toml = (GUEST / "agent.toml").read_text()
+        if self.trial_deadline:
+            toml = re.sub(r"(?m)^trial_deadline = \d+$", f"trial_deadline = {self.trial_deadline}", toml)
+        return toml + self.config
 
     @property
     def filename(self) -> str:
-        if not self.config:
+        toml = self.agent_toml()
+        if toml is None:
             return f"vm-{self.version}.otab"
-        return f"vm-{self.version}-{hashlib.sha256(self.config.encode()).hexdigest()[:8]}.otab"
+        return f"vm-{self.version}-{hashlib.sha256(toml.encode()).hexdigest()[:8]}.otab"
 
 
 V2 = Variant("2.0.0", 2, "ok")
 V3 = Variant("3.0.0", 3, "fail")
-V4 = Variant("4.0.0", 4, "lockup")
+# v4's boot blocks before its health check (vm-block.service never finishes);
+# its short trial deadline keeps each of its three tries near 2 minutes under TCG.
+V4 = Variant("4.0.0", 4, "block", trial_deadline=90)
 
 
 def powercut_variant(n: int) -> Variant:
@@ -93,8 +109,8 @@ def bundle(image: Image, v: Variant) -> Path:
         subprocess.run(["cp", "--sparse=always", str(image.rootfs), str(rootfs)], check=True)
         _debugfs_write(rootfs, "/etc/edge-ota-vm/version", v.version + "\n", work)
         _debugfs_write(rootfs, "/etc/edge-ota-vm/health", v.health + "\n", work)
-        if v.config:
-            toml = (GUEST / "agent.toml").read_text() + v.config
+        toml = v.agent_toml()
+        if toml is not None:
             _debugfs_write(rootfs, "/etc/edge-ota/agent.toml", toml, work)
         key = Path(image.directory).parent / "keys" / "signing.key"
         tmp = work / "b.otab"
@@ -236,14 +252,22 @@ class Device:
         self.m.sh("cat /tmp/agent-extra.toml >> /etc/edge-ota/agent.toml")
         self.m.sh("systemctl restart ota-agent.service && systemctl is-active ota-agent.service", timeout=300)
 
-    def boot_until_lockup(self, n: int) -> None:
-        with self.timeline.step(f"try {n + 1}: v4 in A locks up, i6300esb resets"):
+    def boot_until_hang(self, n: int, slot: str, v: Variant) -> None:
+        """One trial boot of `v` in `slot` that hangs: a blocked unit (the early
+        trial watchdog gives up at the deadline) or a kernel lockup."""
+        with self.timeline.step(f"try {n + 1}: v{v.version} in {slot} hangs ({v.health}), i6300esb resets"):
             m = self.m.wait_for(r"ota: booting slot (\w+) \(([^)]*)\)", BOOT_TIMEOUT)
-            if m.group(1) != "A" or "trial" not in m.group(2):
-                raise GuestError(f"GRUB booted slot {m.group(1)} ({m.group(2)}), expected a trial of A")
-            self.say(f"GRUB: booting slot A ({m.group(2)})")
-            self.m.wait_for(r"vm-health: locking up the kernel|Kernel panic|sysrq: Trigger a crash", BOOT_TIMEOUT)
-            self.say("the kernel locked up; waiting for the watchdog")
+            if m.group(1) != slot or "trial" not in m.group(2):
+                raise GuestError(f"GRUB booted slot {m.group(1)} ({m.group(2)}), expected a trial of {slot}")
+            self.say(f"GRUB: booting slot {slot} ({m.group(2)})")
+            if v.health == "block":
+                self.m.wait_for(r"vm-health: blocking the boot", BOOT_TIMEOUT)
+                self.say("a unit boot-check waits for blocks; the trial watchdog feeds the i6300esb until its deadline")
+                self.m.wait_for(r"did not reach boot-check within \d+ s", BOOT_TIMEOUT)
+                self.say("trial deadline passed: the watchdog is no longer fed")
+            else:
+                self.m.wait_for(r"vm-health: locking up the kernel|Kernel panic|sysrq: Trigger a crash", BOOT_TIMEOUT)
+                self.say("the kernel locked up; waiting for the watchdog")
 
 
 def good_slot_booted(status: dict[str, Any]) -> bool:
@@ -277,14 +301,17 @@ def failing_health_rolls_back(d: Device) -> dict[str, Any]:
     return {"status": d.status(), "env": d.grubenv()}
 
 
-def hang_resets_and_falls_back(d: Device, tries: int = 3) -> dict[str, Any]:
-    d.install(V4)
+def hang_resets_and_falls_back(d: Device, tries: int = 3, v: Variant = V4) -> dict[str, Any]:
+    """`v` hangs in every trial boot: after `tries` resets GRUB boots the running slot again."""
+    booted = d.status()["booted"]
+    other = "A" if booted == "B" else "B"
+    d.install(v)
     d.reboot()
     for n in range(tries):
-        d.boot_until_lockup(n)
-    d.boot("B", "", "tries used up: GRUB falls back to B")
+        d.boot_until_hang(n, other, v)
+    d.boot(booted, "", f"tries used up: GRUB falls back to {booted}")
     d.wait_assessed()
-    return {"status": d.status(), "env": d.grubenv()}
+    return {"status": d.status(), "env": d.grubenv(), "booted_before": booted, "tried": other}
 
 
 def power_cuts(d: Device, cuts: int, rng: random.Random, start_slot: str) -> list[dict[str, Any]]:
