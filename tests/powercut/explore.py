@@ -163,20 +163,26 @@ class Explorer:
     def materialize(self, trace: Trace, state: State) -> None:
         want = dict(state.entries)
         for dirpath, dirnames, filenames in os.walk(self.dir, topdown=False):
-            for name in filenames:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.dir)
-                if rel not in want or want[rel].kind != "f":
-                    os.unlink(os.path.join(dirpath, name))
-                    self._on_disk.pop(rel, None)
-            for name in dirnames:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.dir)
-                if rel not in want or want[rel].kind != "d":
-                    shutil.rmtree(os.path.join(dirpath, name))
+            for name in filenames + dirnames:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.dir)
+                e = want.get(rel)
+                if os.path.islink(full):
+                    if e is None or e.kind != "l" or os.readlink(full) != e.target:
+                        os.unlink(full)
+                elif name in filenames:
+                    if e is None or e.kind != "f":
+                        os.unlink(full)
+                        self._on_disk.pop(rel, None)
+                elif e is None or e.kind != "d":
+                    shutil.rmtree(full)
         for rel, e in want.items():
             path = self.dir / rel
             if e.kind == "d":
                 path.mkdir(exist_ok=True)
                 os.chmod(path, e.mode)
+            elif e.kind == "l" and not path.is_symlink():
+                os.symlink(e.target, path)
         for rel, e in want.items():
             if e.kind != "f":
                 continue
@@ -326,13 +332,16 @@ def untraced_changes(trace: Trace, root: Path) -> list[str]:
     final = dict(state.entries)
     actual = Baseline.take(root)
     problems = []
-    for rel in sorted(set(final) | set(actual.files) | set(actual.dirs)):
+    for rel in sorted(set(final) | set(actual.files) | set(actual.dirs) | set(actual.links)):
         e = final.get(rel)
         if e is None:
             problems.append(f"{rel} exists but was not traced")
         elif e.kind == "d":
             if rel not in actual.dirs:
                 problems.append(f"{rel}: traced as a directory")
+        elif e.kind == "l":
+            if actual.links.get(rel) != e.target:
+                problems.append(f"{rel}: traced as a symlink to {e.target}")
         elif rel not in actual.files:
             problems.append(f"{rel}: traced but absent")
         elif trace.content(e) != actual.files[rel][0]:
