@@ -268,6 +268,8 @@ def _fsync(path: str, *, directory: bool = False) -> None:
 
 
 def _copy_file(src: str, dst: str, e: Entry) -> None:
+    """Content, owner and mode, all before the fsync that makes them durable (an
+    inode change made after it can be lost in a power cut that keeps the file)."""
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -276,6 +278,9 @@ def _copy_file(src: str, dst: str, e: Entry) -> None:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd_out, view) :]
+            if os.geteuid() == 0:
+                os.fchown(fd_out, e.uid, e.gid)
+            os.fchmod(fd_out, e.mode)  # after the chown, which clears setuid and setgid bits
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
@@ -316,7 +321,8 @@ def write(merge: MergePlan, current_root: Path, new_root: Path, target: Path) ->
             continue
         if e.kind == "file":
             _copy_file(src, dst, e)
-        elif e.kind == "symlink":
+            continue
+        if e.kind == "symlink":
             os.symlink(e.content, dst)
         elif e.kind == "fifo":
             os.mkfifo(dst, 0o600)

@@ -161,41 +161,7 @@ class Explorer:
         return self.result
 
     def materialize(self, trace: Trace, state: State) -> None:
-        want = dict(state.entries)
-        for dirpath, dirnames, filenames in os.walk(self.dir, topdown=False):
-            for name in filenames:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.dir)
-                if rel not in want or want[rel].kind != "f":
-                    os.unlink(os.path.join(dirpath, name))
-                    self._on_disk.pop(rel, None)
-            for name in dirnames:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.dir)
-                if rel not in want or want[rel].kind != "d":
-                    shutil.rmtree(os.path.join(dirpath, name))
-        for rel, e in want.items():
-            path = self.dir / rel
-            if e.kind == "d":
-                path.mkdir(exist_ok=True)
-                os.chmod(path, e.mode)
-        for rel, e in want.items():
-            if e.kind != "f":
-                continue
-            path = self.dir / rel
-            digest = trace.content_hash(e)
-            known = self._on_disk.get(rel)
-            if known is not None and known[0] == digest and known[1] == _signature(path):
-                continue
-            data = trace.content(e)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, e.mode)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.chmod(path, e.mode)
-            if len(data) >= BIG:
-                self._on_disk[rel] = (digest, _signature(path))
+        materialize(self.dir, trace, state, self._on_disk)
 
     # -- checking one state ------------------------------------------------------------
 
@@ -318,6 +284,54 @@ class Explorer:
         return None
 
 
+def materialize(root: Path, trace: Trace, state: State,
+                on_disk: dict[str, tuple[str, tuple[int, int, int]]] | None = None) -> None:
+    """Put the tree of `state` in place under `root`, rewriting only what differs (`on_disk`
+    remembers big files already written: content hash and inode signature)."""
+    known_files = on_disk if on_disk is not None else {}
+    want = dict(state.entries)
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            e = want.get(rel)
+            if os.path.islink(full):
+                if e is None or e.kind != "l" or os.readlink(full) != e.target:
+                    os.unlink(full)
+            elif name in filenames:
+                if e is None or e.kind != "f":
+                    os.unlink(full)
+                    known_files.pop(rel, None)
+            elif e is None or e.kind != "d":
+                shutil.rmtree(full)
+    for rel, e in want.items():
+        path = root / rel
+        if e.kind == "d":
+            path.mkdir(exist_ok=True)
+            os.chmod(path, e.mode)
+        elif e.kind == "l" and not path.is_symlink():
+            os.symlink(e.target, path)
+    for rel, e in want.items():
+        if e.kind != "f":
+            continue
+        path = root / rel
+        digest = trace.content_hash(e)
+        known = known_files.get(rel)
+        if known is not None and known[0] == digest and known[1] == _signature(path):
+            continue
+        data = trace.content(e)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, e.mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.chmod(path, e.mode)
+        if len(data) >= BIG:
+            known_files[rel] = (digest, _signature(path))
+
+
 def untraced_changes(trace: Trace, root: Path) -> list[str]:
     """Paths whose real content after the traced run differs from the log replayed in
     full: a write path the tracer does not see."""
@@ -326,13 +340,16 @@ def untraced_changes(trace: Trace, root: Path) -> list[str]:
     final = dict(state.entries)
     actual = Baseline.take(root)
     problems = []
-    for rel in sorted(set(final) | set(actual.files) | set(actual.dirs)):
+    for rel in sorted(set(final) | set(actual.files) | set(actual.dirs) | set(actual.links)):
         e = final.get(rel)
         if e is None:
             problems.append(f"{rel} exists but was not traced")
         elif e.kind == "d":
             if rel not in actual.dirs:
                 problems.append(f"{rel}: traced as a directory")
+        elif e.kind == "l":
+            if actual.links.get(rel) != e.target:
+                problems.append(f"{rel}: traced as a symlink to {e.target}")
         elif rel not in actual.files:
             problems.append(f"{rel}: traced but absent")
         elif trace.content(e) != actual.files[rel][0]:

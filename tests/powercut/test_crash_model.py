@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import agent.etcmerge
 from hw.slot import IO_CHUNK, SlotWriter
 from ota_common.fsutil import atomic_write, fsync_dir
 from tests.powercut.conftest import Releases
@@ -148,3 +149,95 @@ def test_the_explorer_finds_the_defect_when_an_fsync_is_missing(
                             tracer_args=("--without", missing))
     result = explorer.explore(explorer.trace(tmp_path / "trace"))
     assert result.failures, f"no failing state without {missing}"
+
+
+def _dirs(trace: Trace, k: int, variant: str) -> set[str]:
+    state = trace.state(k, variant)
+    assert state is not None
+    return {path for path, e in state.entries if e.kind == "d"}
+
+
+def test_a_directory_rename_is_durable_only_after_its_parent_is_fsynced(root: Path, tmp_path: Path) -> None:
+    (root / "sub" / "inner").write_bytes(b"inner")
+    fsync_dir(root / "sub")
+
+    def rename_dir() -> None:
+        os.rename(root / "sub", root / "moved")
+        fsync_dir(root)
+
+    trace = traced(root, tmp_path / "log", rename_dir)
+    rename_at = next(i for i, op in enumerate(trace.ops) if op["op"] == "rename")
+    before_sync = rename_at + 1
+    assert tree(trace, before_sync, "synced")["sub/inner"] == b"inner"  # the whole subtree kept its old name
+    assert "moved/inner" not in tree(trace, before_sync, "synced")
+    assert tree(trace, before_sync, "names")["moved/inner"] == b"inner"
+    end = len(trace.ops)
+    assert tree(trace, end, "synced") == {"old.txt": b"old", "moved/inner": b"inner"}
+    assert _dirs(trace, end, "synced") == {"moved"}
+
+
+def test_an_exchange_of_two_directories_leaves_one_or_the_other_never_a_mix(root: Path, tmp_path: Path) -> None:
+    for name, body in (("etc", b"old"), ("staging", b"new")):
+        (root / name / "d").mkdir(parents=True)
+        (root / name / "a.conf").write_bytes(body + b"-a")
+        (root / name / "d" / "b.conf").write_bytes(body + b"-b")
+    os.sync()
+
+    def swap() -> None:  # looked up at call time: the tracer replaces it (renameat2 through ctypes)
+        agent.etcmerge._exchange(str(root / "staging"), str(root / "etc"))
+        fsync_dir(root)
+
+    trace = traced(root, tmp_path / "log", swap)
+    assert [op["op"] for op in trace.ops] == ["exchange", "dirsync"]
+    seen = set()
+    for k in range(len(trace.ops) + 1):
+        for variant in ("synced", "names", "all"):
+            t = tree(trace, k, variant)
+            etc = (t["etc/a.conf"], t["etc/d/b.conf"])
+            assert etc in {(b"old-a", b"old-b"), (b"new-a", b"new-b")}
+            assert (t["staging/a.conf"], t["staging/d/b.conf"]) != etc
+            seen.add((k, variant, etc[0]))
+    assert (1, "synced", b"old-a") in seen
+    assert (1, "names", b"new-a") in seen
+    assert (2, "synced", b"new-a") in seen
+
+
+def test_mkdir_and_rmdir_need_their_parent_synced_and_take_their_subtree(root: Path, tmp_path: Path) -> None:
+    def dirs() -> None:
+        os.mkdir(root / "made")
+        fd = os.open(root / "made" / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"x")
+        os.fsync(fd)
+        os.close(fd)
+        fsync_dir(root / "made")  # the file is in its directory, the directory not yet in its parent
+        os.rmdir(root / "sub")
+
+    trace = traced(root, tmp_path / "log", dirs)
+    end = len(trace.ops)
+    assert "made" not in _dirs(trace, end, "synced")
+    assert "made/f" not in tree(trace, end, "synced")
+    assert "sub" in _dirs(trace, end, "synced")
+    assert _dirs(trace, end, "names") == {"made"}
+    assert tree(trace, end, "names")["made/f"] == b"x"
+
+
+def test_a_chmod_survives_only_once_its_inode_is_fsynced(root: Path, tmp_path: Path) -> None:
+    def chmod() -> None:
+        os.chmod(root / "old.txt", 0o640)
+        fd = os.open(root / "old.txt", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        os.chmod(root / "sub", 0o700)
+        os.symlink("old.txt", root / "link")
+        fsync_dir(root)
+
+    trace = traced(root, tmp_path / "log", chmod)
+    modes = {k: {p: e.mode for p, e in s.entries}
+             for k in (1, len(trace.ops)) if (s := trace.state(k, "synced")) is not None}
+    assert modes[1]["old.txt"] != 0o640
+    assert modes[len(trace.ops)]["old.txt"] == 0o640
+    assert modes[len(trace.ops)]["sub"] != 0o700  # never fsynced
+    final = trace.state(len(trace.ops), "synced")
+    assert final is not None
+    assert dict(final.entries)["link"].target == "old.txt"
+    assert untraced_changes(trace, root) == []

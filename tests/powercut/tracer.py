@@ -4,13 +4,18 @@ in order, so `tests.powercut.replay` can rebuild what a power cut would leave.
 Tracing is at the Python level: the `os` functions that create, write, truncate,
 sync, rename or remove files (`os.open` with its flags, `os.write`/`pwrite`/
 `writev`/`pwritev`, `sendfile`/`copy_file_range`, `ftruncate`/`truncate`,
-`posix_fallocate`, `fsync`/`fdatasync`/`sync`, `rename`/`replace`, `unlink`/
-`remove`, `mkdir`/`rmdir`), `open`/`io.open` in any writing mode (files opened
-that way write through a traced raw file, so `Path.write_bytes`, `shutil` and
-friends are traced too), and libc `fallocate` as `hw.slot` calls it through
-ctypes (hole punching). Every function looks its `os` callee up at call time,
-so replacing the module attributes catches every caller. Links and symlinks
-created under the tree are recorded as unsupported, which fails the replay.
+`posix_fallocate`, `fsync`/`fdatasync`/`sync`, `rename`/`replace` (of files
+and directories), `unlink`/`remove`, `mkdir`/`rmdir`, `symlink`, `chmod`/
+`fchmod`), `open`/`io.open` in any writing mode (files opened that way write
+through a traced raw file, so `Path.write_bytes`, `shutil` and friends are
+traced too), and the two calls the agent makes through ctypes: libc
+`fallocate` as `hw.slot` calls it (hole punching) and renameat2
+RENAME_EXCHANGE as `agent.etcmerge._exchange` calls it. Every function looks
+its callee up at call time, so replacing the module attributes catches every
+caller. Hard links created under the tree are recorded as unsupported, which
+fails the replay. A directory fsync is logged under the directory's path at
+the time of the fsync (from /proc/self/fd), so a directory renamed while open
+is still named right.
 
 The log (`ops.jsonl` plus `data.bin` for written bytes) names files by a logical
 inode: ``b:<path>`` for a file that existed when tracing started, ``n<k>`` for
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import agent.etcmerge
 import hw.slot
 
 OPS = "ops.jsonl"
@@ -145,7 +151,9 @@ class Tracer:
             "mkdir": self._mkdir,
             "rmdir": self._rmdir,
             "link": self._unsupported("link"),
-            "symlink": self._unsupported("symlink"),
+            "symlink": self._symlink,
+            "chmod": self._chmod,
+            "fchmod": self._fchmod,
             "dup": self._dup,
         }
         for name, fn in wrappers.items():
@@ -155,11 +163,15 @@ class Tracer:
         self._real["io.open"] = io.open
         io.open = builtins.open = self._io_open
         self._patch_fallocate()
+        self._patch_exchange()
 
     def uninstall(self) -> None:
         hw_slot = self._real.pop("hw.slot._fallocate", None)
         if hw_slot is not None:
             hw.slot._fallocate = hw_slot
+        exchange = self._real.pop("agent.etcmerge._exchange", None)
+        if exchange is not None:
+            agent.etcmerge._exchange = exchange
         io.open = builtins.open = self._real.pop("io.open")
         for name, fn in self._real.items():
             setattr(os, name, fn)
@@ -187,6 +199,24 @@ class Tracer:
                 return rc
 
         hw.slot._fallocate = fallocate
+
+    def _patch_exchange(self) -> None:
+        real = agent.etcmerge._exchange
+        self._real["agent.etcmerge._exchange"] = real
+
+        def exchange(a: str, b: str) -> None:
+            with self._lock:
+                ra, rb = self._rel(a), self._rel(b)
+                real(a, b)
+                if ra is None and rb is None:
+                    return
+                if ra is None or rb is None:
+                    self.unsupported.append(f"exchange across the traced tree: {a} <-> {b}")
+                    self._log({"op": "unsupported", "what": f"exchange {a} <-> {b}"})
+                    return
+                self._log({"op": "exchange", "src": ra, "dst": rb})
+
+        agent.etcmerge._exchange = exchange
 
     # -- os wrappers ----------------------------------------------------------------
 
@@ -338,7 +368,8 @@ class Tracer:
             if info is None:
                 return
             if info.ino is None:
-                self._log({"op": "dirsync", "path": info.path})
+                now = self._rel(os.readlink(f"/proc/self/fd/{fd}"))
+                self._log({"op": "dirsync", "path": now if now is not None else info.path})
             else:
                 self._log({"op": "fsync", "ino": info.ino})
 
@@ -386,6 +417,41 @@ class Tracer:
             self._real["rmdir"](path, dir_fd=dir_fd)
             if rel is not None:
                 self._log({"op": "rmdir", "path": rel})
+
+    def _symlink(self, src: Any, dst: Any, target_is_directory: bool = False, *, dir_fd: int | None = None) -> None:
+        with self._lock:
+            rel = self._rel(dst, dir_fd)
+            self._real["symlink"](src, dst, target_is_directory, dir_fd=dir_fd)
+            if rel is not None:
+                self._log({"op": "symlink", "path": rel, "target": os.fsdecode(src)})
+
+    def _chmod(self, path: Any, mode: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:
+        if isinstance(path, int):
+            self._fchmod(path, mode)
+            return
+        with self._lock:
+            self._real["chmod"](path, mode, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+            rel = self._rel(path, dir_fd)
+            if rel is None:
+                return
+            full = os.path.join(self.root, rel)
+            if os.path.islink(full):
+                if follow_symlinks:
+                    self.unsupported.append(f"chmod through a symlink {path}")
+                return  # a symlink's own mode means nothing on Linux
+            self._log({"op": "chmod", "path": rel, "mode": stat.S_IMODE(mode)})
+
+    def _fchmod(self, fd: int, mode: int) -> None:
+        with self._lock:
+            self._real["fchmod"](fd, mode)
+            info = self._fds.get(fd)
+            if info is None:
+                return
+            if info.ino is None:
+                now = self._rel(os.readlink(f"/proc/self/fd/{fd}"))
+                self._log({"op": "chmod", "path": now if now is not None else info.path, "mode": stat.S_IMODE(mode)})
+            else:
+                self._log({"op": "chmod", "ino": info.ino, "mode": stat.S_IMODE(mode)})
 
     def _unsupported(self, name: str) -> Callable[..., None]:
         def call(src: Any, dst: Any, *args: Any, **kw: Any) -> None:

@@ -14,7 +14,9 @@ install works (`tests.powercut.explore.Explorer`); provisioning leaves no
 bootable partial slot and completes when run again; a USB receipt on the stick
 is never half there (the .json, written last, means both files are complete);
 an outbox acknowledgement cut short only re-sends, never loses, a report; a
-job journalled before the cut is known after it (a redelivery is a duplicate).
+job journalled before the cut is known after it (a redelivery is a duplicate);
+the new slot's /etc is the old or the merged one, never a mix, and merging
+again completes it (tests.powercut.etcstates).
 
 `POINTS` lists them; `run_point` runs one and returns what it found.
 """
@@ -40,6 +42,7 @@ from agent.outbox import EventLog
 from bundler import usb
 from tests.fixtures.factory import blank_device
 from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
+from tests.powercut.etcstates import check_state, make_trees, merged_reference, snapshot
 from tests.powercut.explore import REPO, Explorer, Scenario
 from tests.powercut.replay import VARIANTS, Baseline, State, Trace
 from tests.powercut.test_power_cut_states import SCENARIOS, explorer_for
@@ -85,6 +88,8 @@ POINTS: tuple[Point, ...] = (
     Point("media", "mid-payload", "write (from a stick)"),
     Point("outbox", "outbox-after-ack", "outbox ack"),
     Point("journal", "mqtt-job-journalled", "accept a job"),
+    Point("etc-merge", "etc-merge-before-swap", "/etc merge: built and synced, not swapped"),
+    Point("etc-merge", "etc-merge-after-swap", "/etc merge: swapped, old tree not removed"),
     *(Point("provision", f"provision-after-{s}", f"provisioning: {s}") for s in PROVISION_STEPS),
 )
 
@@ -131,7 +136,7 @@ def cut_states(trace: Trace, kill_tree: str | None) -> list[State]:
 
 def run_point(tmp_path: Path, releases: Releases, point: Point, backend: str) -> PointResult:
     runner: Callable[[Path, Releases, Point, PointResult], None] = {
-        "provision": _provision, "outbox": _outbox, "journal": _journal, "media": _media,
+        "provision": _provision, "outbox": _outbox, "journal": _journal, "media": _media, "etc-merge": _etc_merge,
     }.get(point.flow, _device_flow)
     result = PointResult(point, backend)
     runner(tmp_path, releases, point, result)
@@ -308,6 +313,34 @@ def _journal(tmp_path: Path, releases: Releases, point: Point, result: PointResu
         except Exception as e:  # any failure to read the journal is the finding
             return [f"journal: {type(e).__name__}: {e}"]
         return problems
+
+    result.kill = check(kill_state)
+    states = cut_states(trace, trace.tree_hash(kill_state))
+    result.cut_states = len(states)
+    for state in states:
+        result.cut += [f"{state.variant}: {p}" for p in check(state)]
+
+
+# -- the /etc merge ---------------------------------------------------------------------------
+
+
+def _etc_merge(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
+    """Killed and cut at the merge's crash points (the merged tree built and synced beside
+    /etc; swapped in with RENAME_EXCHANGE, the old tree not yet removed)."""
+    root = tmp_path / "root"
+    old, cur, slot = make_trees(root)
+    unmerged = snapshot(slot / "etc")
+    merged = merged_reference(old, cur, slot, tmp_path)
+    _, trace = traced_kill(root, tmp_path / "trace", point.name, [str(old), str(cur), str(slot)],
+                           module="tests.reliability.etc_driver")
+    kill_state = trace.state(len(trace.ops), "all")
+    assert kill_state is not None
+    explorer = Explorer(root, Scenario("etc-merge", (), (), frozenset()), result.backend, {},
+                        (releases.v4.bundle, releases.v4.image))
+
+    def check(state: State) -> list[str]:
+        explorer.materialize(trace, state)
+        return check_state(old, cur, slot, unmerged, merged)
 
     result.kill = check(kill_state)
     states = cut_states(trace, trace.tree_hash(kill_state))

@@ -5,6 +5,12 @@ environment faults survived, random kills and dropped-write states of the soak
 (with --soak), fuzz executions per target; and the count of unrecovered cases,
 which must be 0 (exit status 1 otherwise, or when a suite fails).
 
+A soak run (--soak) picks one seed for the whole session (printed; --seed
+replays it) and writes its random-kill and random-dropped-write rows, with the
+seed and when it ran, to build/reliability/last-soak.json (--soak-results);
+a run without --soak shows that file's rows as "(last soak)" rows, not counted
+in this run's unrecovered total but printed beside it.
+
 Each suite runs under pytest with EDGE_OTA_RELIABILITY_LOG naming a JSON-lines
 file the tests append their cases to (tests.reliability.results); pytest's
 own JUnit XML adds the cases of tests that predate that log (MQTT journal kill
@@ -16,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +36,9 @@ from pathlib import Path
 from tests.reliability.results import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
+SOAK_RESULTS = ROOT / "build" / "reliability" / "last-soak.json"
+SOAK_CATEGORIES = ("random kills", "random dropped-write states")
+NOT_COUNTS = frozenset({"category", "name", "passed", "unrecovered", "phase", "seed"})
 SUITES = [
     "tests/reliability",
     "tests/powercut",
@@ -102,13 +113,45 @@ def fuzz(seconds: int) -> list[tuple[str, int, str]]:
     return rows
 
 
+def add_case(rows: dict[str, Row], case: dict[str, object]) -> None:
+    row = rows[str(case["category"])]
+    row.cases += 1
+    row.passed += bool(case["passed"])
+    row.unrecovered += int(str(case["unrecovered"]))
+    for k, v in case.items():
+        if k not in NOT_COUNTS and isinstance(v, int) and not isinstance(v, bool):
+            row.counts[k] += v
+
+
+def save_soak(path: Path, cases: list[dict[str, object]], seed: int, failed: bool) -> None:
+    """The soak's own rows, for later tables (written even when a case failed: the tallies say so)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"seed": seed, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "suite_failed": failed,
+           "cases": [c for c in cases if c["category"] in SOAK_CATEGORIES]}
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_soak(path: Path) -> tuple[str, dict[str, Row]] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        rows: dict[str, Row] = defaultdict(Row)
+        for case in doc["cases"]:
+            add_case(rows, case)
+        return f"seed {int(doc['seed'])}, finished {doc['finished']}", rows
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--fuzz-seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", "10")))
     ap.add_argument("--soak", action="store_true", help="add the random kills and dropped-write states")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="only the new suites (no older counted tests)")
+    ap.add_argument("--soak-results", type=Path, default=SOAK_RESULTS,
+                    help="where a soak writes its tallies and a later table reads them")
     args = ap.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     rows: dict[str, Row] = defaultdict(Row)
     failed = False
     with tempfile.TemporaryDirectory(prefix="edge-ota-reliability-") as tmp:
@@ -118,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = list(SUITES)
         if args.soak:
             extra["EDGE_OTA_SOAK"] = "1"
-            if args.seed is not None:
-                extra["EDGE_OTA_SOAK_SEED"] = str(args.seed)
+            extra["EDGE_OTA_SOAK_SEED"] = str(seed)
+            print(f"soak seed: {seed} (make soak SOAK_SEED={seed} replays it)", flush=True)
         failed |= run_pytest(paths, log, Path(tmp) / "own.xml", extra) not in (0, 5)
         for n, (category, path, keyword) in enumerate([] if args.quick else COUNTED):
             junit = Path(tmp) / f"counted-{n}.xml"
@@ -129,15 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 row.cases += 1
                 row.passed += ok
                 row.unrecovered += not ok
-        for line in log.read_text().splitlines():
-            case = json.loads(line)
-            row = rows[case["category"]]
-            row.cases += 1
-            row.passed += bool(case["passed"])
-            row.unrecovered += int(case["unrecovered"])
-            for k, v in case.items():
-                if k not in ("category", "name", "passed", "unrecovered", "phase") and isinstance(v, int):
-                    row.counts[k] += v
+        cases = [json.loads(line) for line in log.read_text().splitlines()]
+        for case in cases:
+            add_case(rows, case)
+        if args.soak:
+            save_soak(args.soak_results, cases, seed, failed)
         fuzz_rows = fuzz(args.fuzz_seconds) if args.fuzz_seconds > 0 else []
     print()
     print(f"{'category':<32}{'cases':>7}{'passed':>8}{'unrecovered':>13}  counts")
@@ -150,6 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         total_unrecovered += r.unrecovered
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()))
         print(f"{name:<32}{r.cases:>7}{r.passed:>8}{r.unrecovered:>13}  {counts}")
+    last = None if args.soak else load_soak(args.soak_results)
+    if last is not None:
+        when, soak_rows = last
+        for name in SOAK_CATEGORIES:
+            got = soak_rows.get(name)
+            if got is not None:
+                counts = ", ".join(f"{k} {v}" for k, v in sorted(got.counts.items()))
+                print(f"{name + ' (last soak)':<32}{got.cases:>7}{got.passed:>8}{got.unrecovered:>13}  {counts}")
+        where = args.soak_results
+        print(f"  (last soak: {when}; {where.relative_to(ROOT) if where.is_relative_to(ROOT) else where})")
     for target, executions, result in fuzz_rows:
         bad = result != "ok"
         total_unrecovered += bad

@@ -22,7 +22,8 @@ def _cases() -> list[tuple[Point, str]]:
     cases = []
     for p in POINTS:
         if BACKENDS is not None:
-            only = {"provision": ("sim", "uboot"), "outbox": ("sim",), "journal": ("sim",)}.get(p.flow)
+            only = {"provision": ("sim", "uboot"), "outbox": ("sim",), "journal": ("sim",),
+                    "etc-merge": ("sim",)}.get(p.flow)
             backends = [b for b in BACKENDS if only is None or b in only]
         else:
             backends = ["uboot" if p.flow == "install" and p.name in ("after-mark-bad", "after-set-primary")

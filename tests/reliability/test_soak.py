@@ -58,7 +58,8 @@ def _run(argv: list[str], delay: float | None) -> int:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases, backend: str) -> None:
-    rng = random.Random(_seed())
+    seed = _seed()
+    rng = random.Random(f"{seed}:kills:{backend}")
     explorer = explorer_for(tmp_path, releases, SCENARIOS["install"], backend, installs=0)
     config = str(sim.config_path(explorer.dir))
     every = {r.image.version: r for r in (releases.v2, releases.v3, releases.v4)}
@@ -94,13 +95,14 @@ def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases,
         problems = explorer.power_on_and_check([], None, versions, ())
         failures += [f"kill {n} after {delay:.3f}s (rc {rc}): {p}" for p in problems]
     record("random kills", backend, passed=not failures, unrecovered=len(failures), kills=kills,
-           killed_mid_run=killed)
+           killed_mid_run=killed, seed=seed)
     assert not failures, "\n".join(failures[:20])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_dropped_write_states_always_recover(tmp_path: Path, releases: Releases, backend: str) -> None:
-    rng = random.Random(_seed())
+    seed = _seed()
+    rng = random.Random(f"{seed}:states:{backend}")
     per_flow = max(1, STATES // len(BACKENDS) // 3)
     failures: list[str] = []
     checked = 0
@@ -113,6 +115,7 @@ def test_random_dropped_write_states_always_recover(tmp_path: Path, releases: Re
             found = explorer.check(trace, state, next_install=n % 10 == 9)
             checked += 1
             failures += [f"{name} cut {state.cut} ({state.variant}): {p}" for p in found]
-    record("random dropped-write states", backend, passed=not failures, unrecovered=len(failures), states=checked)
+    record("random dropped-write states", backend, passed=not failures, unrecovered=len(failures), states=checked,
+           seed=seed)
     assert not failures, "\n".join(failures[:20])
 
