@@ -91,7 +91,7 @@ def _install_json(o: InstallOutcome) -> dict[str, Any]:
     already = o.result is InstallResult.ALREADY_INSTALLED
     return {"result": o.result.value, "txn": o.txn, "bundle_version": o.bundle_version, "slot": o.slot,
             "security_version": o.security_version, "reason": o.reason, "reboot_to_try": not already,
-            "downloaded": o.downloaded}
+            "downloaded": o.downloaded, "conflicts": [c.to_json() for c in o.etc_conflicts]}
 
 
 def _install_text(o: InstallOutcome) -> str:

@@ -46,11 +46,12 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.crashpoint import crashpoint
 from agent.errors import InstallError
+from agent.events import MAX_CONFLICTS, EtcConflict
 
 MAX_ENTRIES = 100_000
 STAGING = ".etc-merge-"
@@ -104,6 +105,7 @@ class Conflict:
     path: str
     kind: str  # both-changed | type-changed | deleted-locally | deleted-in-new | under-local-change
     detail: str
+    outcome: str = ""  # what [etc] on_conflict made of it: failed | kept-local | took-new
 
     def __str__(self) -> str:
         return f"{self.path} ({self.detail})"
@@ -129,6 +131,10 @@ class MergeResult:
     from_new: int
     kept_local: int
     conflicts: tuple[Conflict, ...]
+
+    def reported(self) -> tuple[EtcConflict, ...]:
+        """The conflicts as the install result, the state and the reports carry them."""
+        return tuple(EtcConflict(c.path, c.kind, c.outcome, c.detail) for c in self.conflicts[:MAX_CONFLICTS])
 
     def summary(self) -> str:
         text = f"/etc merged: {self.entries} entries, {self.from_new} from the new image, {self.kept_local} kept local"
@@ -208,35 +214,60 @@ def _what(e: Entry | None) -> str:
     return "absent" if e is None else e.describe()
 
 
+def _changed_below(base: Tree, side: Tree) -> set[tuple[str, ...]]:
+    """Every directory path with something below it that differs between the two trees."""
+    out: set[tuple[str, ...]] = set()
+    for path in set(base) | set(side):
+        if base.get(path) != side.get(path):
+            out.update(path[:i] for i in range(1, len(path)))
+    return out
+
+
+def _is_dir(e: Entry | None) -> bool:
+    return e is not None and e.kind == "dir"
+
+
 def plan(old: Tree, current: Tree, new: Tree, cfg: EtcConfig) -> MergePlan:
+    """A directory counts as unchanged on a side only when everything below it is too,
+    wherever the result would drop that side's subtree (a file or nothing in its place):
+    so a directory the image replaces by a file while the device changed something in
+    it, or a directory the device replaced or deleted while the image changed what is in
+    it, is a conflict, never a silent loss of either side's changes."""
     out = MergePlan()
+    local_below, new_below = _changed_below(old, current), _changed_below(old, new)
     dropped: set[tuple[str, ...]] = set()  # paths the result holds no directory at
-    reported: set[tuple[str, ...]] = set()  # blocked directories already in conflict
+    outcome = {OnConflict.FAIL: "failed", OnConflict.KEEP_LOCAL: "kept-local"}.get(cfg.on_conflict, "took-new")
     for path in sorted(set(old) | set(current) | set(new)):
+        if any(path[:i] in dropped for i in range(1, len(path))):
+            continue  # below a file or an absence in the result: decided (and reported) at the parent
         o, c, n = old.get(path), current.get(path), new.get(path)
         name = "/".join(path)
-        blocked = next((path[:i] for i in range(1, len(path)) if path[:i] in dropped), None)
-        if blocked is not None:
-            if n != o and policy_for(path, cfg.paths) is Policy.MERGE and blocked not in reported:
-                reported.add(blocked)
-                what = _what(current.get(blocked)).replace("absent", "deleted")
-                detail = f"{what} on the device, the new image changes what is under it"
-                out.conflicts.append(Conflict("/".join(blocked), "under-local-change", detail))
-            continue
         pol = policy_for(path, cfg.paths)
+        conflict: Conflict | None = None
         side = "current"
         if pol is Policy.KEEP:
             side = "current"
-        elif pol is Policy.REPLACE or c == o:
+        elif pol is Policy.REPLACE:
             side = "new"
+        elif c == o:
+            side = "new"
+            if _is_dir(c) and not _is_dir(n) and path in local_below:
+                what = "deleted in the new image" if n is None else f"{_what(n)} in the new image"
+                kind = "deleted-in-new" if n is None else "type-changed"
+                conflict = Conflict(name, kind, f"a directory with local changes on the device, {what}")
         elif n in (o, c):
             side = "current"
+            if n == o and _is_dir(n) and not _is_dir(c) and path in new_below:
+                what = _what(c).replace("absent", "deleted")
+                detail = f"{what} on the device, the new image changes what is under it"
+                conflict = Conflict(name, "under-local-change", detail)
         else:
-            out.conflicts.append(_conflict(name, o, c, n))
-            reported.add(path)
+            conflict = _conflict(name, o, c, n)
+        if conflict is not None:
             side = "new" if cfg.on_conflict is OnConflict.TAKE_NEW else "current"
+            out.conflicts.append(replace(conflict, outcome=outcome))
         chosen = n if side == "new" else c
-        if chosen is None or chosen.kind != "dir":
+        if not _is_dir(chosen):
             dropped.add(path)
         if chosen is not None:
             out.result[path] = Pick(side, chosen)

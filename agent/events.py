@@ -2,7 +2,9 @@
 result and the status outbox (`agent.outbox`, which also holds `EventLog`).
 
 Fixed field names (`event`, `txn`, `bundle_version`, `slot`, `result`,
-`reason`, `time`, and for installs `downloaded`: bytes that crossed the network).
+`reason`, `time`, and for installs `downloaded`: bytes that crossed the network,
+and `conflicts`: the /etc merge's conflicts, `EtcConflict` records, at most
+`MAX_CONFLICTS`; omitted from the JSON form when empty, see `Event.to_json`).
 An `Event` is bounded by construction: every field is run
 through `ota_common.text.clean` when the record is built (whoever builds
 it, from code or from a file), so no event can carry more than `MAX_EVENT_CHARS`
@@ -34,7 +36,9 @@ LIMITS = {
     "time": KIND_LIMIT,
 }
 MAX_DOWNLOADED = (1 << 63) - 1  # the largest `downloaded` an event carries (19 digits)
-MAX_EVENT_CHARS = sum(LIMITS.values()) + len(str(MAX_DOWNLOADED))
+MAX_CONFLICTS = 10  # conflicts an event lists (its reason says how many there were)
+CONFLICT_LIMITS = {"path": 256, "kind": KIND_LIMIT, "outcome": KIND_LIMIT, "detail": 160}
+MAX_EVENT_CHARS = sum(LIMITS.values()) + len(str(MAX_DOWNLOADED)) + MAX_CONFLICTS * sum(CONFLICT_LIMITS.values())
 
 
 def utcnow() -> datetime:
@@ -82,6 +86,42 @@ class Result(enum.StrEnum):
     FLOOR_LOST = "floor-lost"
 
 
+@dataclass(frozen=True, slots=True)
+class EtcConflict:
+    """One conflict of the /etc merge (agent.etcmerge), as reports carry it: the path
+    under /etc, its kind (`both-changed`, `type-changed`, `deleted-locally`,
+    `deleted-in-new`, `under-local-change`), what `[etc] on_conflict` made of it
+    (`failed`: the install failed before the switch; `kept-local`; `took-new`)
+    and a one-line description."""
+
+    path: str
+    kind: str
+    outcome: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        for name, limit in CONFLICT_LIMITS.items():
+            object.__setattr__(self, name, clean(getattr(self, name), limit))
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "outcome": self.outcome, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, doc: object) -> EtcConflict:
+        if not isinstance(doc, Mapping):
+            raise ValueError("event field 'conflicts' holds something other than objects")
+        values = {name: doc.get(name, "") for name in CONFLICT_LIMITS}
+        if not all(isinstance(v, str) for v in values.values()) or not values["path"]:
+            raise ValueError("event field 'conflicts' holds a conflict without a path or with a non-string field")
+        return cls(**values)
+
+
+def _conflicts(value: object) -> tuple[EtcConflict, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("event field 'conflicts' is not a list")
+    return tuple(c if isinstance(c, EtcConflict) else EtcConflict.from_json(c) for c in value[:MAX_CONFLICTS])
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """Built with keywords only (`Event(event=EventType.INSTALL, result=Result.OK, ...)`);
@@ -96,6 +136,7 @@ class Event:
     slot: str | None = None
     time: str = ""
     downloaded: int | None = None  # an install's bytes that crossed the network (all attempts)
+    conflicts: tuple[EtcConflict, ...] = ()  # an install's /etc merge conflicts (the first MAX_CONFLICTS)
 
     def __post_init__(self) -> None:
         for name in ("event", "result", "reason", "time"):
@@ -105,6 +146,18 @@ class Event:
         d = self.downloaded
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DOWNLOADED):
             object.__setattr__(self, "downloaded", None)
+        try:
+            object.__setattr__(self, "conflicts", _conflicts(self.conflicts))
+        except ValueError:
+            object.__setattr__(self, "conflicts", ())
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: the fields by name; `conflicts` only when there are any (so every
+        other event reads as it always did)."""
+        doc: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conflicts"}
+        if self.conflicts:
+            doc["conflicts"] = [c.to_json() for c in self.conflicts]
+        return doc
 
     @classmethod
     def from_json(cls, doc: object) -> Event:
@@ -124,6 +177,9 @@ class Event:
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_DOWNLOADED:
                     raise ValueError("event field 'downloaded' is not a byte count")
                 values[f.name] = value
+                continue
+            if f.name == "conflicts":
+                values[f.name] = _conflicts(value)
                 continue
             if not isinstance(value, str):
                 raise ValueError(f"event field {f.name!r} is not a string")

@@ -45,7 +45,7 @@ from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import CanceledError, InstallError, LockBusyError
-from agent.events import Event, EventType, Result, iso
+from agent.events import EtcConflict, Event, EventType, Result, iso
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
 from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
@@ -85,7 +85,7 @@ class InstallOutcome:
     result: InstallResult = InstallResult.INSTALLED
     reason: str = ""
     downloaded: int | None = None  # bytes that crossed the network, when the source counts them
-    etc_conflicts: tuple[str, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
+    etc_conflicts: tuple[EtcConflict, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -238,6 +238,7 @@ def _install(
                     bundle_version=version,
                     slot=target,
                     downloaded=_counter(stream)(),
+                    conflicts=e.result.reported() if isinstance(e, etcmerge.EtcConflictError) else (),
                 ),
                 state,
             )
@@ -249,6 +250,7 @@ def _install(
     downloaded = _counter(stream)()
     reason = f"installed; slot {target} will be tried on next boot ({device.config.tries} tries)"
     reason += f"; {etc.summary()}" if etc else ""
+    conflicts = etc.reported() if etc else ()
     device.record(
         Event(
             event=EventType.INSTALL,
@@ -258,11 +260,11 @@ def _install(
             bundle_version=m.bundle_version,
             slot=target,
             downloaded=downloaded,
+            conflicts=conflicts,
         ),
         state,
     )
     crashpoint("after-installed-recorded")
-    conflicts = tuple(map(str, etc.conflicts)) if etc else ()
     return InstallOutcome(
         txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
     )

@@ -11,7 +11,8 @@ side deduplicates on `id`.
 Files (all in STATE_DIR):
   outbox.log    one record per line: `<crc32 of JSON, 8 hex> <JSON>\\n`. The JSON
                 object is {"seq", "id", "dropped", "event", "result", "reason",
-                "txn", "bundle_version", "slot", "time", "downloaded"}.
+                "txn", "bundle_version", "slot", "time", "downloaded"}, and
+                "conflicts" for an install whose /etc merge had any.
   outbox.acked  the highest acknowledged seq (`N\\n`), replaced atomically.
   outbox.lock   flock'd around every read-modify-write (several processes append).
 
@@ -58,12 +59,24 @@ import threading
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.crashpoint import crashpoint
-from agent.events import LIMITS, MAX_DOWNLOADED, Clock, Event, EventType, Result, iso, utcnow
+from agent.events import (
+    CONFLICT_LIMITS,
+    LIMITS,
+    MAX_CONFLICTS,
+    MAX_DOWNLOADED,
+    Clock,
+    EtcConflict,
+    Event,
+    EventType,
+    Result,
+    iso,
+    utcnow,
+)
 from agent.storefile import describe_os_error, ensure_dir, flocked, read_bounded, set_aside
 from ota_common.errors import OtaError
 from ota_common.fsutil import atomic_write, fsync_dir
@@ -90,7 +103,7 @@ class Record:
     dropped: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "id": self.id, "dropped": self.dropped, **asdict(self.event)}
+        return {"seq": self.seq, "id": self.id, "dropped": self.dropped, **self.event.to_json()}
 
     @classmethod
     def from_json(cls, doc: object) -> Record:
@@ -132,7 +145,8 @@ def _worst_case_record_bytes() -> int:
     """Every field at its limit in 4-byte UTF-8 characters (the most any
     cleaned character costs in JSON without ASCII escaping), ids at their maximum."""
     widest = {name: "\U0001f600" * limit for name, limit in LIMITS.items()}
-    event = Event(**widest, downloaded=MAX_DOWNLOADED)
+    conflict = EtcConflict(**{name: "\U0001f600" * limit for name, limit in CONFLICT_LIMITS.items()})
+    event = Event(**widest, downloaded=MAX_DOWNLOADED, conflicts=(conflict,) * MAX_CONFLICTS)
     doc = Record(MAX_SEQ, "f" * 64, event, MAX_SEQ).to_json()
     body = json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
     return 9 + len(body) + 1
@@ -441,7 +455,7 @@ class EventLog:
     def emit(self, event: Event, *, level: int = logging.INFO) -> Event:
         if not event.time:
             event = replace(event, time=iso(self.clock()))
-        log.log(level, "%s", describe(event), extra={"ota_event": asdict(event)})
+        log.log(level, "%s", describe(event), extra={"ota_event": event.to_json()})
         self.outbox.append(event)
         return event
 

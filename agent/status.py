@@ -76,7 +76,7 @@ class DeviceStatus:
             "committed_security_version": self.committed_security_version,
             "slots": {s.bootname: s.to_json() for s in self.slots},
             "trial": asdict(self.trial) if self.trial else None,
-            "last_result": asdict(self.last_result) if self.last_result else None,
+            "last_result": self.last_result.to_json() if self.last_result else None,
             "problems": list(self.problems),
             "job": self.job,
         }

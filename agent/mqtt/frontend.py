@@ -43,6 +43,7 @@ Owns the mapping from jobs to commands and their lifecycle; not the protocol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -54,7 +55,7 @@ from typing import Any
 from agent.actions import App, RollbackOutcome
 from agent.commands import execute
 from agent.errors import BusyError
-from agent.events import Event
+from agent.events import EtcConflict, Event
 from agent.installer import InstallOutcome, InstallResult
 from agent.jobs import JobContext, JobState, JobView
 from agent.mqtt import reports, settle
@@ -332,7 +333,8 @@ class MqttFrontEnd:
     def _install_done(self, active: _Active, view: JobView) -> None:
         job = active.job
         if view.state is not JobState.SUCCEEDED:
-            self._finish(job.id, self._failure_status(view), view.error or view.state.value)
+            self._finish(job.id, self._failure_status(view), view.error or view.state.value,
+                         conflicts=self._failed_conflicts(view.id))
             return
         outcome: InstallOutcome = view.result
         if outcome.result is InstallResult.ALREADY_INSTALLED:
@@ -348,7 +350,8 @@ class MqttFrontEnd:
         reboot = self.config.reboot_after_install
         reason = (f"version {outcome.bundle_version} written to slot {outcome.slot} and read back; "
                   + ("rebooting to try it" if reboot else "it is tried on the next boot"))
-        self._move(job.id, JobStatus.INSTALLED, reason, version=outcome.bundle_version, slot=outcome.slot)
+        self._move(job.id, JobStatus.INSTALLED, reason, version=outcome.bundle_version, slot=outcome.slot,
+                   conflicts=outcome.etc_conflicts)
         if reboot:
             self._reboot_into(job, outcome)
         else:
@@ -468,7 +471,7 @@ class MqttFrontEnd:
     # ---- recording steps ------------------------------------------------------------------------------------
 
     def _move(self, job_id: str, status: JobStatus, reason: str = "", *, report: bool = True,
-              version: str | None = None, slot: str | None = None) -> bool:
+              version: str | None = None, slot: str | None = None, conflicts: tuple[EtcConflict, ...] = ()) -> bool:
         """Journal a step (durable), then report it through the outbox. False when the journal refused."""
         try:
             self._need_channel().journal.set_status(job_id, status, reason)
@@ -476,22 +479,30 @@ class MqttFrontEnd:
             log.error("mqtt: job %s: cannot record %s: %s", job_id, status.value, e)
             return False
         if report:
-            self._emit(job_id, status, reason, version=version, slot=slot)
+            self._emit(job_id, status, reason, version=version, slot=slot, conflicts=conflicts)
         return True
 
     def _finish(self, job_id: str, status: JobStatus, reason: str, *, bundle_version: str | None = None,
-                slot: str | None = None) -> None:
-        self._move(job_id, status, reason, version=bundle_version, slot=slot)
+                slot: str | None = None, conflicts: tuple[EtcConflict, ...] = ()) -> None:
+        self._move(job_id, status, reason, version=bundle_version, slot=slot, conflicts=conflicts)
         self._release(job_id)
         self._publish_status()
 
     def _emit(self, job_id: str, status: JobStatus, reason: str, *, version: str | None = None,
-              slot: str | None = None) -> None:
+              slot: str | None = None, conflicts: tuple[EtcConflict, ...] = ()) -> None:
         device = self._need_app().device
         log.info("mqtt: job %s: %s%s", job_id, status.value, f" - {clean(reason)}" if reason else "")
-        device.events.emit(reports.job_event(job_id, status, reason, bundle_version=version, slot=slot),
-                           level=logging.DEBUG)
+        event = reports.job_event(job_id, status, reason, bundle_version=version, slot=slot, conflicts=conflicts)
+        device.events.emit(event, level=logging.DEBUG)
         self._need_channel().reporter.wake()
+
+    def _failed_conflicts(self, txn: str) -> tuple[EtcConflict, ...]:
+        """The /etc conflicts that failed the install `txn`, from the result it recorded."""
+        with contextlib.suppress(OtaError):
+            last = self._need_app().device.store.load().last_result
+            if last is not None and last.txn == txn:
+                return last.conflicts
+        return ()
 
     def _release(self, job_id: str) -> None:
         with self._lock:

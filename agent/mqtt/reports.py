@@ -4,12 +4,14 @@
 - An outbox record of event `job` (`EventType.JOB`, written by the MQTT front
   end for each lifecycle step of a job) goes to `.../jobs/<txn>/status` as a
   job status report (`schema.job_report`): its `result` is the `JobStatus`,
-  its `txn` the job id, `bundle_version` and `slot` become `details`.
+  its `txn` the job id, `bundle_version` and `slot` become `details`, the
+  /etc merge's `conflicts` (an install's) the report's `conflicts` list.
 - Every other record goes to `.../events` as an event report: the event's
-  fields (`event`, `result`, `reason`, `txn`, `bundle_version`, `slot`, `time`)
-  with the record's `seq` and `id`, and `dropped` when the outbox had to drop
-  reports before it. A `job` record that cannot name a job status topic (a
-  foreign or damaged record) is published there too, never lost.
+  fields (`event`, `result`, `reason`, `txn`, `bundle_version`, `slot`, `time`,
+  `downloaded` and `conflicts` when it has them) with the record's `seq` and
+  `id`, and `dropped` when the outbox had to drop reports before it. A `job`
+  record that cannot name a job status topic (a foreign or damaged record) is
+  published there too, never lost.
 - Progress (`.../progress`) is not an outbox record: it is published at QoS 0
   from the job queue's updates, rate-limited by the front end. It carries
   `status: in-progress` and the job id, so it reads like a job report.
@@ -29,7 +31,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.events import Event, EventType
+from agent.events import EtcConflict, Event, EventType
 from agent.jobs import JobView
 from agent.mqtt.errors import JobError, TopicError
 from agent.mqtt.reporter import Message
@@ -42,10 +44,10 @@ GroupOf = Callable[[str], str | None]  # job id -> the group it came through, if
 
 
 def job_event(job_id: str, status: JobStatus, reason: str = "", *, bundle_version: str | None = None,
-              slot: str | None = None) -> Event:
+              slot: str | None = None, conflicts: tuple[EtcConflict, ...] = ()) -> Event:
     """The outbox event that reports one lifecycle step of a job."""
     return Event(event=EventType.JOB, result=status.value, reason=reason, txn=job_id,
-                 bundle_version=bundle_version, slot=slot)
+                 bundle_version=bundle_version, slot=slot, conflicts=conflicts)
 
 
 def record_time(event: Event) -> datetime:
@@ -72,7 +74,8 @@ def job_status_report(device: str, record: Record, group: str | None = None) -> 
     if event.slot is not None:
         details["slot"] = event.slot
     return job_report(report_id=record.id, device=device, job_id=job_id, status=status, time=record_time(event),
-                      reason=event.reason, seq=record.seq, group=group, dropped=record.dropped, details=details)
+                      reason=event.reason, seq=record.seq, group=group, dropped=record.dropped, details=details,
+                      conflicts=[c.to_json() for c in event.conflicts])
 
 
 def event_report(device: str, record: Record) -> dict[str, Any]:
@@ -86,6 +89,8 @@ def event_report(device: str, record: Record) -> dict[str, Any]:
             doc[key] = value
     if event.downloaded is not None:
         doc["downloaded"] = event.downloaded
+    if event.conflicts:
+        doc["conflicts"] = [c.to_json() for c in event.conflicts]
     if record.dropped:
         doc["dropped"] = record.dropped
     return doc

@@ -28,7 +28,7 @@ import json
 import re
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -49,6 +49,8 @@ MAX_BUNDLE_SIZE = 1 << 40
 MIN_CHUNK, DEFAULT_CHUNK, MAX_CHUNK = 1024, 64 * 1024, 256 * 1024
 MAX_REPORT_BYTES = 64 * 1024
 MAX_DETAILS = 32
+MAX_REPORT_CONFLICTS = 10  # /etc merge conflicts a job report lists
+_CONFLICT_KEYS = {"path": 256, "kind": 64, "outcome": 64, "detail": 160}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -325,9 +327,11 @@ def job_report(
     running: str | None = None,
     dropped: int = 0,
     details: Mapping[str, Scalar] | None = None,
+    conflicts: Sequence[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A job status report for `.../jobs/<job>/status`. `reason` and `details` are cleaned and bounded
-    here, so a foreign string can reach the operator only as one bounded line."""
+    """A job status report for `.../jobs/<job>/status`. `reason`, `details` and `conflicts` (the /etc
+    merge's, each {path, kind, outcome, detail}) are cleaned and bounded here, so a foreign string
+    can reach the operator only as one bounded line. Reports without conflicts carry no such key."""
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "id": report_id, "device": device, "job": job_id,
                            "status": status.value, "time": format_time(time)}
     if reason:
@@ -344,7 +348,18 @@ def job_report(
         doc["dropped"] = dropped
     if details:
         doc["details"] = bounded_details(details)
+    if conflicts:
+        doc["conflicts"] = bounded_conflicts(conflicts)
     return doc
+
+
+def bounded_conflicts(conflicts: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """At most `MAX_REPORT_CONFLICTS` conflicts, each with exactly the keys path, kind, outcome and
+    detail, cleaned to bounded lines."""
+    out: list[dict[str, str]] = []
+    for c in list(conflicts)[:MAX_REPORT_CONFLICTS]:
+        out.append({key: clean(c.get(key, ""), limit) for key, limit in _CONFLICT_KEYS.items()})
+    return out
 
 
 def bounded_details(details: Mapping[str, Scalar]) -> dict[str, Scalar]:

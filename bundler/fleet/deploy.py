@@ -74,6 +74,7 @@ class DeviceResult:
     statuses: list[str] = field(default_factory=list)
     duplicate: bool = False
     timed_out: bool = False
+    conflicts: list[dict[str, Any]] = field(default_factory=list)  # the /etc merge's, from the latest report
 
     @property
     def final(self) -> bool:
@@ -82,7 +83,8 @@ class DeviceResult:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "job": self.job, "status": self.status.value if self.status else None,
                 "reason": self.reason, "time": self.time, "details": self.details, "statuses": self.statuses,
-                "duplicate": self.duplicate, "final": self.final, "timed_out": self.timed_out}
+                "duplicate": self.duplicate, "final": self.final, "timed_out": self.timed_out,
+                "conflicts": self.conflicts}
 
     def line(self) -> str:
         what = self.status.value if self.status else "no answer"
@@ -133,6 +135,9 @@ class Follower:
         result.duplicate = bool(doc.get("duplicate", False))
         details = doc.get("details")
         result.details = details if isinstance(details, dict) else {}
+        conflicts = doc.get("conflicts")
+        if isinstance(conflicts, list) and conflicts:
+            result.conflicts = [c for c in conflicts if isinstance(c, dict)]
         result.statuses.append(status.value)
         return result
 

@@ -3,10 +3,13 @@
 (mounted on loop devices by the agent), the device's live /etc is a directory.
 A clean merge installs and says so in the result; a conflict fails the install
 before the switch (the booted slot stays primary) and is listed in the error,
-the result and the status."""
+the result and the status: in the reason text and as a structured `conflicts`
+list (path, kind, outcome) in `install --json`, `status --json`, state.json and
+the outbox."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -71,6 +74,7 @@ def test_the_new_slot_gets_the_devices_etc_merged_with_the_new_defaults(
     status = device.status()
     assert (status["last_result"]["result"], status["primary"]) == ("ok", "B")
     assert "/etc merged: " in status["last_result"]["reason"]
+    assert "conflicts" not in status["last_result"]  # a clean merge: no key at all, as before
     with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
         assert (root / "etc/hostname").read_text() == "device-17"
         assert (root / "etc/ssh/host_key").read_text() == "device key"
@@ -93,14 +97,41 @@ def test_a_conflict_fails_the_install_before_the_switch_and_is_listed(
     status = device.status()
     assert (status["booted"], status["primary"], status["trial"]) == ("A", "A", None)  # no switch
     assert device.snapshot().slot("A") == before.slot("A")
+    expected = [{"path": "hostname", "kind": "both-changed", "outcome": "failed",
+                 "detail": "changed on the device and in the new image"}]
+    assert last["conflicts"] == expected
+    assert device.snapshot().agent_state()["last_result"]["conflicts"] == expected
+    failed = [e for e in device.outbox() if (e["event"], e["result"]) == ("install", "failed")]
+    assert [e["conflicts"] for e in failed] == [expected]
+
+
+def test_several_conflicts_are_listed_each_with_its_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
+) -> None:
+    device = device_with_etc(tmp_path, capsys, signing_key)
+    (device.dir / "live-etc/app.d/a.conf").unlink()  # deleted on the device
+    new = {"hostname": "image-name", "ssh": "a file now", "app.d/a.conf": "a=2"}
+    assert device.install(bundle(tmp_path, signing_key, new)).rc != 0
+    conflicts = {c["path"]: (c["kind"], c["outcome"]) for c in device.status()["last_result"]["conflicts"]}
+    assert conflicts == {
+        "hostname": ("both-changed", "failed"),
+        "ssh": ("type-changed", "failed"),  # a directory holding the device's host_key, a file in the image
+        "app.d/a.conf": ("deleted-locally", "failed"),
+    }
 
 
 def test_on_conflict_keep_local_installs_and_reports_the_conflict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
 ) -> None:
     device = device_with_etc(tmp_path, capsys, signing_key, on_conflict="keep-local")
-    device.install_ok(bundle(tmp_path, signing_key, ETC | {"hostname": "image-name"}))
-    reason = device.status()["last_result"]["reason"]
-    assert "1 conflicts resolved by policy: hostname" in reason
+    result = json.loads(device.install(bundle(tmp_path, signing_key, ETC | {"hostname": "image-name"}), "--json").out)
+    expected = [{"path": "hostname", "kind": "both-changed", "outcome": "kept-local",
+                 "detail": "changed on the device and in the new image"}]
+    assert result["conflicts"] == expected
+    last = device.status()["last_result"]
+    assert "1 conflicts resolved by policy: hostname" in last["reason"]
+    assert last["conflicts"] == expected
+    installed = [e for e in device.outbox() if (e["event"], e["result"]) == ("install", "ok")]
+    assert [e["conflicts"] for e in installed] == [expected]
     with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
         assert (root / "etc/hostname").read_text() == "device-17"

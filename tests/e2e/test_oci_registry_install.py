@@ -124,3 +124,39 @@ def test_install_through_bearer_token_auth_with_credentials_and_anonymously_for_
         issued = list(r.tokens.issued)
     assert (False, "repository:public/os:pull") in issued
     assert (True, "repository:edge/os:pull") in issued
+
+
+def test_oci_over_https_with_a_private_ca_installs_to_the_commit_and_a_wrong_ca_is_refused(
+    device: SimDevice, make_bundle: BundleFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The registry serves TLS with a certificate from the test CA: the agent trusts it
+    through `[download] ca_file` only; another CA (or none: the system store) is refused
+    at the handshake with one line, and nothing is written."""
+    bundle = make_bundle("2.0", security_version=3)
+    with running_registry(tmp_path / "tls-registry", tls=True, auth=True) as r:
+        assert r.tls is not None
+        capsys.readouterr()
+        argv = ["push", str(bundle), f"docker://{r.host}/edge/os:2.0", "--registry-ca", str(r.tls.ca),
+                "--creds", f"{USER}:{PASSWORD}", "--json"]
+        assert bundle_main(argv) == 0
+        pinned = json.loads(capsys.readouterr().out)["pinned"]
+        assert pinned.startswith(f"oci://{r.host}/edge/os@sha256:")
+        with_credentials(device)
+        plain = device.config.read_text()
+        before = device.snapshot()
+        for ca in (r.tls.directory / "foreign-ca.crt", None):
+            extra = f'ca_file = "{ca}"\n' if ca else ""
+            device.config.write_text(plain.replace("[download]\n", f"[download]\n{extra}", 1))
+            line = device.install(f"oci://{r.host}/edge/os:2.0").one_error_line()
+            assert "TLS: server certificate not trusted: " in line, line
+            assert f"oci://{r.host}/edge/os:2.0" in line
+        after = device.snapshot()
+        assert (after.slot("A"), after.slot("B"), after.bootloader) == (before.slot("A"), before.slot("B"),
+                                                                       before.bootloader)
+        device.config.write_text(plain.replace("[download]\n", f'[download]\nca_file = "{r.tls.ca}"\n', 1))
+        device.install_ok(pinned)
+    assert device.status()["slots"]["B"]["version"] == "2.0"
+    assert device.boot().out.splitlines()[-1] == "settled on slot B after 1 boot(s)"
+    status = device.status()
+    assert (status["booted"], status["slots"]["B"]["boot_state"]) == ("B", "good")
+    assert status["committed_security_version"] == 3

@@ -141,7 +141,7 @@ def test_ack_removes_up_to_and_including_a_record_and_holds_across_reopen(tmp_pa
 
 
 def test_acknowledged_records_are_compacted_away(tmp_path: Path) -> None:
-    box = Outbox(tmp_path, max_bytes=64 * 1024)
+    box = Outbox(tmp_path, max_bytes=4 * MAX_RECORD_BYTES)
     last = None
     for n in range(200):
         last = box.append(Event(event="install", result="ok", reason="x" * 200, txn=str(n)))
@@ -156,10 +156,10 @@ def test_every_power_cut_during_ack_leaves_the_unacknowledged_records_pending(tm
     """ack = replace outbox.acked, then maybe rewrite outbox.log: each is atomic, so
     after a cut the disk holds old or new of each file; every mix must be safe."""
     src = tmp_path / "src"
-    box = Outbox(src, max_bytes=32 * 1024)
-    sent = [box.append(Event(event="install", result="ok", reason="y" * 250, txn=str(n))) for n in range(1, 61)]
+    box = Outbox(src, max_bytes=4 * MAX_RECORD_BYTES)
+    sent = [box.append(Event(event="install", result="ok", reason="y" * 250, txn=str(n))) for n in range(1, 161)]
     old_log = (src / FILE).read_bytes()
-    box.ack(40)  # enough acknowledged bytes to compact
+    box.ack(120)  # enough acknowledged bytes to compact
     new_log, new_acked = (src / FILE).read_bytes(), (src / ACKED_FILE).read_bytes()
     assert new_log != old_log
     for i, (log_bytes, acked_bytes) in enumerate(itertools.product([old_log, new_log], [None, new_acked])):
@@ -169,7 +169,7 @@ def test_every_power_cut_during_ack_leaves_the_unacknowledged_records_pending(tm
         if acked_bytes is not None:
             (d / ACKED_FILE).write_bytes(acked_bytes)
         pending = Outbox(d).pending()
-        assert pending[-20:] == sent[40:], i  # nothing unacknowledged lost, order kept
+        assert pending[-40:] == sent[120:], i  # nothing unacknowledged lost, order kept
         assert all(r in sent for r in pending)  # at worst acknowledged ones again, unchanged
 
 
@@ -247,12 +247,12 @@ def test_with_only_results_left_the_oldest_go_first_and_every_loss_is_counted(tm
 
 
 def test_an_oversized_outbox_is_set_aside_keeping_what_it_can(tmp_path: Path) -> None:
-    box = Outbox(tmp_path, max_bytes=16 * 1024)
+    box = Outbox(tmp_path, max_bytes=4 * MAX_RECORD_BYTES)
     first = box.append(result(1))
     with (tmp_path / FILE).open("ab") as f:
         f.write(b"q" * (1 << 20))  # one endless line: far past what the reader accepts
     size = (tmp_path / FILE).stat().st_size
-    box2 = Outbox(tmp_path, max_bytes=16 * 1024)
+    box2 = Outbox(tmp_path, max_bytes=4 * MAX_RECORD_BYTES)
     new = box2.append(result(2))
     pending = box2.pending()
     assert pending[0] == first

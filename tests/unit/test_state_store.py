@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import InstallError
-from agent.events import LIMITS, Event
+from agent.events import CONFLICT_LIMITS, LIMITS, MAX_CONFLICTS, EtcConflict, Event
 from agent.outbox import EventLog, Outbox
 from agent.state import (
     FLOOR_FILE,
@@ -84,7 +84,8 @@ def worst_case_state() -> AgentState:
     images = {f"{i:x}" + "c" * 127: "f" * 64 for i in range(MAX_SLOTS)}
     slot = SlotRecord(WIDE * 999, WIDE * 999, MAX_SECURITY_VERSION, WIDE * 999, images)
     trial = Trial(WIDE * 999, WIDE * 999, WIDE * 999, MAX_SECURITY_VERSION, WIDE * 999, True, WIDE * 9999, images)
-    event = Event(**{name: WIDE * 9999 for name in LIMITS})
+    conflict = EtcConflict(**{name: WIDE * 9999 for name in CONFLICT_LIMITS})
+    event = Event(**{name: WIDE * 9999 for name in LIMITS}, conflicts=(conflict,) * (MAX_CONFLICTS + 5))
     slots = {f"{i}{WIDE * 999}": slot for i in range(MAX_SLOTS)}
     return AgentState(MAX_SECURITY_VERSION, slots, trial, event)
 
