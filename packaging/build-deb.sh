@@ -7,6 +7,7 @@
 #   /lib/systemd/system        the units of systemd/ (and udev rules, if any)
 #   /usr/share/edge-ota        the boot scripts of hw/scripts
 #   /usr/share/doc/edge-ota    README, docs/*.md, copyright, changelog
+#   /usr/share/man/man1        ota-agent.1, ota-bundle.1 (packaging/manpage.py)
 #   /etc/edge-ota/agent.toml   an example configuration (a conffile)
 # usage: packaging/build-deb.sh OUTDIR       -> prints the path of the .deb
 # PYTHON (default /usr/bin/python3) must be the Python of the target release.
@@ -82,6 +83,13 @@ for record in site.glob("*.dist-info/RECORD"):
     csv.writer(out, lineterminator="\n").writerows(rows)
     record.write_text(out.getvalue())
 PY
+# Man pages from the commands' own argparse parsers (packaging/manpage.py).
+install -d "$stage/usr/share/man/man1"
+for pair in agent.cli:ota-agent bundler.cli:ota-bundle; do
+	page=$stage/usr/share/man/man1/${pair##*:}.1
+	"$vpy" -I "$here/manpage.py" "${pair%%:*}" "${pair##*:}" > "$page"
+	gzip -9n "$page"
+done
 find "$stage$venv" -name __pycache__ -prune -exec rm -rf {} +
 if grep -rlI --exclude-dir=__pycache__ "$stage" "$stage$venv" >/dev/null; then
 	echo "build-deb: the staging path is still named in:" >&2
