@@ -14,7 +14,10 @@ install works (`tests.powercut.explore.Explorer`); provisioning leaves no
 bootable partial slot and completes when run again; a USB receipt on the stick
 is never half there (the .json, written last, means both files are complete);
 an outbox acknowledgement cut short only re-sends, never loses, a report; a
-job journalled before the cut is known after it (a redelivery is a duplicate);
+job the real MQTT intake accepted from a real broker (journalled, no PUBACK
+yet) runs exactly once after the device comes back, whatever the cut kept
+(the broker redelivers it, the journal absorbs the duplicate) and later jobs
+run;
 the new slot's /etc is the old or the merged one, never a mix, and merging
 again completes it (tests.powercut.etcstates).
 
@@ -23,12 +26,14 @@ again completes it (tests.powercut.etcstates).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,16 +42,27 @@ from agent.crashpoint import ENV
 from agent.daemon import build_device
 from agent.events import Event
 from agent.mqtt.journal import Journal
-from agent.mqtt.schema import parse_job
+from agent.mqtt.schema import JobStatus
+from agent.mqtt.topics import Topics
 from agent.outbox import EventLog
 from bundler import usb
 from tests.fixtures.factory import blank_device
+from tests.fixtures.mosquitto import Mosquitto, mosquitto_binary
+from tests.fixtures.pki import make_pki
+from tests.fixtures.procs import LOOPBACK
+from tests.fixtures.watcher import Watcher, until
 from tests.powercut.conftest import COMPATIBLE, SLOT_SIZE, Releases
 from tests.powercut.etcstates import check_state, make_trees, merged_reference, snapshot
-from tests.powercut.explore import REPO, Explorer, Scenario
+from tests.powercut.explore import REPO, Explorer, Image, Scenario
 from tests.powercut.replay import VARIANTS, Baseline, State, Trace
 from tests.powercut.test_power_cut_states import SCENARIOS, explorer_for
-from tests.reliability.outbox_driver import JOB
+
+MQTT_DEVICE = "pc-gw"
+NO_IMAGE = Image("none", 0, 0, "")
+
+
+def mqtt_job(job_id: str) -> bytes:
+    return json.dumps({"schema": 1, "id": job_id, "type": "reboot", "created": "2026-05-01T12:00:00Z"}).encode()
 
 INSTALL_POINTS = (
     "after-fetch-head", "after-verify", "after-started-reported", "after-mark-bad", "after-trial-saved",
@@ -87,7 +103,7 @@ POINTS: tuple[Point, ...] = (
     Point("media", "media-report-half-written", "USB report write"),
     Point("media", "mid-payload", "write (from a stick)"),
     Point("outbox", "outbox-after-ack", "outbox ack"),
-    Point("journal", "mqtt-job-journalled", "accept a job"),
+    Point("mqtt", "mqtt-job-journalled", "accept a job (MQTT intake)"),
     Point("etc-merge", "etc-merge-before-swap", "/etc merge: built and synced, not swapped"),
     Point("etc-merge", "etc-merge-after-swap", "/etc merge: swapped, old tree not removed"),
     *(Point("provision", f"provision-after-{s}", f"provisioning: {s}") for s in PROVISION_STEPS),
@@ -136,7 +152,7 @@ def cut_states(trace: Trace, kill_tree: str | None) -> list[State]:
 
 def run_point(tmp_path: Path, releases: Releases, point: Point, backend: str) -> PointResult:
     runner: Callable[[Path, Releases, Point, PointResult], None] = {
-        "provision": _provision, "outbox": _outbox, "journal": _journal, "media": _media, "etc-merge": _etc_merge,
+        "provision": _provision, "outbox": _outbox, "mqtt": _mqtt_intake, "media": _media, "etc-merge": _etc_merge,
     }.get(point.flow, _device_flow)
     result = PointResult(point, backend)
     runner(tmp_path, releases, point, result)
@@ -289,36 +305,111 @@ def _outbox(tmp_path: Path, releases: Releases, point: Point, result: PointResul
 # -- accepting an MQTT job ---------------------------------------------------------------------
 
 
-def _journal(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
-    """The job was journalled when the cut came: it is known afterwards (the broker's
-    redelivery is absorbed as a duplicate, never run twice), and new jobs are accepted."""
+def _mqtt_intake(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
+    """A job published on a real mosquitto reaches the device's real MQTT intake, which
+    journals it and dies at the crash point. After the kill and after every power-cut tree,
+    the device starts again on that broker: the job (redelivered by the broker's session
+    and published once more by the operator) runs exactly once and is answered succeeded,
+    and a new job runs too."""
+    if mosquitto_binary() is None:
+        raise AssertionError("mosquitto is not installed (make test installs it)")
+    broker = Mosquitto(tmp_path / "mosquitto", make_pki(tmp_path / "pki"))
+    broker.start()
+    try:
+        _intake_against(tmp_path, broker, point, result)
+    finally:
+        broker.stop()
+
+
+def _intake_against(tmp_path: Path, broker: Mosquitto, point: Point, result: PointResult) -> None:
+    topics = Topics.for_device(MQTT_DEVICE)
     root = tmp_path / "root"
-    (root / "state").mkdir(parents=True)
-    _, trace = traced_kill(root, tmp_path / "trace", point.name, ["journal", str(root / "state")],
-                           module="tests.reliability.outbox_driver")
-    kill_state = trace.state(len(trace.ops), "all")
-    assert kill_state is not None
-    explorer = Explorer(root, Scenario("journal", (), (), frozenset()), result.backend, {},
-                        (releases.v4.bundle, releases.v4.image))
+    (root / "dev").mkdir(parents=True)
+    spec = tmp_path / "device.json"
+    spec.write_text(json.dumps({"state_dir": str(root / "dev"),
+                                "mqtt": {"broker": f"mqtt://{LOOPBACK}:{broker.port}", "device_id": MQTT_DEVICE}}))
+    op = Watcher(LOOPBACK, broker.port, [topics.job_status("j1"), topics.job_status("j2")])
+    try:
+        baseline = Baseline.take(root)
+        argv = ["-m", "tests.reliability.mqtt_intake_driver", "--root", str(root), "--log", str(tmp_path / "trace"),
+                "--", str(spec)]
+        with _device(tmp_path, argv, point.name) as proc:
+            op.publish(topics.job("j1"), mqtt_job("j1"))
+            rc = proc.wait(60)
+        if rc != -9:
+            raise AssertionError(f"crash point {point.name} was not reached (exit {rc})")
+        trace = Trace.load(baseline, tmp_path / "trace")
+        if trace.unsupported():
+            raise AssertionError(f"untraceable operations: {trace.unsupported()}")
+        explorer = Explorer(root, Scenario("mqtt", (), (), frozenset()), result.backend, {}, (Path(), NO_IMAGE))
 
-    def check(state: State) -> list[str]:
-        explorer.materialize(trace, state)
-        try:
-            journal = Journal(root / "state" / "jobs.journal")
-            problems = [] if journal.get("j1") is not None else ["the journalled job j1 was lost"]
-            if journal.admit(parse_job(JOB))[1]:
-                problems.append("the redelivered job j1 was admitted again (it would run twice)")
-            if not journal.admit(parse_job(JOB.replace(b'"j1"', b'"j2"')))[1]:
-                problems.append("a new job was not admitted")
-        except Exception as e:  # any failure to read the journal is the finding
-            return [f"journal: {type(e).__name__}: {e}"]
-        return problems
+        def check(state: State) -> list[str]:
+            explorer.materialize(trace, state)
+            return _intake_restart(tmp_path, root / "dev", spec, op, topics)
 
-    result.kill = check(kill_state)
-    states = cut_states(trace, trace.tree_hash(kill_state))
-    result.cut_states = len(states)
-    for state in states:
-        result.cut += [f"{state.variant}: {p}" for p in check(state)]
+        kill_state = trace.state(len(trace.ops), "all")
+        assert kill_state is not None
+        result.kill = check(kill_state)
+        # every tree a cut at any traced op up to the crash point leaves (a few: the journal's writes)
+        trees = {trace.tree_hash(s): s for s in trace.states()}
+        trees.pop(trace.tree_hash(kill_state), None)
+        result.cut_states = len(trees)
+        for state in trees.values():
+            result.cut += [f"{state.variant} before op {state.cut}: {p}" for p in check(state)]
+    finally:
+        op.close()
+
+
+@contextlib.contextmanager
+def _device(tmp_path: Path, argv: list[str], point: str | None) -> Iterator[subprocess.Popen[bytes]]:
+    """The device process, up and subscribed; stopped (SIGTERM, then SIGKILL) when left."""
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env["PYTHONPATH"] = str(REPO)
+    if point:
+        env[ENV] = point
+    with (tmp_path / "device.log").open("ab") as err:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line != b"ready\n":
+            raise AssertionError(f"the device did not come up: {(tmp_path / 'device.log').read_text()[-1500:]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _intake_restart(tmp_path: Path, state_dir: Path, spec: Path, op: Watcher, topics: Topics) -> list[str]:
+    since = len(op.messages)  # answers of this restart only
+
+    def answered(job_id: str) -> set[str]:
+        topic = topics.job_status(job_id)
+        return {str(m.json().get("status")) for m in op.messages[since:] if m.topic == topic and not m.retain}
+
+    try:
+        with _device(tmp_path, ["-m", "tests.component._mqtt_device", str(spec)], None):
+            op.publish(topics.job("j1"), mqtt_job("j1"))  # the operator tries again, on top of the redelivery
+            op.publish(topics.job("j2"), mqtt_job("j2"))
+            until(lambda: "succeeded" in answered("j1") and "succeeded" in answered("j2"), "j1 and j2 answered", 30)
+    except AssertionError as e:
+        return [f"after the restart: {e}"]
+    runs = (state_dir / "runs").read_text().split() if (state_dir / "runs").exists() else []
+    problems = [] if sorted(runs) == ["j1", "j2"] else [f"jobs run {runs}; each of j1, j2 must run exactly once"]
+    record = Journal(state_dir / "mqtt-jobs.journal").get("j1")
+    if record is None or record.status is not JobStatus.SUCCEEDED:
+        problems.append(f"the journal says j1 is {record.status.value if record else 'unknown'}")
+    bad = (answered("j1") | answered("j2")) - {"succeeded"}
+    if bad:
+        problems.append(f"jobs answered {sorted(bad)}")
+    return problems
 
 
 # -- the /etc merge ---------------------------------------------------------------------------

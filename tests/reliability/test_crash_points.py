@@ -22,7 +22,7 @@ def _cases() -> list[tuple[Point, str]]:
     cases = []
     for p in POINTS:
         if BACKENDS is not None:
-            only = {"provision": ("sim", "uboot"), "outbox": ("sim",), "journal": ("sim",),
+            only = {"provision": ("sim", "uboot"), "outbox": ("sim",), "mqtt": ("sim",),
                     "etc-merge": ("sim",)}.get(p.flow)
             backends = [b for b in BACKENDS if only is None or b in only]
         else:
