@@ -33,7 +33,7 @@ from typing import Any
 from agent.bootcheck import BootCheckOutcome, boot_check
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
-from agent.errors import LockBusyError, MarkError
+from agent.errors import CanceledError, LockBusyError, MarkError
 from agent.events import Event, EventType, Result, iso
 from agent.installer import InstallOutcome, Phase, install
 from agent.jobs import JobContext, JobQueue, JobView
@@ -145,12 +145,12 @@ class App:
         try:
             if isinstance(source, str):
                 source = source_for(source, device.config.download)
+            source.cancel_with(ctx.cancel_event)  # a cancel ends a retry backoff at once
             stream = source.open()
         except OtaError as e:
             # No bundle byte arrived, but the attempt still failed: report it like any other.
-            device.record(
-                Event(event=EventType.INSTALL, result=Result.FAILED, reason=str(e), txn=ctx.job_id, downloaded=0)
-            )
+            result = Result.CANCELLED if isinstance(e, CanceledError) else Result.FAILED  # in a retry backoff
+            device.record(Event(event=EventType.INSTALL, result=result, reason=str(e), txn=ctx.job_id, downloaded=0))
             raise
 
         def progress(phase: Phase, done: int, total: int) -> None:

@@ -28,8 +28,20 @@ or the merged /etc in the slot, never a mix; leftovers of a cut build are
 removed on the next run. `merge_into_slot()` does it on a directory tree
 (tests) or on a slot it mounts (ext4 on a loop device or a partition).
 
-What this module does not do: hardlinks inside /etc are copied as separate
-files; xattrs are not merged (the chosen side's file is copied without them).
+Entries carry their extended attributes (all namespaces the kernel lets the
+agent read: user, trusted and security as root), compared with the rest of the
+entry, so an xattr change follows the same three-way rule as a mode change;
+the chosen side's xattrs are written with it (SELinux labels excepted: they
+follow the path and the policy). Hardlinks are kept: paths the chosen side
+holds as one inode are written as one inode (the first copied, the others
+linked to it), so a hardlink group stays a group wherever the result takes
+all its paths from one side.
+
+A read-only image (erofs, squashfs: recognised by their superblock magic
+before anything is mounted, or a tree on a read-only mount) cannot take a
+merged /etc: the install fails before the switch naming the filesystem and
+pointing at the alternative, /etc on a data or overlay partition
+(docs/containers.md).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import errno
 import fnmatch
 import hashlib
 import os
@@ -54,6 +67,11 @@ from agent.errors import InstallError
 from agent.events import MAX_CONFLICTS, EtcConflict
 
 MAX_ENTRIES = 100_000
+MAX_XATTR_BYTES = 64 << 10  # an entry's extended attributes, names and values together
+# SELinux labels follow the path and the policy (restorecon), not the image or the device: the
+# factory copy under /usr carries other labels than /etc, so comparing them would make every file
+# look changed locally. They are neither compared nor copied; the policy labels the merged tree.
+IGNORED_XATTRS = frozenset({"security.selinux"})
 STAGING = ".etc-merge-"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -92,6 +110,8 @@ class Entry:
     uid: int
     gid: int
     content: str  # file: sha256; symlink: target; device: major:minor
+    xattrs: tuple[tuple[str, bytes], ...] = ()  # sorted by name
+    inode: tuple[int, int] | None = field(default=None, compare=False)  # (dev, ino) of a hardlinked file
 
     def describe(self) -> str:
         return {"file": "a file", "dir": "a directory", "symlink": "a symlink"}.get(self.kind, f"a {self.kind}")
@@ -169,6 +189,30 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    """Every extended attribute of `path` (not followed), sorted; none where unsupported."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return ()
+        raise
+    out = []
+    size = 0
+    for name in sorted(set(names) - IGNORED_XATTRS):
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:  # removed meanwhile
+                continue
+            raise
+        size += len(name) + len(value)
+        if size > MAX_XATTR_BYTES:
+            raise InstallError(f"/etc merge: {path} has more than {MAX_XATTR_BYTES} bytes of extended attributes")
+        out.append((name, value))
+    return tuple(out)
+
+
 def scan(root: Path) -> Tree:
     """Every entry under `root` (not `root` itself), by lstat: symlinks are
     entries, never followed. A missing root is an empty tree."""
@@ -189,7 +233,9 @@ def scan(root: Path) -> Tree:
                 content = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
             else:
                 content = ""
-            tree[(*rel, name)] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, content)
+            inode = (st.st_dev, st.st_ino) if kind == "file" and st.st_nlink > 1 else None
+            mode = stat.S_IMODE(st.st_mode)
+            tree[(*rel, name)] = Entry(kind, mode, st.st_uid, st.st_gid, content, _xattrs(p), inode)
             if len(tree) > MAX_ENTRIES:
                 raise InstallError(f"/etc merge: {root} has more than {MAX_ENTRIES} entries")
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(dirpath, d))]
@@ -324,6 +370,12 @@ def _owner(path: str, e: Entry) -> None:
         os.chown(path, e.uid, e.gid, follow_symlinks=False)
 
 
+def _set_xattrs(path: str, e: Entry) -> None:
+    """After chown and chmod (a chown clears security.capability)."""
+    for name, value in e.xattrs:
+        os.setxattr(path, name, value, follow_symlinks=False)
+
+
 def _exchange(a: str, b: str) -> None:
     """Swap two paths atomically (renameat2 RENAME_EXCHANGE)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -342,6 +394,7 @@ def write(merge: MergePlan, current_root: Path, new_root: Path, target: Path) ->
     staging.mkdir(mode=0o755)
     roots = {"current": current_root, "new": new_root}
     dirs: list[tuple[str, Entry]] = []
+    linked: dict[tuple[str, int, int], str] = {}  # (side, dev, ino) -> the staging path written for it
     for path, pick in merge.result.items():  # sorted: parents before children
         src = os.path.join(roots[pick.side], *path)
         dst = os.path.join(staging, *path)
@@ -350,6 +403,12 @@ def write(merge: MergePlan, current_root: Path, new_root: Path, target: Path) ->
             os.mkdir(dst, 0o700)
             dirs.append((dst, e))
             continue
+        group = (pick.side, *e.inode) if e.inode is not None else None
+        if group is not None and group in linked:
+            os.link(linked[group], dst)  # the same inode on the chosen side: a hardlink again
+            continue
+        if group is not None:
+            linked[group] = dst
         if e.kind == "file":
             _copy_file(src, dst, e)
             continue
@@ -365,9 +424,11 @@ def write(merge: MergePlan, current_root: Path, new_root: Path, target: Path) ->
         _owner(dst, e)
         if e.kind != "symlink":
             os.chmod(dst, e.mode)
+        _set_xattrs(dst, e)
     for dst, e in reversed(dirs):
         _owner(dst, e)
         os.chmod(dst, e.mode)
+        _set_xattrs(dst, e)
         _fsync(dst, directory=True)
     st = os.lstat(target) if os.path.lexists(target) else None
     if st is not None and stat.S_ISDIR(st.st_mode):
@@ -414,22 +475,48 @@ class EtcConflictError(InstallError):
         self.result = result
 
 
+READ_ONLY_HINT = (
+    "[etc] merge needs a writable (ext4) slot: keep /etc on a data or overlay partition instead (docs/containers.md)"
+)
+_MAGIC = (("squashfs", 0, b"hsqs"), ("erofs", 1024, b"\xe2\xe1\xf5\xe0"))
+
+
+def read_only_image(slot: Path) -> str | None:
+    """The read-only filesystem a slot file or device holds (erofs, squashfs), by its
+    superblock magic; None for anything else."""
+    try:
+        with slot.open("rb") as f:
+            head = f.read(1028)
+    except OSError as e:
+        raise InstallError(f"/etc merge: cannot read {slot}: {e.strerror}") from None
+    return next((name for name, at, magic in _MAGIC if head[at : at + len(magic)] == magic), None)
+
+
+def _refuse_read_only(where: Path, slot: Path) -> None:
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise InstallError(f"/etc merge: {slot} is mounted read-only; {READ_ONLY_HINT}")
+
+
 @contextlib.contextmanager
 def _mounted(slot: Path) -> Iterator[Path]:
-    """A directory tree is used as it is; a file or block device is mounted read-write."""
+    """A directory tree is used as it is; a file or block device is mounted read-write.
+    A read-only image or mount is refused before anything is written."""
     if slot.is_dir():
+        _refuse_read_only(slot, slot)
         yield slot
         return
+    fs = read_only_image(slot)
+    if fs is not None:
+        raise InstallError(f"/etc merge: slot {slot} holds a read-only {fs} image; {READ_ONLY_HINT}")
     where = Path(tempfile.mkdtemp(prefix="edge-ota-etc-"))
     try:
         argv = ["mount", "-o", "rw" + (",loop" if slot.is_file() else ""), str(slot), str(where)]
         done = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False)
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or ["mount failed"])[-1]
-            raise InstallError(
-                f"/etc merge: cannot mount {slot} read-write ({why}); a read-only image needs the overlay layout"
-            )
+            raise InstallError(f"/etc merge: cannot mount {slot} read-write ({why}); {READ_ONLY_HINT}")
         try:
+            _refuse_read_only(where, slot)
             yield where
         finally:
             subprocess.run(["umount", str(where)], capture_output=True, check=False)

@@ -135,6 +135,11 @@ class JobContext:
     def canceled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when a cancel is asked for: for waits that must end at once (a retry backoff)."""
+        return self._cancel
+
 
 @dataclass
 class _Entry:

@@ -272,6 +272,7 @@ class OciSource(BundleSource):
         resolver = self.resolver()
         self.location = resolver.resolve(pace)
         self.ranged = HttpRangeSource(self.location.url, resolver.blob_limits(), tls=self.tls)
+        self.ranged.cancel = self.cancel
         stream = self.ranged.stream(0, pace)
         stream.open()
         total = self.ranged.known_total

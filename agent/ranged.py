@@ -13,11 +13,15 @@ whatever the transport: a stream that breaks (reset, truncated body, stall,
 5xx, 408, 429) reconnects from the byte it reached, after an exponential
 backoff with jitter (tenacity), at most `DownloadConfig.retries` times in a row
 without a new byte arriving; an attempt that brought bytes starts the count
-afresh. Errors that retrying cannot fix are raised at once: 4xx other than
-408/429, the byte cap, the overall deadline, TLS trust and client-certificate
-refusals, and `ResourceChangedError` (the validator or the size changed since
-first contact). Exhausting the policy raises the last error with "gave up
-after N attempts". Counters: `downloaded` (body bytes that crossed the network,
+afresh. A 429 or 503 with `Retry-After` (delta seconds or an HTTP-date) waits
+what the server asks, capped by `retry_backoff_max`, instead of the backoff.
+The wait is on the source's `cancel` Event (a job's cancel sets it): a cancel
+during a backoff ends it at once with `CanceledError`. Errors that retrying
+cannot fix are raised at once: 4xx other than 408/429, the byte cap, the
+overall deadline, TLS trust and client-certificate refusals, and
+`ResourceChangedError` (the validator or the size changed since first
+contact). Exhausting the policy raises the last error with "gave up after N
+attempts". Counters: `downloaded` (body bytes that crossed the network,
 skipped and refetched ones included), `connections`, `ranges` (whether the
 server honours Range).
 
@@ -35,16 +39,18 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-import time
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import tenacity
 
 from agent.config import DownloadConfig
-from agent.errors import SourceError
+from agent.errors import CanceledError, SourceError
 from agent.httpclient import HttpClient, HttpResponse
 from agent.pace import Pace, PaceLimits
 from ota_common.text import clean
@@ -65,6 +71,34 @@ class RangeSource(Protocol):
     def total(self) -> int: ...
     def validator(self) -> str | None: ...
     def fetch(self, offset: int, length: int) -> RawStream: ...
+
+
+class RetryAfterError(SourceError):
+    """A 429 or 503 whose `Retry-After` says how many seconds to wait before trying again."""
+
+    def __init__(self, source: str, message: str, retry_after: float, status_code: int) -> None:
+        super().__init__(source, message, transient=True, status_code=status_code)
+        self.retry_after = retry_after
+
+
+MAX_RETRY_AFTER_TEXT = 64
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """`Retry-After` (RFC 9110 section 10.2.3): delta-seconds or an HTTP-date, as seconds
+    from `now` (a date in the past: 0). None when absent or not one of the two."""
+    text = (value or "").strip()
+    if not text or len(text) > MAX_RETRY_AFTER_TEXT:
+        return None
+    if text.isascii() and text.isdigit():
+        return float(min(int(text), 1 << 31))
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # an HTTP-date is always GMT
+    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
 
 
 class ResourceChangedError(SourceError):
@@ -107,11 +141,12 @@ class Attempt(Protocol):
 class ResumableSource(ABC):
     """The resume/retry machinery shared by the real source and its scripted twin."""
 
-    def __init__(self, name: str, limits: DownloadConfig | None = None, *, sleep: Sleep = time.sleep) -> None:
+    def __init__(self, name: str, limits: DownloadConfig | None = None, *, sleep: Sleep | None = None) -> None:
         self.name = name
         self.limits = limits or DownloadConfig()
         self.cap = self.limits.max_bytes
-        self._sleep = sleep
+        self._sleep = sleep  # None: wait on `cancel`
+        self.cancel = threading.Event()  # set (or replaced by a job's) to end a backoff wait at once
         self._total: int | None = None
         self._pinned: Validators | None = None  # None until first contact
         self.ranges: bool | None = None  # whether the server honours Range (None: not seen yet)
@@ -176,8 +211,27 @@ class ResumableSource(ABC):
         lim = self.limits
         return Pace(self.name, PaceLimits(lim.stall_bytes, lim.stall_seconds, lim.deadline))
 
+    def _wait(self, seconds: float) -> None:
+        """The backoff between attempts: an Event wait, so a cancel ends it at once."""
+        if self._sleep is not None:
+            self._sleep(seconds)
+            canceled = self.cancel.is_set()
+        else:
+            canceled = self.cancel.wait(seconds)
+        if canceled:
+            raise CanceledError(f"{self.name}: canceled while waiting to retry")
+
     def _retrying(self, pace: Pace) -> tenacity.Retrying:
         lim = self.limits
+        # base, 2 x base, 4 x base ... up to the max, plus up to one base of jitter
+        backoff = tenacity.wait_exponential(multiplier=lim.retry_backoff, max=lim.retry_backoff_max) + \
+            tenacity.wait_random(0, lim.retry_backoff)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, RetryAfterError):  # what the server asked for, within our own limit
+                return min(error.retry_after, lim.retry_backoff_max)
+            return float(backoff(state))
 
         def retryable(e: BaseException) -> bool:
             return isinstance(e, SourceError) and e.transient and not pace.expired()
@@ -191,11 +245,9 @@ class ResumableSource(ABC):
 
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(lim.retries + 1),
-            # base, 2 x base, 4 x base ... up to the max, plus up to one base of jitter
-            wait=tenacity.wait_exponential(multiplier=lim.retry_backoff, max=lim.retry_backoff_max)
-            + tenacity.wait_random(0, lim.retry_backoff),
+            wait=wait,
             retry=tenacity.retry_if_exception(retryable),
-            sleep=self._sleep,
+            sleep=self._wait,
             before_sleep=before_sleep,
             reraise=False,
         )
@@ -335,6 +387,9 @@ def status_error(name: str, response: HttpResponse, original: str) -> SourceErro
     if code >= 400:
         transient = code >= 500 or code in (408, 429)
         message = f"HTTP {code} {response.reason}".rstrip() + after
+        retry_after = parse_retry_after(response.headers.get("retry-after")) if code in (429, 503) else None
+        if retry_after is not None:
+            return RetryAfterError(name, f"{message} (Retry-After {retry_after:.0f} s)", retry_after, code)
         return SourceError(name, message, transient=transient, status_code=code)
     message = f"unexpected HTTP {code} {response.reason}".rstrip() + after
     return SourceError(name, message, transient=False, status_code=code)
@@ -372,7 +427,7 @@ class HttpRangeSource(ResumableSource):
         *,
         tls: ssl.SSLContext | None = None,
         client: HttpClient | None = None,
-        sleep: Sleep = time.sleep,
+        sleep: Sleep | None = None,
     ) -> None:
         super().__init__(url, limits, sleep=sleep)
         self.url = url

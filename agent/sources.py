@@ -28,6 +28,7 @@ import os
 import select
 import ssl
 import stat
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class BundleSource(ABC):
         self.name = name
         self.limits = limits or DownloadConfig()
         self.cap = self.limits.max_bytes
+        self.cancel = threading.Event()  # `cancel_with` replaces it by a job's
 
     def open(self) -> BundleStream:
         lim = self.limits
@@ -131,6 +133,13 @@ class BundleSource(ABC):
     def _ranges(self) -> ResumableSource | None:
         """The source's ranged reader, when it can read a range again."""
         return None
+
+    def cancel_with(self, event: threading.Event) -> None:
+        """End a retry backoff at once when `event` is set (a job's cancel)."""
+        self.cancel = event
+        ranged = self._ranges()
+        if ranged is not None:
+            ranged.cancel = event
 
 
 class FdStream:

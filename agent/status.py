@@ -154,5 +154,7 @@ def render(doc: dict[str, Any]) -> str:
         what = f"{last['event']} {last['result']}"
         version = f" version {last['bundle_version']}" if last["bundle_version"] else ""
         lines.append(f"last        {what}{version} at {last['time']}: {last['reason']}")
+        for c in last.get("conflicts") or ():
+            lines.append(f"/etc        {c['path']}: {c['kind']}, {c['outcome']} ({c['detail']})")
     lines += [f"problem     {p}" for p in doc["problems"]]
     return "\n".join(lines)

@@ -135,3 +135,25 @@ def test_on_conflict_keep_local_installs_and_reports_the_conflict(
     assert [e["conflicts"] for e in installed] == [expected]
     with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
         assert (root / "etc/hostname").read_text() == "device-17"
+
+
+def test_an_erofs_image_refuses_the_merge_at_install_time_and_points_at_the_overlay_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair
+) -> None:
+    device = device_with_etc(tmp_path, capsys, signing_key)
+    root = tmp_path / "v2-erofs"
+    etc_tree(root / "etc", ETC)
+    etc_tree(root / "usr/share/factory/etc", ETC)
+    image = tmp_path / "v2.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(root)], check=True)
+    out = tmp_path / "v2-erofs.otab"
+    build_full(BundleSpec(image=image, key=signing_key.private, version="2.0", security_version=1,
+                          compatible=COMPATIBLE), out)
+    before = device.snapshot()
+    line = device.install(out).one_error_line()
+    assert f"/etc merge: slot {device.slot_path('B')} holds a read-only erofs image" in line
+    assert "keep /etc on a data or overlay partition instead (docs/containers.md)" in line
+    status = device.status()
+    assert (status["primary"], status["trial"], status["slots"]["B"]["bootable"]) == ("A", None, False)
+    assert device.snapshot().slot("A") == before.slot("A")
+    assert status["last_result"]["result"] == "failed"

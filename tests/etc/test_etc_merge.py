@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InstallError
-from agent.etcmerge import EtcConfig, EtcConflictError, OnConflict, Policy, merge_trees
+from agent.etcmerge import EtcConfig, EtcConflictError, OnConflict, Policy, merge_into_slot, merge_trees
 from tests.oci._trees import summary
 
 
@@ -212,3 +212,67 @@ def test_a_power_cut_during_the_merge_leaves_the_old_or_the_merged_etc(
     subprocess.run(argv, check=True)  # the next attempt cleans up what the cut left and merges
     assert contents(slot / "etc") == merged
     assert [p.name for p in slot.iterdir()] == ["etc"]
+
+
+# --- hardlinks, extended attributes, read-only images ----------------------------------
+
+
+def link_pair(root: Path, first: str, second: str, text: str) -> None:
+    (root / first).parent.mkdir(parents=True, exist_ok=True)
+    (root / first).write_text(text)
+    os.link(root / first, root / second)
+
+
+def test_hardlink_groups_are_kept_from_whichever_side_the_result_takes_them(trees: tuple[Path, Path, Path]) -> None:
+    old, cur, slot = trees
+    for root in (old, cur, slot / "etc"):
+        link_pair(root, "issue", "issue.net", "Debian 12")
+    (slot / "etc/issue").write_text("Debian 13")  # the image changes the group (both names: one inode)
+    link_pair(cur, "local/a.conf", "local/b.conf", "x=1")  # a group only the device has
+    result = merge_trees(old, cur, slot, EtcConfig(merge=True))
+    etc = slot / "etc"
+    assert result.conflicts == ()
+    for first, second, text in (("issue", "issue.net", "Debian 13"), ("local/a.conf", "local/b.conf", "x=1")):
+        assert (etc / first).read_text() == text
+        assert os.stat(etc / first).st_ino == os.stat(etc / second).st_ino
+        assert os.stat(etc / first).st_nlink == 2
+    assert os.stat(etc / "hostname").st_nlink == 1  # no one else's inode shared
+
+
+def test_extended_attributes_merge_like_modes(trees: tuple[Path, Path, Path]) -> None:
+    old, cur, slot = trees
+    new = slot / "etc"
+    for root in (old, cur, new):
+        os.setxattr(root / "hostname", "user.label", b"default")
+        os.setxattr(root / "fstab", "user.label", b"default")
+    os.setxattr(cur / "hostname", "user.label", b"device")  # a local xattr change: kept
+    os.setxattr(new / "motd", "user.origin", b"image")  # the image adds one: it arrives
+    os.setxattr(cur / "fstab", "user.label", b"device")  # both change the same file's xattr ...
+    os.setxattr(new / "fstab", "user.label", b"image")
+    with pytest.raises(EtcConflictError) as caught:  # ... differently: a conflict
+        merge_trees(old, cur, slot, EtcConfig(merge=True))
+    assert [(c.path, c.kind) for c in caught.value.result.conflicts] == [("fstab", "both-changed")]
+    merge_trees(old, cur, slot, EtcConfig(merge=True, on_conflict=OnConflict.KEEP_LOCAL))
+    assert os.getxattr(new / "hostname", "user.label") == b"device"
+    assert os.getxattr(new / "motd", "user.origin") == b"image"
+    assert os.getxattr(new / "fstab", "user.label") == b"device"
+    assert os.listxattr(new / "shadow") == []
+
+
+@pytest.mark.parametrize("fs", ["erofs", "squashfs"])
+def test_a_read_only_image_refuses_the_merge_and_points_at_the_overlay_layout(
+    trees: tuple[Path, Path, Path], tmp_path: Path, fs: str
+) -> None:
+    old, cur, slot = trees
+    image = tmp_path / f"rootfs.{fs}"
+    tool = {"erofs": ["mkfs.erofs", "--quiet", str(image), str(slot)],
+            "squashfs": ["mksquashfs", str(slot), str(image), "-quiet", "-no-progress"]}[fs]
+    subprocess.run(tool, check=True, capture_output=True)
+    before = image.read_bytes()
+    with pytest.raises(InstallError) as caught:
+        merge_into_slot(image, EtcConfig(merge=True, old=old, current=cur))
+    message = str(caught.value)
+    assert f"slot {image} holds a read-only {fs} image" in message
+    assert "data or overlay partition" in message
+    assert "docs/containers.md" in message
+    assert image.read_bytes() == before
