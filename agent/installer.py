@@ -37,7 +37,6 @@ import enum
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from agent import adaptive, deltabase, etcmerge, policy
@@ -46,11 +45,12 @@ from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import EtcConflict, Event, EventType, Result, iso
+from agent.oprunner import OpRunner
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
-from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
+from bundler.format.apply import ExtentSource, FileSource, NoSource, hints, run_op
 from bundler.format.errors import HashMismatchError
-from bundler.format.ops import NEEDS_BASE, Op, OpType
+from bundler.format.ops import Op, OpType
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.chooser import booted_from_cmdline
@@ -211,11 +211,14 @@ def _install(
             )
         )
         crashpoint("after-started-reported")
-        deltabase.check_bases(device, plan, booted)
+        proofs = deltabase.check_bases(device, plan, booted, state)
         fetcher = _adaptive(device, stream, reader=reader, bundle=bundle, ops=ops, plan=plan, booted=booted)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
-        _write(device, reader, ops, plan, booted, trial=trial, progress=progress, fetcher=fetcher)
+        try:
+            _write(device, reader, ops, plan, booted, trial=trial, progress=progress, fetcher=fetcher)
+        except HashMismatchError as e:
+            raise _base_changed(e, proofs, booted, target) from None
         etc = etcmerge.merge_for_install(device.config.etc, [(i.image.slot_class, i.slot.path) for i in plan.images])
         device.bootloader.set_primary(target, device.config.tries)
         crashpoint("after-set-primary")
@@ -268,6 +271,21 @@ def _install(
     return InstallOutcome(
         txn, m.bundle_version, target, m.security_version, reason=reason, downloaded=downloaded, etc_conflicts=conflicts
     )
+
+
+def _base_changed(
+    e: HashMismatchError, proofs: dict[str, deltabase.BaseProof], booted: str, target: str
+) -> OtaError:
+    """A base source extent that fails its hash after the base check passed: the
+    booted slot is not (or no longer) the base. Says so, and what it leaves."""
+    if not e.what.startswith("base source extent") or not proofs:
+        return e
+    why = (
+        "does not hold the base its slot record names (changed since it was recorded)"
+        if deltabase.BaseProof.RECORD in proofs.values()
+        else "changed during the install"
+    )
+    return InstallError(f"{e}: booted slot {booted} {why}; slot {target} stays unbootable (install a full bundle)")
 
 
 def _already_installed(
@@ -400,32 +418,47 @@ def _stream_into(
     slot read back from the medium and compared with its image's SHA-256. `booted`
     None: no slot is running (factory provisioning writes them all)."""
     total = sum(ip.image.size for ip in plans[0].images)  # write phase: one pass over the stream
-    done = 0
+    written = 0
     booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
     writers: dict[tuple[str, str], SlotWriter] = {}
     sources: dict[str, ExtentSource] = {}
     files: list[FileSource] = []
 
-    def write(index: int, op: Op, extent: Future[bytes | None] | None) -> None:
-        nonlocal done
+    def produce(index: int, op: Op, payload: adaptive.Payload) -> bytes | bytearray | None:
+        if isinstance(payload, adaptive.LocalExtent):  # held by a slot: read and hash-checked again
+            return payload.produce(op, index)
+        cls = plans[0].image_for_op(index).image.slot_class
+        return run_op(op, payload, index, sources[cls], bases[cls])
+
+    def write(index: int, op: Op, data: bytes | bytearray | None) -> None:
         slot_class = plans[0].image_for_op(index).image.slot_class
-        data = extent.result() if extent is not None else None
         for plan in plans:
             writer = writers[(plan.target, slot_class)]
             if data is None:
                 writer.write_zeros(op.dst_offset, op.dst_length)
             else:
                 writer.write(op.dst_offset, data)
-        done += op.dst_length
-        if progress:
-            progress(Phase.WRITE, done, total)
 
-    # Pipeline: while op i is written, op i+1 is decoded and its extent hash
-    # checked on a worker thread (zstd and hashlib release the GIL). Each extent
-    # is still written only after its own checks passed; at most two are in memory.
-    # SOURCE_COPY and DELTA ops read the slots (the target as written so far), so
-    # they run alone: what precedes them is written first, and they are written
-    # before the next payload is read (their dictionary is the largest buffer).
+    def done(index: int, op: Op) -> None:
+        nonlocal written
+        written += op.dst_length
+        crashpoint("mid-payload")
+        if progress:
+            progress(Phase.WRITE, written, total)
+
+    def reads_target(index: int, op: Op, payload: adaptive.Payload) -> bool:
+        return not isinstance(payload, adaptive.LocalExtent) and hints(op, payload)[1]
+
+    def advise(index: int, op: Op, payload: adaptive.Payload) -> None:
+        source = sources[plans[0].image_for_op(index).image.slot_class]
+        if isinstance(source, FileSource) and not isinstance(payload, adaptive.LocalExtent):
+            for origin, offset, length in hints(op, payload)[0]:
+                source.advise(origin, offset, length)
+
+    # Ops run on a few worker threads, each produced (payload hash, source extents
+    # read from the booted slot or the target written so far, each hash-checked,
+    # decode, extent hash) and then written; within one memory budget, and an op
+    # that reads the target only after every earlier op is written (agent.oprunner).
     try:
         for plan in plans:
             for ip in plan.images:  # inside the try: a refusal of the second closes the first
@@ -441,32 +474,12 @@ def _stream_into(
                     files.append(FileSource(deltabase.booted_slot_of(device, cls, booted), ip.slot.path))
                     sources[cls] = files[-1]
         bases = {ip.image.slot_class: ip.image.base_size or 0 for ip in plans[0].images}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
-            pending: tuple[int, Op, Future[bytes | None] | None] | None = None
-            items: Iterator[tuple[int, Op, adaptive.Payload]] = payloads or reader.iter_payload(ops)
-            for index, op, payload in items:
-                cls = plans[0].image_for_op(index).image.slot_class
-                alone = op.type in NEEDS_BASE
-                if alone and pending is not None:
-                    write(*pending)
-                    pending = None
-                extent: Future[bytes | None] | None = None
-                if isinstance(payload, adaptive.LocalExtent):  # held by a slot: read and hash-checked again
-                    extent = decoder.submit(payload.produce, op, index)
-                elif op.type is not OpType.ZERO:
-                    extent = decoder.submit(apply_op, op, payload, index, sources[cls], bases[cls])
-                if pending is not None:
-                    write(*pending)
-                    crashpoint("mid-payload")
-                pending = (index, op, extent)
-                if alone:
-                    write(*pending)
-                    crashpoint("mid-payload")
-                    pending = None
-                extent = None
-            if pending is not None:
-                write(*pending)
-            pending = extent = payload = None  # hold no payload or extent during the read-back
+        items: Iterator[tuple[int, Op, adaptive.Payload]] = payloads or reader.iter_payload(ops)
+        runner: OpRunner[adaptive.Payload] = OpRunner(
+            produce=produce, write=write, done=done, order_after_earlier=reads_target, advise=advise
+        )
+        runner.run(items, ops)
+        del items, runner
         crashpoint("before-sync")
         for w in writers.values():
             w.sync()
@@ -476,16 +489,16 @@ def _stream_into(
             f.close()
         for w in writers.values():
             w.close()
-    done = 0
+    checked = 0
     total *= len(plans)
     for plan in plans:
         for ip in plan.images:
 
             def tick(n: int) -> None:
-                nonlocal done
-                done += n
+                nonlocal checked
+                checked += n
                 if progress:
-                    progress(Phase.VERIFY, done, total)
+                    progress(Phase.VERIFY, checked, total)
 
             actual = device.read_back(ip.slot.path, plan.target, ip.image.size, tick)
             if actual != ip.image.sha256:

@@ -155,7 +155,7 @@ class SlotWriter:
         if offset < 0 or offset + length > self.capacity:
             raise SlotError(self.name, f"write of {length} bytes at {offset} exceeds slot size {self.capacity}")
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         self._check_range(offset, len(data))
         view = memoryview(data)
         try:
@@ -231,19 +231,24 @@ def read_back_sha256(path: Path, name: str, length: int, progress: Callable[[int
         os.posix_fadvise(fd, 0, length, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
         done = 0
-        # Hash chunk k on a worker while chunk k+1 is read (hashlib releases the GIL).
+        # Hash chunk k on a worker while chunk k+1 is read (hashlib releases the GIL),
+        # into two buffers used in turn (no fresh 4 MiB mapping per chunk).
+        buffers = [memoryview(bytearray(min(IO_CHUNK, max(length, 1)))) for _ in range(2)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back") as hasher:
             hashing: Future[None] | None = None
+            turn = 0
             while done < length:
-                chunk = os.pread(fd, min(IO_CHUNK, length - done), done)
-                if not chunk:
+                buf = buffers[turn][: min(IO_CHUNK, length - done)]
+                turn ^= 1
+                n = os.preadv(fd, [buf], done)
+                if not n:
                     raise SlotError(name, f"read-back ended at {done} of {length} bytes")
                 if hashing is not None:
-                    hashing.result()
-                hashing = hasher.submit(h.update, chunk)
-                done += len(chunk)
+                    hashing.result()  # the buffer read next was hashed
+                hashing = hasher.submit(h.update, buf[:n])
+                done += n
                 if progress:
-                    progress(len(chunk))
+                    progress(n)
             if hashing is not None:
                 hashing.result()
         return h.hexdigest()

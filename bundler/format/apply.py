@@ -11,27 +11,63 @@ else is caught by the hash.
 
 `apply_op` returns the extent's bytes, or None for a ZERO op (the caller
 writes `dst_length` zeros, cheaply: a hole or BLKZEROOUT). The op type alone
-decides; a missing payload means nothing by itself.
+decides; a missing payload means nothing by itself. `run_op` is the same
+function for a caller that writes the extent at once and can take a bytearray
+(no copy of a SOURCE_COPY or recompressed extent).
 
-Memory of one op: a SOURCE_COPY holds its extent twice at most (<= 2 x
-MAX_OP_DST); a DELTA its payload, its dictionary (<= MAX_DICT, read straight
-into one buffer) and its extent. The installer runs DELTA and SOURCE_COPY ops
-one at a time, nothing else in flight (docs/bundle-format.md section 9.1).
+Memory of one op: a SOURCE_COPY holds its extent once (<= MAX_OP_DST); a DELTA
+its payload, its dictionary (<= MAX_DICT, read straight into one buffer, briefly
+twice while zstd loads it) and its extent (plus its decoded pieces when it
+recompresses). `op_memory` is that bound per op; the installer runs ops
+concurrently only while the bounds of the ops in flight fit the bound of one
+largest op (agent/oprunner.py, docs/bundle-format.md section 9.1).
+
+`hints` reads, without trusting anything, which source ranges an op will read
+(for read-ahead) and whether it reads the target written so far (which orders
+it after every earlier op).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 from bundler.format.deflate import Codec, deflate, inflate
 from bundler.format.errors import FormatError, HashMismatchError
-from bundler.format.ops import Buffer, Op, OpType, Origin, Piece, parse_delta, produce, raw_dictionary
+from bundler.format.ops import (
+    DELTA_EXTENT_SIZE,
+    MAX_DICT_EXTENTS,
+    MAX_OP_DST,
+    MAX_PIECES,
+    MAX_STREAM_EXTENT,
+    PIECE_SIZE,
+    Buffer,
+    Op,
+    OpType,
+    Origin,
+    Piece,
+    parse_delta,
+    produce,
+    raw_dictionary,
+)
 
 RECOMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+_pool_lock = threading.Lock()
+_pool: list[ThreadPoolExecutor] = []  # made on first use
+
+
+def _recompress_pool() -> ThreadPoolExecutor:
+    """One pool for every op's recompression (a thread costs a start each)."""
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(max_workers=RECOMPRESS_THREADS, thread_name_prefix="deflate"))
+        return _pool[0]
 
 
 class SourceError(FormatError):
@@ -109,6 +145,13 @@ class FileSource:
             raise SourceError(f"no {origin.name.lower()} image to read from", region="source")
         pread_into(fd, offset, buf, self._names[origin])
 
+    def advise(self, origin: Origin, offset: int, length: int) -> None:
+        """Start reading a range the next ops need into the page cache (a hint: errors are ignored)."""
+        fd = self._fds.get(origin)
+        if fd is not None and offset >= 0 and length > 0:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -138,12 +181,20 @@ def apply_op(
     """The bytes op `index` produces, every input checked before use: the
     payload was hash-checked by the reader, source extents are checked here,
     the produced extent against `dst_sha256`. None for ZERO."""
+    extent = run_op(op, payload, index, source, base_size)
+    return extent if extent is None or isinstance(extent, bytes) else bytes(extent)
+
+
+def run_op(
+    op: Op, payload: Buffer | None, index: int, source: ExtentSource, base_size: int = 0
+) -> bytes | bytearray | None:
+    """`apply_op` without the copy into immutable bytes (the installer writes the extent at once)."""
     if op.type is OpType.ZERO:
         return None
     if op.type is OpType.SOURCE_COPY:
         buf = bytearray(op.dst_length)
         read_checked(source, Origin.BASE, op.src_offset, memoryview(buf), sha256=op.dst_sha256, index=index)
-        return bytes(buf)  # one extent copied once: SOURCE_COPY ops run alone (module docstring)
+        return buf
     if payload is None:
         raise FormatError(f"op {index}: {op.type.name} op without its payload", region="payload")
     if op.type is OpType.REPLACE:
@@ -168,10 +219,50 @@ def apply_op(
     del dictionary  # the library's copy is the one used: hold the dictionary once while decoding
     if not delta.pieces:
         return produce(op, delta.frame, index, loaded, None)
-    return _recompress(op, [produce(op, delta.frame, index, loaded, delta.decoded_length)], delta.pieces, index)
+    holder = [produce(op, delta.frame, index, loaded, delta.decoded_length)]
+    del loaded  # not held while recompressing
+    return _recompress(op, holder, delta.pieces, index)
 
 
-def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: int) -> bytes:
+def op_memory(op: Op, payload: Buffer | None = None) -> int:
+    """An upper bound of the bytes `run_op` holds for `op`, its payload included:
+    ZERO nothing; SOURCE_COPY its extent; REPLACE its payload (or a local copy of
+    its extent, agent.adaptive) and its extent; DELTA its payload and the larger
+    of its phases: building the dictionary (the dictionary, one stream extent's
+    packed and inflated bytes), decoding (the dictionary twice: the library's copy
+    and zstd's, and the decoded bytes), recompressing (decoded pieces,
+    recompressed pieces, the extent). Given a DELTA's payload, its piece records
+    say how much it decodes; without it the bound assumes the most."""
+    if op.type is OpType.ZERO:
+        return 0
+    if op.type is OpType.SOURCE_COPY:
+        return op.dst_length
+    held = max(op.payload_length, op.dst_length)
+    if op.type is OpType.REPLACE:
+        return held + op.dst_length
+    decoded = MAX_OP_DST if payload is None else _decoded_bound(op, payload)
+    build = 2 * op.src_length + (MAX_STREAM_EXTENT if op.src_length else 0)
+    return held + max(build, 2 * op.src_length + decoded, decoded + 2 * op.dst_length)
+
+
+def _decoded_bound(op: Op, payload: Buffer) -> int:
+    view = memoryview(payload).cast("B")
+    if len(view) < 8:
+        return MAX_OP_DST
+    count, npieces = struct.unpack_from("<II", view)
+    at = 8 + count * DELTA_EXTENT_SIZE
+    if count > MAX_DICT_EXTENTS or npieces > MAX_PIECES or len(view) < at + npieces * PIECE_SIZE:
+        return MAX_OP_DST
+    if not npieces:
+        return op.dst_length
+    decoded: int = sum(_PIECE_IN.unpack_from(view, at + k * PIECE_SIZE)[0] for k in range(npieces))
+    return min(max(decoded, op.dst_length), MAX_OP_DST)  # parse_delta refuses more than MAX_OP_DST
+
+
+_PIECE_IN = struct.Struct("<4xI")  # codec, level, mem_level, reserved; in_length of a piece record
+
+
+def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: int) -> bytearray:
     """The extent from a deflate-aware DELTA's decoded pieces (bundler.format.deflate),
     checked against dst_sha256. `holder` hands over the only reference to the decoded
     bytes, so they are freed before the extent is copied out."""
@@ -191,9 +282,15 @@ def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: i
             return content
         return deflate(content, piece.codec, piece.level, piece.mem_level)
 
-    # Pieces are independent and zlib releases the GIL: recompress them on every core.
-    with ThreadPoolExecutor(max_workers=min(RECOMPRESS_THREADS, len(spans))) as pool:
-        for k, ((_, where, piece), packed) in enumerate(zip(spans, pool.map(make, spans), strict=True)):
+    # Pieces are independent and zlib releases the GIL: recompress them on every core
+    # (one shared pool; a piece that is copied costs nothing and stays on this thread).
+    pool = _recompress_pool()
+    jobs = [pool.submit(make, span) if span[2].codec is not Codec.RAW else None for span in spans]
+    try:
+        for k, (span, job) in enumerate(zip(spans, jobs, strict=True)):
+            _, where, piece = span
+            packed = make(span) if job is None else job.result()
+            jobs[k] = None
             if len(packed) != piece.out_length:
                 raise FormatError(
                     f"op {index}: output piece {k} recompresses to {len(packed)} bytes, not {piece.out_length}"
@@ -201,8 +298,41 @@ def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: i
                 )
             out[where : where + piece.out_length] = packed
             del packed
+    finally:
+        for job in jobs:
+            if job is not None and not job.cancel():
+                job.exception()  # wait: the decoded bytes must not be in use when they are freed
     src.clear()
     actual = hashlib.sha256(out).digest()
     if actual != op.dst_sha256:
         raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
-    return bytes(out)
+    return out
+
+
+_ORIGIN_AND_RANGE = struct.Struct("<B7xQQ")  # origin, codec, reserved; offset, length of a dictionary extent record
+_COUNT = struct.Struct("<I")
+
+
+def hints(op: Op, payload: Buffer | None) -> tuple[list[tuple[Origin, int, int]], bool]:
+    """(source ranges the op will read, whether it reads the target written so far),
+    read from the records without trusting them: run_op checks everything itself.
+    A DELTA payload too short to tell is taken to read the target."""
+    if op.type is OpType.SOURCE_COPY:
+        return [(Origin.BASE, op.src_offset, op.src_length)], False
+    if op.type is not OpType.DELTA or payload is None:
+        return [], False
+    view = memoryview(payload).cast("B")
+    if len(view) < 8:
+        return [], True
+    (count,) = _COUNT.unpack_from(view)
+    if count > MAX_DICT_EXTENTS or len(view) < 8 + count * DELTA_EXTENT_SIZE:
+        return [], True
+    ranges: list[tuple[Origin, int, int]] = []
+    target = False
+    for k in range(count):
+        origin, offset, length = _ORIGIN_AND_RANGE.unpack_from(view, 8 + k * DELTA_EXTENT_SIZE)
+        if origin == Origin.BASE:
+            ranges.append((Origin.BASE, offset, length))
+        else:
+            target = True
+    return ranges, target
