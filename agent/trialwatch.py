@@ -12,10 +12,11 @@ asks the bootloader whether the booted slot is on trial:
   a committed boot is never reset by it;
 * on trial: it feeds the watchdog until boot-check takes it over, or until
   [watchdog] trial_deadline seconds after the kernel started. Boot-check's unit
-  stops this one before it starts (ExecStartPre): one last keepalive, then close
-  without the magic character, so the hardware keeps counting and boot-check must
-  open it within [watchdog] timeout. At the deadline it stops feeding and the
-  board resets;
+  stops this one before it starts (ExecStartPre): the timeout set to [watchdog]
+  handover_timeout, one last keepalive, then close without the magic character,
+  so the hardware keeps counting and boot-check must open it within that time
+  (its Python starting on a slow board included). At the deadline it stops
+  feeding and the board resets;
 * the bootloader's state cannot be read yet (its partition not mounted): asked
   again at every tick; still unknown at the deadline, the boot is treated as a
   trial and reset.
@@ -127,8 +128,10 @@ def guard(
             log.error("%s", reason)
             return GuardResult(GuardOutcome.EXPIRED, reason)
         if wait(interval):
-            watchdog.hand_over()
-            return GuardResult(GuardOutcome.HANDED_OVER, "the running watchdog is handed over to boot-check")
+            watchdog.hand_over(cfg.handover_timeout)
+            reason = (f"the running watchdog is handed over to boot-check, which must open it within "
+                      f"{cfg.handover_timeout} s")
+            return GuardResult(GuardOutcome.HANDED_OVER, reason)
         watchdog.keepalive()
 
 
@@ -148,7 +151,8 @@ def run(config_path: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     result = guard(cfg.watchdog, bootloader, open_watchdog(cfg.watchdog.backend, cfg.watchdog.path),
                    uptime=uptime, wait=stop.wait)
-    log.info("%s", result.reason)
+    if result.outcome is not GuardOutcome.EXPIRED:  # (that one guard() has logged)
+        log.info("%s", result.reason)
     if result.outcome is GuardOutcome.EXPIRED:
         stop.wait()  # closing now would stop a driver without the magic close
         return 1

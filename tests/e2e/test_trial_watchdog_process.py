@@ -81,7 +81,8 @@ def test_sigterm_in_a_trial_boot_hands_the_running_watchdog_over(
     assert "trial boot of slot B" in err
     assert "handed over to boot-check" in err
     rec = _record(device)
-    assert rec["armed"] is True  # still running: boot-check must open it within the timeout
+    assert rec["armed"] is True  # still running: boot-check must open it within the hand-over timeout
+    assert rec["timeout_s"] == 120
     assert time.time() - rec["last_keepalive"] < 30
 
 

@@ -17,7 +17,7 @@ from hw.bootloader.simenv import SimEnv
 from hw.watchdog import SimWatchdog
 
 BASE = 1_000_000.0
-CFG = WatchdogConfig("sim", Path("."), timeout=30, trial_deadline=300)
+CFG = WatchdogConfig("sim", Path("."), timeout=30, trial_deadline=300, handover_timeout=120)
 
 
 class VirtualBoot:
@@ -89,8 +89,10 @@ def test_a_trial_boot_is_fed_until_boot_check_takes_the_watchdog_over(tmp_path: 
     rec = dog.record()
     assert rec.armed is True  # handed over running: boot-check must open it in time
     assert rec.last_keepalive == BASE + 95.0  # fed once more at the hand-over
-    assert not dog.expired(BASE + 95.0 + CFG.timeout)
-    assert dog.expired(BASE + 95.0 + CFG.timeout + 0.1)  # boot-check never opening it: reset
+    assert rec.timeout_s == CFG.handover_timeout  # time for boot-check's Python to start
+    assert "must open it within 120 s" in result.reason
+    assert not dog.expired(BASE + 95.0 + CFG.handover_timeout)
+    assert dog.expired(BASE + 95.0 + CFG.handover_timeout + 0.1)  # boot-check never opening it: reset
     assert max(boot.waits) == feed_interval(CFG) < CFG.timeout
 
 
@@ -158,7 +160,7 @@ def test_a_watchdog_that_never_appears_is_reported_at_the_deadline(tmp_path: Pat
 def test_no_watchdog_configured_does_nothing(tmp_path: Path) -> None:
     bl, _ = _device(tmp_path, trial=True)
     boot = VirtualBoot()
-    result, dog = _run(tmp_path, boot, bl, WatchdogConfig("none", Path("."), 30, 300))
+    result, dog = _run(tmp_path, boot, bl, WatchdogConfig("none", Path("."), 30, 300, 120))
     assert result.outcome is GuardOutcome.NO_WATCHDOG
     assert boot.waits == []
     assert dog.deadline() is None
