@@ -5,11 +5,13 @@ watchdog over, so that a boot which hangs before the health checks run (a unit
 that blocks, a mount that never comes, PID 1 or the kernel stuck) ends in a
 reset the bootloader's try counter counts, like a hang during them.
 
-In every boot it arms the watchdog as soon as the device exists, feeds it, and
-asks the bootloader whether the booted slot is on trial:
+It asks the bootloader whether the booted slot is on trial; while it cannot
+tell, and in a trial, it arms the watchdog as soon as the device exists and
+feeds it:
 
-* not on trial (committed, or bad and booted for want of another): magic close;
-  a committed boot is never reset by it;
+* not on trial (committed, or bad and booted for want of another): it leaves the
+  watchdog alone, or disarms it (magic close) if it armed it before it could
+  tell; a committed boot is never reset by it;
 * on trial: it feeds the watchdog until boot-check takes it over, or until
   [watchdog] trial_deadline seconds after the kernel started. Boot-check's unit
   stops this one before it starts (ExecStartPre): the timeout set to [watchdog]
@@ -86,6 +88,12 @@ def guard(
     if cfg.backend == "none":
         return GuardResult(GuardOutcome.NO_WATCHDOG, 'no watchdog configured ([watchdog] backend = "none")')
     deadline = cfg.trial_deadline
+    try:  # a committed boot whose bootloader state is readable now is never armed at all
+        booted, trial = _trial_slot(bootloader)
+    except OtaError:
+        trial = True  # unknown yet: arm first, ask again below
+    if not trial:
+        return GuardResult(GuardOutcome.RELEASED, f"slot {booted} is not on trial: watchdog left alone")
     problem = ""
     while True:  # arm it as soon as its driver made the device
         try:

@@ -71,13 +71,14 @@ def _run(
     return guard(cfg, bl, dog, uptime=boot.uptime, wait=boot.wait), dog
 
 
-def test_a_committed_boot_is_released_with_the_magic_close(tmp_path: Path) -> None:
+def test_a_committed_boot_is_never_armed(tmp_path: Path) -> None:
     bl, _ = _device(tmp_path, trial=False)
     boot = VirtualBoot()
     result, dog = _run(tmp_path, boot, bl)
     assert result.outcome is GuardOutcome.RELEASED
-    assert "slot A is not on trial" in result.reason
-    assert dog.record().armed is False
+    assert "slot A is not on trial: watchdog left alone" in result.reason
+    assert not dog.path.exists()  # never armed
+    assert boot.waits == []
     assert not dog.expired(BASE + 10 * 86400)  # never resets this boot
 
 
@@ -121,8 +122,10 @@ def test_an_unreadable_bootloader_state_is_asked_again_until_it_can_be_read(tmp_
     boot.events.append((40.0, lambda: (tmp_path / "bootloader.json").write_bytes(saved)))
     result, dog = _run(tmp_path, boot, bl)
     assert result.outcome is GuardOutcome.RELEASED
-    assert 40.0 <= boot.now < 40.0 + feed_interval(CFG) + 0.01
+    assert "watchdog released" in result.reason  # armed while unknown, then the magic close
+    assert dog.record().armed_at == 0.0  # disarmed record
     assert dog.record().armed is False
+    assert 40.0 <= boot.now < 40.0 + feed_interval(CFG) + 0.01
 
 
 def test_a_bootloader_state_unreadable_until_the_deadline_counts_as_a_trial(tmp_path: Path) -> None:
