@@ -55,6 +55,8 @@ class WatchdogConfig:
     # Seconds after the kernel started by which a trial boot's boot-check must have
     # taken the watchdog over from the early trial watchdog (agent/trialwatch.py).
     trial_deadline: int = 600
+    # Seconds boot-check has to open the watchdog after the early unit handed it over.
+    handover_timeout: int = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +276,8 @@ def _load(path: Path) -> Config:
     doc = _parse(path)
     tables = {"device", "bootloader", "slots", "health", "watchdog", "download", "mqtt", "api", "etc"}
     top = _Table(path, "", doc, tables | {"console", "provision"})
-    wd = _Table(path, "watchdog", doc.get("watchdog", {}), {"backend", "path", "timeout", "trial_deadline"})
+    wd_keys = {"backend", "path", "timeout", "trial_deadline", "handover_timeout"}
+    wd = _Table(path, "watchdog", doc.get("watchdog", {}), wd_keys)
     device = _Table(path, "device", doc.get("device", {}), {"compatible", "state_dir", "keyring", "cmdline"})
     boot = _Table(path, "bootloader", doc.get("bootloader", {}), {"backend", "path", "tries", "reboot_command"})
     health = _Table(path, "health", doc.get("health", {}), {"deadline", "commands", "units"})
@@ -320,6 +323,7 @@ def _load(path: Path) -> Config:
             wd.path("path", "/dev/watchdog"),
             wd.integer("timeout", 30, 1, 3600),
             wd.integer("trial_deadline", 600, 10, 86400),
+            wd.integer("handover_timeout", 120, 1, 3600),
         ),
         download=_download(_Table(path, "download", doc.get("download", {}), DOWNLOAD_KEYS)),
         mqtt=load_mqtt(doc["mqtt"], path) if "mqtt" in doc else None,

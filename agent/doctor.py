@@ -35,7 +35,7 @@ from hw.slot import slot_size
 from ota_common.errors import OtaError
 from ota_common.text import clean
 
-UNITS = ("ota-agent.service", "ota-boot-check.service")
+UNITS = ("ota-agent.service", "ota-boot-check.service", "ota-trial-watchdog.service")
 UNIT_DIRS = (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 DETAIL_LIMIT = 300
 
@@ -224,7 +224,7 @@ def check_units(ctx: Context) -> Iterator[CheckResult]:
     missing = [u for u in UNITS if not any((d / u).is_file() for d in ctx.host.unit_dirs)]
     if missing:
         yield CheckResult("systemd units", Status.FAIL, f"not installed: {', '.join(missing)}",
-                          "install systemd/*.service and systemctl enable ota-agent.service ota-boot-check.service")
+                          "install systemd/*.service and systemctl enable " + " ".join(UNITS))
     else:
         yield CheckResult("systemd units", Status.OK, "installed: " + ", ".join(UNITS))
 

@@ -5,17 +5,20 @@ watchdog over, so that a boot which hangs before the health checks run (a unit
 that blocks, a mount that never comes, PID 1 or the kernel stuck) ends in a
 reset the bootloader's try counter counts, like a hang during them.
 
-In every boot it arms the watchdog as soon as the device exists, feeds it, and
-asks the bootloader whether the booted slot is on trial:
+It asks the bootloader whether the booted slot is on trial; while it cannot
+tell, and in a trial, it arms the watchdog as soon as the device exists and
+feeds it:
 
-* not on trial (committed, or bad and booted for want of another): magic close;
-  a committed boot is never reset by it;
+* not on trial (committed, or bad and booted for want of another): it leaves the
+  watchdog alone, or disarms it (magic close) if it armed it before it could
+  tell; a committed boot is never reset by it;
 * on trial: it feeds the watchdog until boot-check takes it over, or until
   [watchdog] trial_deadline seconds after the kernel started. Boot-check's unit
-  stops this one before it starts (ExecStartPre): one last keepalive, then close
-  without the magic character, so the hardware keeps counting and boot-check must
-  open it within [watchdog] timeout. At the deadline it stops feeding and the
-  board resets;
+  stops this one before it starts (ExecStartPre): the timeout set to [watchdog]
+  handover_timeout, one last keepalive, then close without the magic character,
+  so the hardware keeps counting and boot-check must open it within that time
+  (its Python starting on a slow board included). At the deadline it stops
+  feeding and the board resets;
 * the bootloader's state cannot be read yet (its partition not mounted): asked
   again at every tick; still unknown at the deadline, the boot is treated as a
   trial and reset.
@@ -85,6 +88,12 @@ def guard(
     if cfg.backend == "none":
         return GuardResult(GuardOutcome.NO_WATCHDOG, 'no watchdog configured ([watchdog] backend = "none")')
     deadline = cfg.trial_deadline
+    try:  # a committed boot whose bootloader state is readable now is never armed at all
+        booted, trial = _trial_slot(bootloader)
+    except OtaError:
+        trial = True  # unknown yet: arm first, ask again below
+    if not trial:
+        return GuardResult(GuardOutcome.RELEASED, f"slot {booted} is not on trial: watchdog left alone")
     problem = ""
     while True:  # arm it as soon as its driver made the device
         try:
@@ -127,8 +136,10 @@ def guard(
             log.error("%s", reason)
             return GuardResult(GuardOutcome.EXPIRED, reason)
         if wait(interval):
-            watchdog.hand_over()
-            return GuardResult(GuardOutcome.HANDED_OVER, "the running watchdog is handed over to boot-check")
+            watchdog.hand_over(cfg.handover_timeout)
+            reason = (f"the running watchdog is handed over to boot-check, which must open it within "
+                      f"{cfg.handover_timeout} s")
+            return GuardResult(GuardOutcome.HANDED_OVER, reason)
         watchdog.keepalive()
 
 
@@ -148,7 +159,8 @@ def run(config_path: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     result = guard(cfg.watchdog, bootloader, open_watchdog(cfg.watchdog.backend, cfg.watchdog.path),
                    uptime=uptime, wait=stop.wait)
-    log.info("%s", result.reason)
+    if result.outcome is not GuardOutcome.EXPIRED:  # (that one guard() has logged)
+        log.info("%s", result.reason)
     if result.outcome is GuardOutcome.EXPIRED:
         stop.wait()  # closing now would stop a driver without the magic close
         return 1

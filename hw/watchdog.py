@@ -91,8 +91,9 @@ class WatchdogInfo:
 class Watchdog(Protocol):
     """What the agent needs from a watchdog. `start` arms it (returns the timeout
     the device actually applied), `keepalive` feeds it, `stop` disarms it with a
-    magic close, `hand_over` feeds it once and lets go of it still running (the
-    next `start`, in this or another process, must come within the timeout),
+    magic close, `hand_over(timeout_s)` sets the timeout (where the device can),
+    feeds it once and lets go of it still running (the next `start`, in this or
+    another process, must come within that timeout),
     `last_reset_was_watchdog` tells whether the previous boot ended in a
     watchdog reset rather than a power cut or a clean reboot."""
 
@@ -102,7 +103,7 @@ class Watchdog(Protocol):
 
     def stop(self) -> None: ...
 
-    def hand_over(self) -> None: ...
+    def hand_over(self, timeout_s: int) -> None: ...
 
     def last_reset_was_watchdog(self) -> bool: ...
 
@@ -186,14 +187,18 @@ class DevWatchdog:
             raise WatchdogError(f"watchdog {self.path}: magic close write failed: {e.strerror}") from e
         self._close()
 
-    def hand_over(self) -> None:
-        """Feed once, then close without the magic character: the watchdog keeps
-        running and resets the board unless the next opener feeds it within the
-        timeout. (A driver without WDIOF_MAGICCLOSE stops on any close: it cannot
-        be handed over, and the next opener arms it again.)"""
+    def hand_over(self, timeout_s: int) -> None:
+        """Set the timeout to `timeout_s` (when the driver can), feed once, then
+        close without the magic character: the watchdog keeps running and resets
+        the board unless the next opener feeds it within that time. (A driver
+        without WDIOF_MAGICCLOSE stops on any close: it cannot be handed over,
+        and the next opener arms it again.)"""
+        _check_timeout(timeout_s)
         if self._fd is None:
             return
         try:
+            if self.info().supports(WDIOF_SETTIMEOUT):
+                self._ioctl_int(WDIOC_SETTIMEOUT, timeout_s, "WDIOC_SETTIMEOUT")
             self.keepalive()
         finally:
             self._close()
@@ -296,10 +301,12 @@ class SimWatchdog:
         rec = self.record()
         self._write(SimWatchdogRecord(boot_status=rec.boot_status))
 
-    def hand_over(self) -> None:
-        """Fed once and left armed: the record stays, the next `start` takes it over."""
-        if self.record().armed:
-            self.keepalive()
+    def hand_over(self, timeout_s: int) -> None:
+        """Fed once with the new timeout and left armed: the next `start` takes it over."""
+        _check_timeout(timeout_s)
+        rec = self.record()
+        if rec.armed:
+            self._write(SimWatchdogRecord(True, timeout_s, rec.armed_at, self.clock(), rec.boot_status))
 
     def last_reset_was_watchdog(self) -> bool:
         return bool(self.record().boot_status & WDIOF_CARDRESET)
@@ -372,8 +379,8 @@ class NoWatchdog:
     def stop(self) -> None:
         return None
 
-    def hand_over(self) -> None:
-        return None
+    def hand_over(self, timeout_s: int) -> None:
+        _check_timeout(timeout_s)
 
     def last_reset_was_watchdog(self) -> bool:
         return False

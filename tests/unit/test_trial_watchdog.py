@@ -17,7 +17,7 @@ from hw.bootloader.simenv import SimEnv
 from hw.watchdog import SimWatchdog
 
 BASE = 1_000_000.0
-CFG = WatchdogConfig("sim", Path("."), timeout=30, trial_deadline=300)
+CFG = WatchdogConfig("sim", Path("."), timeout=30, trial_deadline=300, handover_timeout=120)
 
 
 class VirtualBoot:
@@ -71,13 +71,14 @@ def _run(
     return guard(cfg, bl, dog, uptime=boot.uptime, wait=boot.wait), dog
 
 
-def test_a_committed_boot_is_released_with_the_magic_close(tmp_path: Path) -> None:
+def test_a_committed_boot_is_never_armed(tmp_path: Path) -> None:
     bl, _ = _device(tmp_path, trial=False)
     boot = VirtualBoot()
     result, dog = _run(tmp_path, boot, bl)
     assert result.outcome is GuardOutcome.RELEASED
-    assert "slot A is not on trial" in result.reason
-    assert dog.record().armed is False
+    assert "slot A is not on trial: watchdog left alone" in result.reason
+    assert not dog.path.exists()  # never armed
+    assert boot.waits == []
     assert not dog.expired(BASE + 10 * 86400)  # never resets this boot
 
 
@@ -89,8 +90,10 @@ def test_a_trial_boot_is_fed_until_boot_check_takes_the_watchdog_over(tmp_path: 
     rec = dog.record()
     assert rec.armed is True  # handed over running: boot-check must open it in time
     assert rec.last_keepalive == BASE + 95.0  # fed once more at the hand-over
-    assert not dog.expired(BASE + 95.0 + CFG.timeout)
-    assert dog.expired(BASE + 95.0 + CFG.timeout + 0.1)  # boot-check never opening it: reset
+    assert rec.timeout_s == CFG.handover_timeout  # time for boot-check's Python to start
+    assert "must open it within 120 s" in result.reason
+    assert not dog.expired(BASE + 95.0 + CFG.handover_timeout)
+    assert dog.expired(BASE + 95.0 + CFG.handover_timeout + 0.1)  # boot-check never opening it: reset
     assert max(boot.waits) == feed_interval(CFG) < CFG.timeout
 
 
@@ -119,8 +122,10 @@ def test_an_unreadable_bootloader_state_is_asked_again_until_it_can_be_read(tmp_
     boot.events.append((40.0, lambda: (tmp_path / "bootloader.json").write_bytes(saved)))
     result, dog = _run(tmp_path, boot, bl)
     assert result.outcome is GuardOutcome.RELEASED
-    assert 40.0 <= boot.now < 40.0 + feed_interval(CFG) + 0.01
+    assert "watchdog released" in result.reason  # armed while unknown, then the magic close
+    assert dog.record().armed_at == 0.0  # disarmed record
     assert dog.record().armed is False
+    assert 40.0 <= boot.now < 40.0 + feed_interval(CFG) + 0.01
 
 
 def test_a_bootloader_state_unreadable_until_the_deadline_counts_as_a_trial(tmp_path: Path) -> None:
@@ -158,7 +163,7 @@ def test_a_watchdog_that_never_appears_is_reported_at_the_deadline(tmp_path: Pat
 def test_no_watchdog_configured_does_nothing(tmp_path: Path) -> None:
     bl, _ = _device(tmp_path, trial=True)
     boot = VirtualBoot()
-    result, dog = _run(tmp_path, boot, bl, WatchdogConfig("none", Path("."), 30, 300))
+    result, dog = _run(tmp_path, boot, bl, WatchdogConfig("none", Path("."), 30, 300, 120))
     assert result.outcome is GuardOutcome.NO_WATCHDOG
     assert boot.waits == []
     assert dog.deadline() is None
