@@ -101,12 +101,15 @@ reliability: venv
 	$(BIN)/python -m tests.reliability.table --fuzz-seconds $(RELIABILITY_FUZZ_SECONDS)
 
 # The same on every bootloader backend, plus >= 500 random kill instants and >= 500 random
-# dropped-write states (SOAK_SEED to replay a run; the seed is printed).
+# dropped-write states (SOAK_SEED to replay a run; the seed is printed). The soak's tallies
+# go to build/reliability/last-soak.json, shown by later `make reliability` tables;
+# SOAK_ONLY=kills or SOAK_ONLY=states runs (and replaces) only that part.
 SOAK_SEED ?=
+SOAK_ONLY ?=
 soak: venv
 	$(BIN)/pip install -q -e '.[test,fuzz]'
 	EDGE_OTA_CRASH_BACKENDS="sim uboot grub bls" $(BIN)/python -m tests.reliability.table --soak \
-		--fuzz-seconds $(FUZZ_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+		--fuzz-seconds $(FUZZ_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) $(if $(SOAK_ONLY),--soak-only $(SOAK_ONLY))
 
 # The Debian package (packaging/build-deb.sh): the agent in its own virtualenv
 # under /opt/edge-ota, made by Debian's /usr/bin/python3; lintian when present.

@@ -172,10 +172,11 @@ def _device_flow(tmp_path: Path, releases: Releases, point: Point, result: Point
 
 
 def _media(tmp_path: Path, releases: Releases, point: Point, result: PointResult) -> None:
-    stick = tmp_path / "stick"
-    usb.prepare_dir(stick, [releases.v2.bundle])
-    scenario = Scenario("media", ("media", str(stick)), ("A",), frozenset({"factory", "2.0"}), pending=False)
+    """The stick lies inside the traced tree, so its receipts' power-cut states are modelled too."""
+    scenario = Scenario("media", ("media", "{dir}/stick"), ("A",), frozenset({"factory", "2.0"}), pending=False)
     explorer = explorer_for(tmp_path, releases, scenario, result.backend, installs=0)
+    stick = explorer.dir / "stick"
+    usb.prepare_dir(stick, [releases.v2.bundle])
     argv = ["-c", str(sim.config_path(explorer.dir)), "media", str(stick)]
     _check_device(explorer, tmp_path, point, argv, result, extra=lambda: _stick_receipts(stick))
 
@@ -192,6 +193,8 @@ def _check_device(explorer: Explorer, tmp_path: Path, point: Point, argv: list[s
     result.cut_states = len(states)
     for n, state in enumerate(states):
         found = explorer.check(trace, state, next_install=n == len(states) - 1)
+        if extra is not None:
+            found += extra()
         result.cut += [f"{state.variant}: {p}" for p in found]
 
 

@@ -7,9 +7,10 @@ which must be 0 (exit status 1 otherwise, or when a suite fails).
 
 A soak run (--soak) picks one seed for the whole session (printed; --seed
 replays it) and writes its random-kill and random-dropped-write rows, with the
-seed and when it ran, to build/reliability/last-soak.json (--soak-results);
-a run without --soak shows that file's rows as "(last soak)" rows, not counted
-in this run's unrecovered total but printed beside it.
+seed and when it ran, to build/reliability/last-soak.json (--soak-results;
+--soak-only kills|states runs and replaces one part); a run without --soak
+shows that file's rows as "(last soak)" rows, not counted in this run's
+unrecovered total but printed beside it.
 
 Each suite runs under pytest with EDGE_OTA_RELIABILITY_LOG naming a JSON-lines
 file the tests append their cases to (tests.reliability.results); pytest's
@@ -124,22 +125,35 @@ def add_case(rows: dict[str, Row], case: dict[str, object]) -> None:
 
 
 def save_soak(path: Path, cases: list[dict[str, object]], seed: int, failed: bool) -> None:
-    """The soak's own rows, for later tables (written even when a case failed: the tallies say so)."""
+    """The soak's own rows, for later tables (written even when a case failed: the tallies
+    say so). Per category: a run of only one part (--soak-only) replaces that part's
+    tallies and keeps the other's, each with its own seed and time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"seed": seed, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "suite_failed": failed,
-           "cases": [c for c in cases if c["category"] in SOAK_CATEGORIES]}
-    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def load_soak(path: Path) -> tuple[str, dict[str, Row]] | None:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        rows: dict[str, Row] = defaultdict(Row)
-        for case in doc["cases"]:
-            add_case(rows, case)
-        return f"seed {int(doc['seed'])}, finished {doc['finished']}", rows
+        categories = dict(json.loads(path.read_text(encoding="utf-8"))["categories"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        categories = {}
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for name in SOAK_CATEGORIES:
+        mine = [c for c in cases if c["category"] == name]
+        if mine:
+            categories[name] = {"seed": seed, "finished": finished, "suite_failed": failed, "cases": mine}
+    path.write_text(json.dumps({"categories": categories}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_soak(path: Path) -> dict[str, tuple[str, Row]]:
+    """Category -> ("seed S, finished T", its tallies); empty when there is no (valid) file."""
+    try:
+        categories = json.loads(path.read_text(encoding="utf-8"))["categories"]
+        out = {}
+        for name, part in categories.items():
+            rows: dict[str, Row] = defaultdict(Row)
+            for case in part["cases"]:
+                add_case(rows, case)
+            out[str(name)] = (f"seed {int(part['seed'])}, finished {part['finished']}", rows[name])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak", action="store_true", help="add the random kills and dropped-write states")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="only the new suites (no older counted tests)")
+    ap.add_argument("--soak-only", choices=("kills", "states"), default=None,
+                    help="with --soak: only that part of the soak (no other suite, no fuzzing)")
     ap.add_argument("--soak-results", type=Path, default=SOAK_RESULTS,
                     help="where a soak writes its tallies and a later table reads them")
     args = ap.parse_args(argv)
@@ -163,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             extra["EDGE_OTA_SOAK"] = "1"
             extra["EDGE_OTA_SOAK_SEED"] = str(seed)
             print(f"soak seed: {seed} (make soak SOAK_SEED={seed} replays it)", flush=True)
-        failed |= run_pytest(paths, log, Path(tmp) / "own.xml", extra) not in (0, 5)
-        for n, (category, path, keyword) in enumerate([] if args.quick else COUNTED):
+        keyword = ""
+        if args.soak and args.soak_only:
+            paths = ["tests/reliability/test_soak.py"]
+            keyword = {"kills": "random_kill", "states": "random_dropped"}[args.soak_only]
+        failed |= run_pytest(paths, log, Path(tmp) / "own.xml", extra, keyword) not in (0, 5)
+        only_soak = bool(args.soak and args.soak_only)
+        for n, (category, path, keyword) in enumerate([] if args.quick or only_soak else COUNTED):
             junit = Path(tmp) / f"counted-{n}.xml"
             failed |= run_pytest([path], log, junit, {}, keyword) not in (0, 5)
             for _, ok in junit_cases(junit):
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             add_case(rows, case)
         if args.soak:
             save_soak(args.soak_results, cases, seed, failed)
-        fuzz_rows = fuzz(args.fuzz_seconds) if args.fuzz_seconds > 0 else []
+        fuzz_rows = fuzz(args.fuzz_seconds) if args.fuzz_seconds > 0 and not only_soak else []
     print()
     print(f"{'category':<32}{'cases':>7}{'passed':>8}{'unrecovered':>13}  counts")
     total_unrecovered = 0
@@ -189,16 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         total_unrecovered += r.unrecovered
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r.counts.items()))
         print(f"{name:<32}{r.cases:>7}{r.passed:>8}{r.unrecovered:>13}  {counts}")
-    last = None if args.soak else load_soak(args.soak_results)
-    if last is not None:
-        when, soak_rows = last
-        for name in SOAK_CATEGORIES:
-            got = soak_rows.get(name)
-            if got is not None:
-                counts = ", ".join(f"{k} {v}" for k, v in sorted(got.counts.items()))
-                print(f"{name + ' (last soak)':<32}{got.cases:>7}{got.passed:>8}{got.unrecovered:>13}  {counts}")
+    last = {} if args.soak else load_soak(args.soak_results)
+    for name in SOAK_CATEGORIES:
+        if name in last:
+            when, got = last[name]
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(got.counts.items()))
+            print(f"{name + ' (last soak)':<32}{got.cases:>7}{got.passed:>8}{got.unrecovered:>13}  {counts}; {when}")
+    if last:
         where = args.soak_results
-        print(f"  (last soak: {when}; {where.relative_to(ROOT) if where.is_relative_to(ROOT) else where})")
+        print(f"  (the last soak's tallies, from {where.relative_to(ROOT) if where.is_relative_to(ROOT) else where};"
+              " not counted in this run's unrecovered)")
     for target, executions, result in fuzz_rows:
         bad = result != "ok"
         total_unrecovered += bad

@@ -4,9 +4,12 @@ printed (EDGE_OTA_SOAK_SEED replays a run).
 * **Random kills**: on one simulated device per backend, again and again, an
   install (of a release other than the running one) or a power-on with its
   boot-check runs as a real process and is SIGKILLed after a random delay
-  within its measured duration; then the device powers on and must settle on a
-  good slot holding a known image, with status consistent with the slots
-  (`Explorer.power_on_and_check`), and the next install (the next round) must work.
+  within its measured duration (each kind's, re-measured whenever a run ends
+  before its kill: `killed_mid_run` counts the kills that landed inside a
+  run); then the device powers on and must settle on a good slot holding a
+  known image, with status consistent with the slots
+  (`Explorer.power_on_and_check`), and the next install (the next round) must
+  work.
 * **Random dropped-write states**: install, commit and rollback traced once per
   backend; random (cut, variant) states of those traces are put in place and
   checked like the exhaustive explorer does (acknowledged reports included).
@@ -46,6 +49,12 @@ def _seed() -> int:
 
 
 def _run(argv: list[str], delay: float | None) -> int:
+    return _timed(argv, delay)[0]
+
+
+def _timed(argv: list[str], delay: float | None) -> tuple[int, float]:
+    """Exit status (-9: killed after `delay`) and seconds taken."""
+    started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
     if delay is not None:
@@ -53,7 +62,8 @@ def _run(argv: list[str], delay: float | None) -> int:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=120)
+    rc = proc.wait(timeout=120)
+    return rc, time.monotonic() - started
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,11 +74,11 @@ def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases,
     config = str(sim.config_path(explorer.dir))
     every = {r.image.version: r for r in (releases.v2, releases.v3, releases.v4)}
     versions = frozenset({"factory", *every})
-    started = time.monotonic()
-    _run(["-c", config, "install", str(releases.v2.bundle)], None)
-    took = time.monotonic() - started
-    sim.power_on(explorer.dir, say=lambda _: None)
-    kills = max(1, KILLS // len(BACKENDS))
+    # how long each kind of run takes, re-measured whenever one ends before its kill (the
+    # machine's load changes), so that the random instants fall inside the runs
+    took = {"install": _timed(["-c", config, "install", str(releases.v2.bundle)], None)[1]}
+    took["boot"] = _timed(["sim", "boot", str(explorer.dir)], None)[1]
+    kills = max(1, -(-KILLS // len(BACKENDS)))  # rounded up: at least KILLS in all
     failures: list[str] = []
     killed = 0
     for n in range(kills):
@@ -81,14 +91,17 @@ def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases,
             explorer = explorer_for(tmp_path, releases, SCENARIOS["install"], backend, installs=0)
             choices = list(every.values())
         release = rng.choice(choices)
-        delay = rng.uniform(0.0, took * 1.1)
         argv = ["-c", config, "install", str(release.bundle)]
-        if rng.random() < 0.7:
-            rc = _run(argv, delay)
+        kind = "install" if rng.random() < 0.7 else "boot"
+        delay = rng.uniform(0.0, took[kind])
+        if kind == "install":
+            rc, seconds = _timed(argv, delay)
         else:
             if _run(argv, None) != 0:
                 failures.append(f"kill {n}: the install before the boot failed")
-            rc = _run(["sim", "boot", str(explorer.dir)], delay)
+            rc, seconds = _timed(["sim", "boot", str(explorer.dir)], delay)
+        if rc == 0:
+            took[kind] = seconds
         if rc not in (0, -signal.SIGKILL):
             failures.append(f"kill {n}: the run itself failed (rc {rc}) after the previous kill")
         killed += rc == -signal.SIGKILL
@@ -103,7 +116,7 @@ def test_random_kill_instants_always_recover(tmp_path: Path, releases: Releases,
 def test_random_dropped_write_states_always_recover(tmp_path: Path, releases: Releases, backend: str) -> None:
     seed = _seed()
     rng = random.Random(f"{seed}:states:{backend}")
-    per_flow = max(1, STATES // len(BACKENDS) // 3)
+    per_flow = max(1, -(-STATES // (len(BACKENDS) * 3)))  # rounded up: at least STATES in all
     failures: list[str] = []
     checked = 0
     for name in ("install", "commit", "rollback"):
