@@ -15,7 +15,9 @@ the registry's Authorization header added to the `[download]` headers): a
 dropped connection resumes with a Range request pinned to the blob's
 validator, transient errors are retried under `[download] retries`, and a
 damaged payload can be fetched again by range. `[download]` TLS and proxy
-keys apply to the registry as to any https URL. The registry is transport
+keys apply to the registry as to any https URL. The manifest and token
+requests run under the same retry policy (`agent.ranged.RetryPolicy`: transient
+errors, Retry-After, a cancel ending the wait). The registry is transport
 only: the bundle's own signature, checked by the reader, stays the trust
 root. The media types repeat those of `bundler.oci.artifact`."""
 
@@ -33,7 +35,7 @@ from agent.config import DownloadConfig
 from agent.errors import SourceError
 from agent.httpclient import HttpClient, HttpResponse
 from agent.pace import Pace
-from agent.ranged import HttpRangeSource, ResumableSource
+from agent.ranged import HttpRangeSource, ResumableSource, RetryPolicy, status_error
 from agent.sources import BundleSource, RawStream, tls_context
 from ota_common.text import clean
 
@@ -175,9 +177,10 @@ class Resolver:
                 self._answer(challenge, pace)
                 continue
             code = response.status
+            if code != 401:
+                raise status_error(self.name, response, url)  # 429/503 with Retry-After: waited for as asked
             refused = "the credentials" if self.credentials else "anonymous access ([download] registry_credentials)"
-            detail = f"the registry refused {refused}" if code == 401 else f"HTTP {code} {response.reason}"
-            raise SourceError(self.name, detail.rstrip(), transient=code >= 500 or code == 429, status_code=code)
+            raise SourceError(self.name, f"the registry refused {refused}", transient=False, status_code=code)
         raise AssertionError("unreachable")
 
     def _basic(self) -> str | None:
@@ -270,7 +273,8 @@ class OciSource(BundleSource):
 
     def _open(self, pace: Pace) -> tuple[RawStream, int | None]:
         resolver = self.resolver()
-        self.location = resolver.resolve(pace)
+        # the manifest and token requests under the same retry policy as the blob (throttling registries)
+        self.location = RetryPolicy(self.name, self.limits, self.cancel).call(lambda: resolver.resolve(pace), pace)
         self.ranged = HttpRangeSource(self.location.url, resolver.blob_limits(), tls=self.tls)
         self.ranged.cancel = self.cancel
         stream = self.ranged.stream(0, pace)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import tenacity
 
@@ -58,6 +58,7 @@ from ota_common.text import clean
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], None]
+T = TypeVar("T")
 
 
 class RawStream(Protocol):
@@ -211,7 +212,44 @@ class ResumableSource(ABC):
         lim = self.limits
         return Pace(self.name, PaceLimits(lim.stall_bytes, lim.stall_seconds, lim.deadline))
 
-    def _wait(self, seconds: float) -> None:
+    def _retrying(self, pace: Pace) -> tenacity.Retrying:
+        return self._policy().retrying(pace)
+
+    def _gave_up(self, error: tenacity.RetryError) -> SourceError:
+        return self._policy().gave_up(error)
+
+    def _policy(self) -> RetryPolicy:
+        def counted() -> None:
+            self.retries += 1
+
+        return RetryPolicy(self.name, self.limits, self.cancel, sleep=self._sleep, on_retry=counted)
+
+
+class RetryPolicy:
+    """`[download]`'s retry policy for one resource, also for requests outside a ranged
+    read (a registry's manifest and token): transient SourceErrors retried at most
+    `retries` times with exponential backoff and jitter, or the server's Retry-After
+    capped by `retry_backoff_max`; the wait is on `cancel`, so a cancel ends it at once."""
+
+    def __init__(self, name: str, limits: DownloadConfig, cancel: threading.Event, *, sleep: Sleep | None = None,
+                 on_retry: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.limits = limits
+        self.cancel = cancel
+        self._sleep = sleep  # None: wait on `cancel`
+        self._on_retry = on_retry
+
+    def call(self, fn: Callable[[], T], pace: Pace) -> T:
+        """`fn()` under the policy; exhausting it raises the last error, "gave up after N attempts"."""
+        try:
+            for attempt in self.retrying(pace):
+                with attempt:
+                    return fn()
+        except tenacity.RetryError as e:
+            raise self.gave_up(e) from None
+        raise AssertionError("tenacity ended without a result")  # pragma: no cover
+
+    def wait(self, seconds: float) -> None:
         """The backoff between attempts: an Event wait, so a cancel ends it at once."""
         if self._sleep is not None:
             self._sleep(seconds)
@@ -221,7 +259,7 @@ class ResumableSource(ABC):
         if canceled:
             raise CanceledError(f"{self.name}: canceled while waiting to retry")
 
-    def _retrying(self, pace: Pace) -> tenacity.Retrying:
+    def retrying(self, pace: Pace) -> tenacity.Retrying:
         lim = self.limits
         # base, 2 x base, 4 x base ... up to the max, plus up to one base of jitter
         backoff = tenacity.wait_exponential(multiplier=lim.retry_backoff, max=lim.retry_backoff_max) + \
@@ -237,7 +275,8 @@ class ResumableSource(ABC):
             return isinstance(e, SourceError) and e.transient and not pace.expired()
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            self.retries += 1
+            if self._on_retry is not None:
+                self._on_retry()
             error = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             log.warning("%s; retrying in %.1f s (attempt %d of %d)", error, wait, state.attempt_number + 1,
@@ -247,12 +286,12 @@ class ResumableSource(ABC):
             stop=tenacity.stop_after_attempt(lim.retries + 1),
             wait=wait,
             retry=tenacity.retry_if_exception(retryable),
-            sleep=self._wait,
+            sleep=self.wait,
             before_sleep=before_sleep,
             reraise=False,
         )
 
-    def _gave_up(self, error: tenacity.RetryError) -> SourceError:
+    def gave_up(self, error: tenacity.RetryError) -> SourceError:
         last = error.last_attempt.exception()
         attempts = error.last_attempt.attempt_number
         if not isinstance(last, SourceError):  # cannot happen: only SourceErrors are retried

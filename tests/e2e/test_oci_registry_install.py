@@ -18,6 +18,7 @@ from bundler.oci.registry import Registry as Client
 from bundler.oci.registry import RegistryOptions
 from tests.e2e._sim import SimDevice
 from tests.e2e.conftest import BundleFactory
+from tests.fixtures.faultproxy import FaultProxy, Faults
 from tests.oci._images import E, write_layout
 from tests.oci._proxy import DroppingProxy
 from tests.oci._registry import PASSWORD, USER, Registry, running_registry
@@ -160,3 +161,24 @@ def test_oci_over_https_with_a_private_ca_installs_to_the_commit_and_a_wrong_ca_
     status = device.status()
     assert (status["booted"], status["slots"]["B"]["boot_state"]) == ("B", "good")
     assert status["committed_security_version"] == 3
+
+
+def test_a_throttling_registry_is_waited_for_as_its_retry_after_asks(
+    device: SimDevice, make_bundle: BundleFactory, registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The manifest request is under the same retry policy as the blob: a 429 with
+    Retry-After (Docker Hub's rate limit answers manifests so) is waited for, capped by
+    retry_backoff_max, and the install goes on."""
+    push(make_bundle("2.0"), f"docker://{registry.host}/edge/os:2.0", capsys)
+    with_credentials(device)
+    device.config.write_text(device.config.read_text().replace(
+        "[download]\n", "[download]\nretries = 3\nretry_backoff = 0.01\nretry_backoff_max = 1\n", 1))
+    answer = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    with FaultProxy(int(registry.host.split(":")[1])) as proxy:
+        proxy.then(Faults(answer=answer))
+        run = device.install_ok(f"oci+http://127.0.0.1:{proxy.port}/edge/os:2.0")
+        assert proxy.fired == 1
+        assert b"/manifests/2.0" in proxy.requests[0]
+    [wait] = [line for line in run.err.splitlines() if "retrying in" in line]
+    assert "HTTP 429 Too Many Requests (Retry-After 30 s); retrying in 1.0 s" in wait  # capped
+    assert device.status()["last_result"]["result"] == "ok"
