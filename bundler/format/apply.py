@@ -29,12 +29,15 @@ it after every earlier op).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -48,6 +51,8 @@ from bundler.format.ops import (
     MAX_STREAM_EXTENT,
     PIECE_SIZE,
     Buffer,
+    DeltaPayload,
+    DictExtent,
     Op,
     OpType,
     Origin,
@@ -201,27 +206,82 @@ def run_op(
         return produce(op, payload, index)
     delta = parse_delta(op, payload, index, base_size)
     dictionary = bytearray(op.src_length)
-    view = memoryview(dictionary)
-    at = 0
-    for k, extent in enumerate(delta.extents):
-        into = view[at : at + extent.produces]
-        if extent.codec is Codec.RAW:
-            read_checked(source, extent.origin, extent.offset, into, sha256=extent.sha256, index=index)
-        else:
-            packed = bytearray(extent.length)
-            read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
-            into[:] = inflate(packed, extent.codec, extent.produces, f"op {index}: dictionary extent {k}")
-            del packed
-        del into
-        at += extent.produces
-    del view
+    streams = _fill_dictionary(dictionary, delta, index, source)
     loaded = raw_dictionary(dictionary) if delta.extents else None
     del dictionary  # the library's copy is the one used: hold the dictionary once while decoding
     if not delta.pieces:
         return produce(op, delta.frame, index, loaded, None)
     holder = [produce(op, delta.frame, index, loaded, delta.decoded_length)]
     del loaded  # not held while recompressing
-    return _recompress(op, holder, delta.pieces, index)
+
+    def reuse(piece: Piece, content: memoryview) -> bytearray | None:
+        """The packed bytes of a dictionary stream that inflates to exactly this piece's
+        content, as the guess of what recompressing it yields (see _recompress)."""
+        extent = streams.get((piece.codec, piece.in_length, zlib.crc32(content)))
+        if extent is None or extent.length != piece.out_length:
+            return None
+        packed = bytearray(extent.length)
+        read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
+        if piece.codec is Codec.ZLIB and packed[1] >> 6 != _zlib_level_class(piece.level):
+            return None  # its header says another level made it
+        return packed
+
+    return _recompress(op, holder, delta.pieces, index, reuse if streams else None)
+
+
+def _zlib_level_class(level: int) -> int:
+    """The FLEVEL a zlib header written by deflate at `level` carries (RFC 1950; zlib's deflate.c)."""
+    return 0 if level < 2 else 1 if level < 6 else 2 if level == 6 else 3
+
+
+def _fill_dictionary(
+    dictionary: bytearray, delta: DeltaPayload, index: int, source: ExtentSource
+) -> dict[tuple[Codec, int, int], DictExtent]:
+    """Read every dictionary extent into `dictionary`, each hash-checked; stream
+    extents are inflated on the shared pool, several at once while their packed and
+    inflated bytes together stay within MAX_STREAM_EXTENT (or one alone). Returns,
+    for a DELTA with pieces, its streams by (codec, inflated length, CRC-32)."""
+    view = memoryview(dictionary)
+    streams: dict[tuple[Codec, int, int], DictExtent] = {}
+    pool = _recompress_pool()
+    flight: collections.deque[tuple[Future[int], DictExtent, int]] = collections.deque()
+    held = 0
+
+    def inflate_into(k: int, extent: DictExtent, into: memoryview) -> int:
+        packed = bytearray(extent.length)
+        read_checked(source, extent.origin, extent.offset, memoryview(packed), sha256=extent.sha256, index=index)
+        into[:] = inflate(packed, extent.codec, extent.produces, f"op {index}: dictionary extent {k}")
+        return zlib.crc32(into) if delta.pieces else 0
+
+    def settle() -> None:
+        nonlocal held
+        job, extent, cost = flight.popleft()
+        held -= cost
+        streams.setdefault((extent.codec, extent.produces, job.result()), extent)
+
+    try:
+        at = 0
+        for k, extent in enumerate(delta.extents):
+            into = view[at : at + extent.produces]
+            at += extent.produces
+            if extent.codec is Codec.RAW:
+                read_checked(source, extent.origin, extent.offset, into, sha256=extent.sha256, index=index)
+                continue
+            cost = extent.length + extent.produces
+            while flight and held + cost > MAX_STREAM_EXTENT:
+                settle()
+            flight.append((pool.submit(inflate_into, k, extent, into), extent, cost))
+            held += cost
+            del into
+        while flight:
+            settle()
+    finally:
+        for job, _, _ in flight:
+            if not job.cancel():
+                job.exception()  # nothing writes into the dictionary once this returns
+    if not delta.pieces:
+        streams.clear()
+    return streams
 
 
 def op_memory(op: Op, payload: Buffer | None = None) -> int:
@@ -262,11 +322,25 @@ def _decoded_bound(op: Op, payload: Buffer) -> int:
 _PIECE_IN = struct.Struct("<4xI")  # codec, level, mem_level, reserved; in_length of a piece record
 
 
-def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: int) -> bytearray:
+def _recompress(
+    op: Op,
+    holder: list[bytes],
+    pieces: tuple[Piece, ...],
+    index: int,
+    reuse: Callable[[Piece, memoryview], bytearray | None] | None = None,
+) -> bytearray:
     """The extent from a deflate-aware DELTA's decoded pieces (bundler.format.deflate),
     checked against dst_sha256. `holder` hands over the only reference to the decoded
-    bytes, so they are freed before the extent is copied out."""
-    out = bytearray(op.dst_length)
+    bytes, so they are freed before the extent is returned.
+
+    Recompressing is most of a deflate-aware delta's apply time, and most pieces of
+    an update are content the base already holds compressed (an unchanged squashfs
+    block that moved). `reuse` offers, for a piece whose content equals an inflated
+    dictionary stream (same codec, length, CRC-32 and compressed length), that
+    stream's hash-checked compressed bytes instead of deflating it again. That is a
+    guess (the same content deflated at the piece's level need not give the same
+    bytes), checked like everything else by the extent's SHA-256; if the check
+    fails, every piece is recompressed and the extent checked again."""
     src = [memoryview(holder.pop())]  # cleared at the end: the decoded bytes go with it
     spans: list[tuple[int, int, Piece]] = []  # (decoded offset, output offset, piece)
     at = done = 0
@@ -274,12 +348,41 @@ def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: i
         spans.append((at, done, piece))
         at += piece.in_length
         done += piece.out_length
+    try:
+        out, guessed = _pieces(op, src[0], spans, index, reuse)
+        actual = hashlib.sha256(out).digest()
+        if guessed and actual != op.dst_sha256:
+            del out
+            out, _ = _pieces(op, src[0], spans, index, None)
+            actual = hashlib.sha256(out).digest()
+    finally:
+        src.clear()
+    if actual != op.dst_sha256:
+        raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
+    return out
 
-    def make(span: tuple[int, int, Piece]) -> bytes | memoryview:
+
+def _pieces(
+    op: Op,
+    decoded: memoryview,
+    spans: list[tuple[int, int, Piece]],
+    index: int,
+    reuse: Callable[[Piece, memoryview], bytearray | None] | None,
+) -> tuple[bytearray, bool]:
+    """(the extent made of every piece, whether any piece was a reused guess)."""
+    out = bytearray(op.dst_length)
+    guessed = [False]
+
+    def make(span: tuple[int, int, Piece]) -> bytes | bytearray | memoryview:
         start, _, piece = span
-        content = src[0][start : start + piece.in_length]
+        content = decoded[start : start + piece.in_length]
         if piece.codec is Codec.RAW:
             return content
+        if reuse is not None:
+            packed = reuse(piece, content)
+            if packed is not None:
+                guessed[0] = True
+                return packed
         return deflate(content, piece.codec, piece.level, piece.mem_level)
 
     # Pieces are independent and zlib releases the GIL: recompress them on every core
@@ -302,11 +405,7 @@ def _recompress(op: Op, holder: list[bytes], pieces: tuple[Piece, ...], index: i
         for job in jobs:
             if job is not None and not job.cancel():
                 job.exception()  # wait: the decoded bytes must not be in use when they are freed
-    src.clear()
-    actual = hashlib.sha256(out).digest()
-    if actual != op.dst_sha256:
-        raise HashMismatchError("produced extent", op.dst_sha256.hex(), actual.hex(), op_index=index)
-    return out
+    return out, guessed[0]
 
 
 _ORIGIN_AND_RANGE = struct.Struct("<B7xQQ")  # origin, codec, reserved; offset, length of a dictionary extent record
