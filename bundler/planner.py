@@ -156,25 +156,30 @@ class Unit:
         return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
 
 
-def _units(origin: Origin, size: int, streams: list[Stream]) -> list[Unit]:
-    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between them."""
+def _units(origin: Origin, streams: list[Stream], spans: list[tuple[int, int]]) -> list[Unit]:
+    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between
+    them, within `spans` (sorted, disjoint; the streams lie inside them)."""
     units: list[Unit] = []
-    at = 0
+    k = 0
+    for start, end in spans:
+        at = start
 
-    def raw_until(end: int) -> None:
-        nonlocal at
-        while at < end:
-            stop = min(end, (at // REGION + 1) * REGION)
-            units.append(Unit(origin, at, stop - at, Codec.RAW, stop - at))
-            at = stop
+        def raw_until(stop: int) -> None:
+            nonlocal at
+            while at < stop:
+                cut = min(stop, (at // REGION + 1) * REGION)
+                units.append(Unit(origin, at, cut - at, Codec.RAW, cut - at))
+                at = cut
 
-    for s in streams:
-        if s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
-            continue
-        raw_until(s.offset)
-        units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
-        at = s.offset + s.length
-    raw_until(size)
+        while k < len(streams) and streams[k].offset < end:
+            s = streams[k]
+            k += 1
+            if s.offset < at or s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
+                continue
+            raw_until(s.offset)
+            units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
+            at = s.offset + s.length
+        raw_until(end)
     return units
 
 
@@ -188,8 +193,13 @@ class _Search:
     index: UnitIndex
 
     @classmethod
-    def build(cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream]) -> _Search:
-        units = _units(Origin.BASE, len(base), base_streams) + _units(Origin.TARGET, len(target), target_streams)
+    def build(
+        cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream],
+        changed: list[tuple[int, int]],
+    ) -> _Search:
+        """Every unit of the base; of the target only those in `changed` runs (the rest
+        equals base data, which the base's units already offer)."""
+        units = _units(Origin.BASE, base_streams, [(0, len(base))]) + _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -330,6 +340,6 @@ def plan_delta(
                 changed = [(f * BLOCK, min(size, (f + c) * BLOCK)) for k, f, c in kinds if k == _NEW]
                 streams = find_streams(target, pool, within=changed)
                 starts = [s.offset for s in streams]
-                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams)
+                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams, changed)
             for first_byte, length, segments in _stretches(start, end, streams, starts):
                 yield _delta_op(search, first_byte, length, segments)
