@@ -220,19 +220,38 @@ class _Search:
 
         hits = score(content, self.index, allowed)
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
-        chosen: list[Unit] = []
+        chosen: list[tuple[int, Unit]] = []
         # A dictionary much larger than the stretch adds little and costs build time
         # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
         budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
-        for _, i in reversed(ranked):
+        for n, i in reversed(ranked):
             u = units[i]
             if u.produces > budget:
                 continue
-            chosen.append(u)
+            chosen.append((n, u))
             budget -= u.produces
             if budget < 4096 or len(chosen) == MAX_DICT_EXTENTS:
                 break
-        return tuple(reversed(chosen))
+        return _merged(chosen)
+
+
+def _merged(chosen: list[tuple[int, Unit]]) -> tuple[Unit, ...]:
+    """The chosen units as dictionary extents: raw units that are contiguous in one image
+    become one extent (each extent costs a 64-byte record in the payload), and the
+    extents are ordered by their best unit's score, best last (nearest the content,
+    where zstd's offsets are cheapest)."""
+    runs: list[tuple[int, Unit]] = []
+    for n, u in sorted(chosen, key=lambda c: (c[1].origin, c[1].offset)):
+        if runs:
+            best, last = runs[-1]
+            if (u.codec is Codec.RAW and last.codec is Codec.RAW and last.origin is u.origin
+                    and last.offset + last.length == u.offset):
+                length = last.length + u.length
+                runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
+                continue
+        runs.append((n, u))
+    runs.sort(key=lambda r: r[0])  # stable: equal scores keep image order
+    return tuple(u for _, u in runs)
 
 
 Segment = tuple[int, int, Stream | None]  # offset, length, the stream there (None: raw bytes)
