@@ -156,25 +156,30 @@ class Unit:
         return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
 
 
-def _units(origin: Origin, size: int, streams: list[Stream]) -> list[Unit]:
-    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between them."""
+def _units(origin: Origin, streams: list[Stream], spans: list[tuple[int, int]]) -> list[Unit]:
+    """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between
+    them, within `spans` (sorted, disjoint; the streams lie inside them)."""
     units: list[Unit] = []
-    at = 0
+    k = 0
+    for start, end in spans:
+        at = start
 
-    def raw_until(end: int) -> None:
-        nonlocal at
-        while at < end:
-            stop = min(end, (at // REGION + 1) * REGION)
-            units.append(Unit(origin, at, stop - at, Codec.RAW, stop - at))
-            at = stop
+        def raw_until(stop: int) -> None:
+            nonlocal at
+            while at < stop:
+                cut = min(stop, (at // REGION + 1) * REGION)
+                units.append(Unit(origin, at, cut - at, Codec.RAW, cut - at))
+                at = cut
 
-    for s in streams:
-        if s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
-            continue
-        raw_until(s.offset)
-        units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
-        at = s.offset + s.length
-    raw_until(size)
+        while k < len(streams) and streams[k].offset < end:
+            s = streams[k]
+            k += 1
+            if s.offset < at or s.length > MAX_STREAM_EXTENT or s.content_length > MAX_DICT:
+                continue
+            raw_until(s.offset)
+            units.append(Unit(origin, s.offset, s.length, s.codec, s.content_length))
+            at = s.offset + s.length
+        raw_until(end)
     return units
 
 
@@ -188,8 +193,13 @@ class _Search:
     index: UnitIndex
 
     @classmethod
-    def build(cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream]) -> _Search:
-        units = _units(Origin.BASE, len(base), base_streams) + _units(Origin.TARGET, len(target), target_streams)
+    def build(
+        cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream],
+        changed: list[tuple[int, int]],
+    ) -> _Search:
+        """Every unit of the base; of the target only those in `changed` runs (the rest
+        equals base data, which the base's units already offer)."""
+        units = _units(Origin.BASE, base_streams, [(0, len(base))]) + _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -210,19 +220,38 @@ class _Search:
 
         hits = score(content, self.index, allowed)
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
-        chosen: list[Unit] = []
+        chosen: list[tuple[int, Unit]] = []
         # A dictionary much larger than the stretch adds little and costs build time
         # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
         budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
-        for _, i in reversed(ranked):
+        for n, i in reversed(ranked):
             u = units[i]
             if u.produces > budget:
                 continue
-            chosen.append(u)
+            chosen.append((n, u))
             budget -= u.produces
             if budget < 4096 or len(chosen) == MAX_DICT_EXTENTS:
                 break
-        return tuple(reversed(chosen))
+        return _merged(chosen)
+
+
+def _merged(chosen: list[tuple[int, Unit]]) -> tuple[Unit, ...]:
+    """The chosen units as dictionary extents: raw units that are contiguous in one image
+    become one extent (each extent costs a 64-byte record in the payload), and the
+    extents are ordered by their best unit's score, best last (nearest the content,
+    where zstd's offsets are cheapest)."""
+    runs: list[tuple[int, Unit]] = []
+    for n, u in sorted(chosen, key=lambda c: (c[1].origin, c[1].offset)):
+        if runs:
+            best, last = runs[-1]
+            if (u.codec is Codec.RAW and last.codec is Codec.RAW and last.origin is u.origin
+                    and last.offset + last.length == u.offset):
+                length = last.length + u.length
+                runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
+                continue
+        runs.append((n, u))
+    runs.sort(key=lambda r: r[0])  # stable: equal scores keep image order
+    return tuple(u for _, u in runs)
 
 
 Segment = tuple[int, int, Stream | None]  # offset, length, the stream there (None: raw bytes)
@@ -330,6 +359,6 @@ def plan_delta(
                 changed = [(f * BLOCK, min(size, (f + c) * BLOCK)) for k, f, c in kinds if k == _NEW]
                 streams = find_streams(target, pool, within=changed)
                 starts = [s.offset for s in streams]
-                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams)
+                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams, changed)
             for first_byte, length, segments in _stretches(start, end, streams, starts):
                 yield _delta_op(search, first_byte, length, segments)

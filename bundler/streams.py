@@ -27,6 +27,7 @@ _ZLIB = re.compile(b"\x78[\x01\x5e\x9c\xda]")
 _GZIP = re.compile(b"\x1f\x8b\x08")
 _ZLIB_LEVELS = {0: (1,), 1: (2, 3, 4, 5), 2: (6,), 3: (9, 8, 7)}  # by the header's FLEVEL hint
 _MEM_LEVELS = (8, 9)
+_STEP = 64 << 10  # content bytes fed per step when a (level, memLevel) is tried in steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +78,30 @@ def _inflate_at(view: memoryview, p: int, codec: Codec) -> tuple[int, bytes] | N
 Candidate = tuple[int, int, bytes, Codec, Sequence[int]]  # offset, length, content, codec, levels to try
 
 
+def _prefix_matches(content: bytes, original: memoryview, codec: Codec, level: int, mem_level: int) -> bool:
+    """Whether deflating `content` in steps keeps matching `original` to its end: a
+    deflate never revises bytes it emitted, so a wrong level or memLevel is rejected at
+    its first differing block, long before the whole content is compressed."""
+    c = zlib.compressobj(level, zlib.DEFLATED, 15 if codec is Codec.ZLIB else -15, mem_level)
+    at = 0
+    for start in range(0, len(content), _STEP):
+        out = c.compress(content[start : start + _STEP])
+        if out != original[at : at + len(out)]:
+            return False
+        at += len(out)
+    return c.flush(zlib.Z_FINISH) == original[at:]
+
+
 def _verify(view: memoryview, candidate: Candidate) -> Stream | None:
+    """The first (level, memLevel) the device's deflate reproduces the stream with: the likeliest
+    is tried whole, the others first in steps (cheap rejection), then whole (what the device runs)."""
     p, n, content, codec, levels = candidate
     original = view[p : p + n]
-    for level in levels:
-        for mem_level in _MEM_LEVELS:
-            if deflate(content, codec, level, mem_level) == original:
-                return Stream(p, n, codec, level, mem_level, len(content))
+    for k, (level, mem_level) in enumerate((lv, m) for lv in levels for m in _MEM_LEVELS):
+        if k and not _prefix_matches(content, original, codec, level, mem_level):
+            continue
+        if deflate(content, codec, level, mem_level) == original:
+            return Stream(p, n, codec, level, mem_level, len(content))
     return None
 
 

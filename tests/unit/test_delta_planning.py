@@ -1,0 +1,135 @@
+"""Delta planning choices that keep bundles small and builds short: dictionary
+extents merged where contiguous (best last), dictionaries from the target only
+where it changed, and stream verification that finds every level the device's
+deflate reproduces (rejecting the others cheaply, without missing any)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import zlib
+from pathlib import Path
+
+from bundler.format.deflate import Codec, deflate
+from bundler.format.ops import MAX_DICT, OpType, Origin
+from bundler.planner import Planned, Unit, _merged, plan_delta
+from bundler.streams import find_streams
+from tests.unit.conftest import KeyPair, SimSlot, stream_install
+from tests.unit.test_delta import BytesSource, build_delta, text_like
+
+KiB = 1 << 10
+
+
+def raw(offset: int, length: int, origin: Origin = Origin.BASE) -> Unit:
+    return Unit(origin, offset, length, Codec.RAW, length)
+
+
+def test_contiguous_raw_units_become_one_extent_with_the_best_last() -> None:
+    stream = Unit(Origin.BASE, 192 * KiB, 1000, Codec.ZLIB, 4000)
+    chosen = [
+        (9, raw(64 * KiB, 64 * KiB)),
+        (3, raw(0, 64 * KiB)),
+        (5, raw(128 * KiB, 64 * KiB)),
+        (7, stream),
+        (4, raw(192 * KiB + 1000, 64 * KiB)),  # after the stream: not contiguous with a raw unit
+        (8, raw(64 * KiB, 64 * KiB, Origin.TARGET)),  # the same offset in the other image
+    ]
+    assert _merged(chosen) == (
+        raw(192 * KiB + 1000, 64 * KiB),
+        stream,
+        raw(64 * KiB, 64 * KiB, Origin.TARGET),
+        raw(0, 192 * KiB),  # scored by its best region (9)
+    )
+
+
+def moved_and_edited(rng: random.Random) -> tuple[bytes, bytes]:
+    """A 2 MiB base; the target holds an edited copy of its first MiB, shifted by 3 bytes,
+    then the base's second MiB unchanged in place."""
+    v1 = text_like(rng, 2 << 20)
+    edited = bytearray(v1[: 1 << 20])
+    for at in range(0, len(edited), 50 * KiB):
+        edited[at : at + 20] = rng.randbytes(20)
+    v2 = (b"new" + bytes(edited))[: 1 << 20] + v1[1 << 20 :]
+    return v1, v2
+
+
+def test_a_delta_of_moved_data_takes_few_extents_and_rebuilds_the_target(
+    tmp_path: Path, signing_key: KeyPair
+) -> None:
+    v1, v2 = moved_and_edited(random.Random(11))
+    planned = list(plan_delta(v2, len(v2), v1, len(v1)))
+    deltas = [p for p in planned if p.type is OpType.DELTA]
+    assert deltas
+    for p in deltas:
+        assert sum(u.produces for u in p.dictionary) <= MAX_DICT
+        spans = sorted((u.origin, u.offset, u.offset + u.length) for u in p.dictionary if u.codec is Codec.RAW)
+        for (o1, _, end), (o2, start, _) in itertools.pairwise(spans):
+            assert (o1, end) != (o2, start), "contiguous raw units are one extent"
+    assert max(len(p.dictionary) for p in deltas) <= 2, "the moved MiB is one or two extents, not 16"
+    data = build_delta(tmp_path, signing_key, v1, v2)
+    slot = SimSlot()
+    stream_install(data, signing_key.keyring, slot, BytesSource(v1, slot))
+    assert bytes(slot.data) == v2
+
+
+def test_dictionaries_take_target_data_only_where_the_target_changed() -> None:
+    rng = random.Random(12)
+    base = rng.randbytes(512 * KiB)
+    fresh = text_like(rng, 256 * KiB)
+    again = bytearray(fresh)
+    again[9000:9010] = b"0123456789"
+    # the base's first half copied in place, new text, the base's second half, the text again
+    target = base[: 256 * KiB] + fresh + base[256 * KiB :] + bytes(again)
+    planned = list(plan_delta(target, len(target), base, len(base)))
+    changed = [(p.dst_offset, p.dst_offset + p.dst_length) for p in planned
+               if p.type in (OpType.DELTA, OpType.REPLACE)]
+    from_target = [u for p in planned for u in p.dictionary if u.origin is Origin.TARGET]
+    assert from_target, "the repeated text is delta'd against its first copy"
+    for u in from_target:
+        assert any(a <= u.offset and u.offset + u.length <= b for a, b in changed), (u, changed)
+
+
+def test_streams_made_at_any_level_and_memlevel_the_device_runs_are_found() -> None:
+    rng = random.Random(13)
+    made: list[tuple[Codec, int, int, bytes]] = []
+    image = bytearray(b"\xee" * 100)
+    for codec, level, mem_level in ((Codec.ZLIB, 9, 8), (Codec.ZLIB, 7, 9), (Codec.ZLIB, 8, 8),
+                                    (Codec.ZLIB, 2, 9), (Codec.DEFLATE, 1, 8), (Codec.DEFLATE, 6, 9)):
+        content = text_like(rng, 200 * KiB)
+        packed = deflate(content, codec, level, mem_level)
+        if codec is Codec.DEFLATE:  # a gzip member: header (XFL 4 or none), body, trailer
+            xfl = 4 if level == 1 else 0
+            packed = b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 3]) + packed + bytes(8)
+        made.append((codec, level, mem_level, packed))
+        image += packed + b"\xee" * 50
+    found = find_streams(bytes(image))
+    assert [s.codec for s in found] == [c for c, _, _, _ in made], "every stream found"
+    assert [s.mem_level for s in found] == [m for _, _, m, _ in made]
+    for s in found:  # the level found may differ where two levels make the same bytes
+        content = zlib.decompress(bytes(image[s.offset : s.offset + s.length]), 15 if s.codec is Codec.ZLIB else -15)
+        assert deflate(content, s.codec, s.level, s.mem_level) == image[s.offset : s.offset + s.length]
+
+
+def test_a_stream_that_matches_only_until_its_end_is_not_taken() -> None:
+    """A stream whose first blocks the deflate reproduces but whose end it does not
+    (here: a different final block) stays raw bytes."""
+    rng = random.Random(14)
+    content = text_like(rng, 300 * KiB)
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 8)
+    head = c.compress(content[:-1000])
+    tail = c.flush(zlib.Z_FULL_FLUSH) + c.compress(content[-1000:]) + c.flush(zlib.Z_FINISH)
+    stream = head + tail
+    assert zlib.decompress(stream) == content
+    assert stream != zlib.compress(content, 9)
+    assert find_streams(b"\xee" * 10 + stream) == []
+    assert len(find_streams(b"\xee" * 10 + stream, verify=False)) == 1
+
+
+def test_planned_ops_cover_the_target_once() -> None:
+    v1, v2 = moved_and_edited(random.Random(15))
+    planned: list[Planned] = list(plan_delta(v2, len(v2), v1, len(v1)))
+    at = 0
+    for p in planned:
+        assert p.dst_offset == at
+        at += p.dst_length
+    assert at == len(v2)
