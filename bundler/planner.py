@@ -2,7 +2,8 @@
 writes nothing; that is `bundler.executor`).
 
 Full image: runs of all-zero 1 MiB segments become ZERO ops, everything else
-REPLACE ops of up to 4 MiB.
+REPLACE ops of up to 4 MiB, or of the smaller chunk size a build asks for
+(`plan_full(chunk=...)`: the unit an adaptive download fetches on its own).
 
 Against a base image (`plan_delta`):
 1. block dedup against the whole base: every 4 KiB block of the target is
@@ -61,8 +62,29 @@ class Planned:
     pieces: tuple[Piece, ...] = ()  # DELTA: how its decoded content becomes the extent (none: as it is)
 
 
-def plan_full(image: Buffer, size: int) -> Iterator[Planned]:
-    """ZERO for runs of zero 1 MiB segments, REPLACE chunks of up to 4 MiB between them."""
+def plan_full(image: Buffer, size: int, chunk: int = CHUNK) -> Iterator[Planned]:
+    """ZERO for runs of zero 1 MiB segments, REPLACE chunks of up to `chunk` bytes between them.
+
+    `chunk` (a power of two from 4 KiB to 4 MiB, `check_chunk`) is the unit an adaptive
+    download fetches on its own (docs/bundle-format.md section 7.2): chunks start at
+    multiples of `chunk` from the start of their run, and runs start on 1 MiB segments."""
+    check_chunk(chunk)
+    for planned in _plan_segments(image, size):
+        if planned.type is OpType.ZERO or planned.dst_length <= chunk:
+            yield planned
+            continue
+        end = planned.dst_offset + planned.dst_length
+        for at in range(planned.dst_offset, end, chunk):
+            yield Planned(OpType.REPLACE, at, min(chunk, end - at))
+
+
+def check_chunk(chunk: int) -> None:
+    if not (BLOCK <= chunk <= CHUNK and chunk & (chunk - 1) == 0):
+        raise ValueError(f"chunk size {chunk} is not a power of two from {BLOCK} to {CHUNK} bytes")
+
+
+def _plan_segments(image: Buffer, size: int) -> Iterator[Planned]:
+    """ZERO for runs of zero 1 MiB segments, REPLACE runs of up to 4 MiB between them."""
     zero_start: int | None = None
     chunk_start: int | None = None
     for offset in range(0, size, SEGMENT):
