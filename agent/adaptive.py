@@ -391,8 +391,8 @@ class Fetcher:
     def _fetch_alone(self, index: int, op: Op) -> memoryview:
         """An op planned as local whose blocks changed since: its payload, by a request of its own."""
         at = self._start + op.payload_offset
-        log.warning("%s: the local blocks of op %d changed since they were matched; fetching its payload",
-                    self._ranges.name, index)
+        log.warning("%s: op %d: its local blocks do not make its extent (a slot changed since they were "
+                    "matched, or the block index is wrong); fetching its payload", self._ranges.name, index)
         self.refetched += 1
         with self._ranges.fetch(at, op.payload_length) as stream:
             payload = self._read(stream, op.payload_length, f"payload of op {index}")
