@@ -107,6 +107,7 @@ class BundleSpec:
     base: Mapping[str, Path] | None = None  # slot class -> base image: a delta bundle for those classes
     chunk: int = DEFAULT_CHUNK  # full images: bytes of image per REPLACE op (the unit adaptive download fetches)
     block_index: bool = True  # full bundles: write the block index (docs/bundle-format.md section 7.2)
+    adaptive_base: Mapping[str, Path] | None = None  # slot class -> the image most devices hold: cut chunks to it
 
     @property
     def sources(self) -> tuple[ImageSource, ...]:
@@ -138,6 +139,7 @@ class CheckedSpec:
     sizes: tuple[int, ...]
     warnings: tuple[str, ...]
     bases: Mapping[str, Path] = field(default_factory=dict)
+    hints: Mapping[str, Path] = field(default_factory=dict)  # --adaptive-base, per slot class
 
 
 # --- checking a spec with the reader's rules --------------------------------
@@ -199,9 +201,22 @@ def check(spec: BundleSpec, out: Path, *, overwrite: bool = False, now: datetime
         raise OptionError("--chunk", str(e)) from None
     sizes = _check_images(spec.sources)
     bases = _check_bases(spec.base or {}, {s.slot_class for s in spec.sources})
+    hints = _check_hints(spec.adaptive_base or {}, {s.slot_class for s in spec.sources}, bases)
     keys = _check_keys(spec.keys)
-    _check_output(out, overwrite, [s.path for s in spec.sources] + list(bases.values()) + list(spec.keys))
-    return CheckedSpec(keys, sizes, tuple(warnings), bases)
+    inputs = [s.path for s in spec.sources] + list(bases.values()) + list(hints.values()) + list(spec.keys)
+    _check_output(out, overwrite, inputs)
+    return CheckedSpec(keys, sizes, tuple(warnings), bases, hints)
+
+
+def _check_hints(hints: Mapping[str, Path], classes: set[str], bases: Mapping[str, Path]) -> dict[str, Path]:
+    """--adaptive-base: checked as --base is; only for a full image."""
+    for cls in hints:
+        if cls in bases:
+            raise OptionError("--adaptive-base", f"slot class {cls!r} is a delta (--base): it has no chunks to cut")
+    try:
+        return _check_bases(hints, classes)
+    except OptionError as e:
+        raise OptionError("--adaptive-base", str(e).removeprefix("--base: ")) from None
 
 
 def _check_bases(bases: Mapping[str, Path], classes: set[str]) -> dict[str, Path]:
@@ -352,6 +367,7 @@ class _Run:
     tick: Callable[[int], None]
     chunk: int = CHUNK
     index: list[bytes] | None = None  # block index entries of the full images, appended in op order
+    hint: Path | None = None  # --adaptive-base of this image
 
 
 def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -> tuple[list[Op], ImageEntry]:
@@ -360,10 +376,12 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
     with _mapped(source.path, size, "image") as target:
         digest = _sha256(target, size)
         if base is None:
+            held = _held(run.hint) if run.hint is not None else None
             ops = execute(
-                plan_full(target, size, run.chunk), Inputs(target), run.spool, run.pool,
+                plan_full(target, size, run.chunk, held), Inputs(target), run.spool, run.pool,
                 level=run.level, in_flight=run.in_flight, tick=run.tick,
             )
+            del held
             if run.index is not None:
                 run.index.extend(blockindex.entries(target, op) for op in ops if op.type is OpType.REPLACE)
             return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
@@ -377,6 +395,14 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
         if _sha256_bytes(target_bytes) != digest:
             raise BuildError(f"{source.path}: the image changed while building")
         return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops), base_digest, base_size)
+
+
+def _held(hint: Path) -> Callable[[bytes | mmap.mmap], bool]:
+    """Whether the --adaptive-base image holds a block (anywhere, 4 KiB-aligned)."""
+    size = hint.stat().st_size
+    with _mapped(hint, size, "--adaptive-base image") as data:
+        hashes = {blockindex.block_hash(data[at : at + blockindex.BLOCK]) for at in range(0, size, blockindex.BLOCK)}
+    return lambda block: blockindex.block_hash(block) in hashes
 
 
 def _write_index(spool: _Payload, ops: list[Op], index: list[bytes] | None, warn: Warn | None) -> BlockIndexRef | None:
@@ -433,7 +459,8 @@ def build_full(
     with spool.file, ThreadPoolExecutor(max_workers=threads) as pool:
         for source, size in zip(spec.sources, checked.sizes, strict=True):
             base = checked.bases.get(source.slot_class)
-            run = _Run(spool, pool, spec.level, 2 * threads, tick, spec.chunk, index)
+            run = _Run(spool, pool, spec.level, 2 * threads, tick, spec.chunk, index,
+                       checked.hints.get(source.slot_class))
             image_ops, entry = _build_image(source, size, base, run)
             entries.append(replace(entry, op_first=len(ops)))
             ops += image_ops

@@ -88,6 +88,15 @@ def _bases(values: list[str] | None, images: list[str], slot_class: str | None) 
     return bases
 
 
+def _hints(values: list[str] | None, images: list[str], slot_class: str | None) -> dict[str, Path]:
+    """`--adaptive-base [CLASS=]PATH`, read as --base is."""
+    try:
+        return _bases(values, images, slot_class)
+    except OptionError as e:
+        message = str(e).removeprefix("--base: ").replace("--base", "--adaptive-base")
+        raise OptionError("--adaptive-base", message) from None
+
+
 def _chunk_size(text: str) -> int:
     """--chunk: bytes, or a number with K/M (KiB/MiB)."""
     units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
@@ -137,6 +146,7 @@ def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: 
         base=_bases(args.base, args.image, args.slot_class),
         chunk=args.chunk,
         block_index=args.block_index,
+        adaptive_base=_hints(args.adaptive_base, args.image, args.slot_class),
     )
     progress = None if args.json else Progress("bundling")
     out = Path(args.output)
@@ -439,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_chunk_size, default=DEFAULT_CHUNK, metavar="SIZE",
                    help="full images: image bytes per REPLACE op, the unit adaptive download fetches "
                         "(a power of two, 4K to 4M; default 4M; docs/adaptive.md)")
+    p.add_argument("--adaptive-base", action="append", metavar="[CLASS=]PATH",
+                   help="full images: also cut chunks where blocks this image (what most devices run) holds "
+                        "meet new ones, so their adaptive downloads fetch little more than the new blocks")
     p.add_argument("--no-block-index", dest="block_index", action="store_false",
                    help="full bundles: leave out the block index that adaptive download matches local blocks with")
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")

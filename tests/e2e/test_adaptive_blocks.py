@@ -74,10 +74,10 @@ def device_on(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: KeyPair, 
     return dev
 
 
-def full_bundle(tmp_path: Path, key: KeyPair, image: Path, name: str = "v2.otab") -> Path:
+def full_bundle(tmp_path: Path, key: KeyPair, image: Path, *options: str, name: str = "v2.otab") -> Path:
     out = tmp_path / name
     argv = ["create", "--image", str(image), "--key", str(key.private), "--version", "2.0",
-            "--security-version", "2", "--compatible", COMPATIBLE, "--level", "3", "--chunk", "64K",
+            "--security-version", "2", "--compatible", COMPATIBLE, "--level", "3", *(options or ("--chunk", "64K")),
             "-o", str(out)]
     assert bundle_main(argv) == 0
     return out
@@ -152,6 +152,29 @@ def test_moved_blocks_are_found_anywhere_in_the_slots_and_only_chunks_with_new_b
     assert "do not make its extent" not in run.err
     dev.boot()
     assert dev.status()["slots"]["B"]["version"] == "2.0"
+
+
+def test_chunks_cut_to_the_likely_base_fetch_only_the_new_blocks_from_a_device_holding_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, moved: tuple[Path, Path],
+    lab: Origin,
+) -> None:
+    v1, v2 = moved
+    bundle = full_bundle(tmp_path, signing_key, v2, "--adaptive-base", str(v1))  # 4 MiB chunks, cut to v1
+    p = parts(bundle)
+    assert p.manifest.block_index is not None
+    held = set(blocks_of(v1.read_bytes()))
+    for op in p.ops:  # every op is all old blocks or all new ones
+        assert len({b in held for b in blocks_of(_extent(p, op))}) == 1
+    new = fetched_payloads(p, held)
+    assert new <= 6 * (BLOCK + 64)  # six new random blocks, each a chunk of its own
+    dev = device_on(tmp_path, capsys, signing_key, v1)
+
+    dev.install_ok(lab.url(lab.publish(bundle)))
+
+    got = downloaded(dev)
+    index = p.manifest.block_index.length
+    assert p.head + 1 + index + new <= got <= p.head + 1 + index + new + 6 * adaptive.COALESCE_GAP
+    assert dev.slot_image_sha256("B", IMAGE) == sha256_file(v2)
 
 
 def test_blocks_in_the_slot_being_written_are_used_only_where_they_are_not_overwritten_first(
