@@ -3,12 +3,16 @@ base the device holds (the idea behind RAUC's adaptive updates and zchunk).
 
 Owns deciding, per op, where its extent comes from, and fetching the rest by
 Range. After the installer has read the head and the op table from the plain
-stream, `prepare` looks at every op that carries a payload (REPLACE, DELTA):
-each names the SHA-256 of the extent it produces, so when a slot of the image's
-class (the booted one first, then the others: an older version, or an
-interrupted earlier attempt in the target slot) holds bytes with that hash at
-the op's destination offset, the op is produced from there and its payload is
-never downloaded. The payloads of the other ops are fetched with Range
+stream, `prepare` decides for every op that carries a payload (REPLACE, DELTA).
+With a block index in the bundle (docs/bundle-format.md section 7.2), it
+fetches the index with one Range request and `agent.blockmatch` looks for every
+4 KiB block of every REPLACE op anywhere in the slots of the image's class (the
+booted one first, then the others: an older version, or an interrupted earlier
+attempt in the target slot): an op all of whose blocks were found is produced
+from them (`Fetcher` reads them again and checks the op's SHA-256; on a
+mismatch it fetches that op's payload instead). Without an index, and for
+DELTA ops, an op is produced locally when a slot holds bytes with its
+`dst_sha256` at the op's own destination offset. The payloads of the other ops are fetched with Range
 requests, adjacent ones coalesced into one request (gaps of at most
 COALESCE_GAP bytes are read through; one request covers at most MAX_RUN bytes).
 
@@ -24,7 +28,9 @@ server ignores Range) over either limit refuse the install. A server that
 ignores Range falls back to the plain stream.
 
 Memory: one byte per op for the decisions, one (start, end) pair per range
-request, one payload (<= MAX_DELTA_PAYLOAD) or extent (<= MAX_OP_DST) at a time.
+request, one payload (<= MAX_DELTA_PAYLOAD) or extent (<= MAX_OP_DST) at a time;
+with a block index, 8 bytes per block for the locations (the index itself and
+the match table are freed before the first write; agent.blockmatch).
 """
 
 from __future__ import annotations
@@ -32,17 +38,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import blockmatch
 from agent.config import DownloadConfig, SlotConfig
 from agent.errors import InstallError, SourceError
 from agent.plan import InstallPlan
 from agent.ranged import RangeStream, ResourceChangedError, ResumableSource
 from bundler.format.apply import SourceError as ExtentError
 from bundler.format.apply import pread_into
+from bundler.format.blockindex import BLOCK, op_blocks
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
+from bundler.format.manifest import BlockIndexRef
 from bundler.format.ops import Op, OpType
 from bundler.format.reader import READ_CHUNK, REFETCHES, Readable
 
@@ -51,14 +61,27 @@ log = logging.getLogger(__name__)
 COALESCE_GAP = 64 << 10  # a gap this small between two needed payloads is cheaper read than a new request
 MAX_RUN = 32 << 20  # bytes one Range request covers at most
 FETCH = 0  # decision byte: download the payload; k > 0: produced from candidate slot k - 1
+BLOCKS = 255  # decision byte: produced from blocks found anywhere in the candidate slots
 
 
-@dataclass(frozen=True, slots=True)
 class LocalExtent:
+    """An op's extent held locally; `produce` returns it hash-checked (the installer
+    calls it for every payload of this kind)."""
+
+    __slots__ = ()
+
+    def produce(self, op: Op, index: int) -> bytes | None:
+        raise NotImplementedError
+
+
+class SlotExtent(LocalExtent):
     """An op's extent, found at `offset` of a slot: read again and hash-checked when used."""
 
-    path: Path
-    offset: int
+    __slots__ = ("offset", "path")
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.offset = offset
 
     def produce(self, op: Op, index: int) -> bytes | None:
         buf = bytearray(op.dst_length)
@@ -74,6 +97,22 @@ class LocalExtent:
         return bytes(buf)
 
 
+class Assembled(LocalExtent):
+    """An op's extent put together from local blocks, already checked against dst_sha256."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def produce(self, op: Op, index: int) -> bytes | None:
+        data, self.data = self.data, b""  # hand over the only reference
+        if len(data) != op.dst_length:
+            raise FormatError(f"op {index}: assembled extent of {len(data)} bytes, op has {op.dst_length}",
+                              region="payload")
+        return data
+
+
 Payload = memoryview | LocalExtent | None
 
 
@@ -87,10 +126,15 @@ class Decision:
     local_ops: int
     local_bytes: int  # payload bytes not downloaded
     fetch_bytes: int  # bytes the runs cover
+    locations: array[int] | None = None  # per REPLACE block (block index order): agent.blockmatch location
+    index_bytes: int = 0  # bytes of the block index fetched
+    read_bytes: int = 0  # bytes of slots read to match blocks
 
     def summary(self) -> str:
+        index = (f"; block index of {self.index_bytes} bytes matched against {self.read_bytes} bytes of slots"
+                 if self.locations is not None else "")
         return (f"adaptive download: {self.local_ops} ops ({self.local_bytes} payload bytes) from local slots, "
-                f"{self.fetch_bytes} bytes in {len(self.runs)} range requests")
+                f"{self.fetch_bytes} bytes in {len(self.runs)} range requests{index}")
 
 
 def range_source(stream: Readable) -> ResumableSource | None:
@@ -150,9 +194,11 @@ def prepare(
     booted: str,
     payload_start: int,
     payload_length: int,
+    block_index: BlockIndexRef | None = None,
 ) -> Decision | None:
     """The decision for every op, or None when the server ignores Range (the plain
-    stream goes on). Reads the candidate slots; writes nothing."""
+    stream goes on). Reads the candidate slots (and, with a `block_index`, the
+    index by Range); writes nothing."""
     total = ranges.known_total
     if total is None:
         log.info("%s: the server does not say how large the bundle is; streaming it", ranges.name)
@@ -175,28 +221,80 @@ def prepare(
     per_class: dict[str, list[int]] = {}
     for ip in plan.images:
         paths = _candidates(slots, ip.image.slot_class, booted)
+        paths.sort(key=ip.slot.path.__eq__)  # the slot being written last: its blocks are usable only ahead
         per_class[ip.image.slot_class] = [len(candidates) + k for k in range(len(paths))]
         candidates.extend(paths)
+    locations = None
+    index_bytes = read_bytes = 0
+    if block_index is not None:
+        keys = _fetch_index(ranges, payload_start, block_index)
+        index_bytes = block_index.length
+        groups = []
+        first = 0
+        targets = {ip.slot.path for ip in plan.images}
+        for ip in plan.images:
+            image_ops = ops[ip.image.op_first : ip.image.op_first + ip.image.op_count]
+            starts = blockmatch.op_starts(image_ops)
+            groups.append(blockmatch.Group(first, len(starts), tuple(per_class[ip.image.slot_class]), starts))
+            first += len(starts)
+        cands = [blockmatch.Candidate(p, p in targets) for p in candidates]
+        locations, read_bytes = blockmatch.match(keys, groups, cands)
+        del keys, groups
     decisions = bytearray(len(ops))
     needed: list[tuple[int, int]] = []
     local_ops = local_bytes = 0
     buf = bytearray(max((op.dst_length for op in ops if op.payload_length), default=0))
+    ordinal = 0
     for index, op in enumerate(ops):
         if op.type not in (OpType.REPLACE, OpType.DELTA):
             continue
-        for k in per_class[plan.image_for_op(index).image.slot_class]:
-            if _holds(candidates[k], op, buf):
-                decisions[index] = k + 1
-                local_ops += 1
-                local_bytes += op.payload_length
-                break
+        blocks = op_blocks(op) if locations is not None else 0
+        if blocks:
+            if all(locations[k] != blockmatch.NOWHERE for k in range(ordinal, ordinal + blocks)):  # type: ignore[index]
+                decisions[index] = BLOCKS
+            ordinal += blocks
+        else:
+            for k in per_class[plan.image_for_op(index).image.slot_class]:
+                if _holds(candidates[k], op, buf):
+                    decisions[index] = k + 1
+                    break
+        if decisions[index] != FETCH:
+            local_ops += 1
+            local_bytes += op.payload_length
         else:
             start = payload_start + op.payload_offset
             needed.append((start, start + op.payload_length))
     del buf
     runs = _runs(needed)
     fetch_bytes = sum(end - start for start, end in runs)
-    return Decision(decisions, tuple(candidates), runs, local_ops, local_bytes, fetch_bytes)
+    return Decision(decisions, tuple(candidates), runs, local_ops, local_bytes, fetch_bytes, locations,
+                    index_bytes, read_bytes)
+
+
+def _fetch_index(ranges: ResumableSource, payload_start: int, ref: BlockIndexRef) -> array[int]:
+    """The block index, by one Range request, checked against the manifest's hash."""
+    at = payload_start + ref.offset
+    for tries in range(REFETCHES + 1):
+        with ranges.fetch(at, ref.length) as stream:
+            raw = _read_exact(stream, ref.length, "block index")
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual == ref.sha256:
+            return blockmatch.entries(raw)
+        if tries < REFETCHES:
+            log.warning("%s: the block index arrived damaged; fetching it again", ranges.name)
+    raise HashMismatchError("block index", ref.sha256, actual)
+
+
+def _read_exact(stream: Readable, n: int, region: str) -> bytearray:
+    buf = bytearray(n)
+    done = 0
+    while done < n:
+        chunk = stream.read(min(n - done, READ_CHUNK))
+        if not chunk:
+            raise TruncatedError(region, n, done)
+        buf[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    return buf
 
 
 class Fetcher:
@@ -211,17 +309,47 @@ class Fetcher:
         self._run = 0
         self._stream: RangeStream | None = None
         self._position = 0
+        self._fds: dict[int, int] = {}  # candidate index -> open fd (assembling from blocks)
+        self.refetched = 0  # ops whose local blocks had changed: their payloads were fetched after all
+
+    def _fd(self, candidate: int) -> int:
+        fd = self._fds.get(candidate)
+        if fd is None:
+            fd = self._fds[candidate] = os.open(self._d.candidates[candidate], os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def _assemble(self, index: int, op: Op, ordinal: int) -> bytes | None:
+        """The op's extent from its blocks where matching found them (runs of blocks
+        contiguous in one slot read at once), or None when a slot no longer holds them."""
+        assert self._d.locations is not None
+        buf = bytearray(op.dst_length)
+        view = memoryview(buf)
+        done = 0
+        k = ordinal
+        try:
+            while done < op.dst_length:
+                candidate, at = blockmatch.split(self._d.locations[k])
+                n = min(BLOCK, op.dst_length - done)
+                k += 1
+                while done + n < op.dst_length:  # extend the run while the next block follows on
+                    c2, at2 = blockmatch.split(self._d.locations[k])
+                    if c2 != candidate or at2 != at + n:
+                        break
+                    n += min(BLOCK, op.dst_length - done - n)
+                    k += 1
+                pread_into(self._fd(candidate), at, view[done : done + n], str(self._d.candidates[candidate]))
+                done += n
+        except (OSError, ExtentError) as e:
+            log.warning("op %d: reading its local blocks: %s", index, e)
+            return None
+        finally:
+            view.release()
+        if hashlib.sha256(buf).digest() != op.dst_sha256:
+            return None
+        return bytes(buf)
 
     def _read(self, stream: Readable, n: int, region: str) -> bytearray:
-        buf = bytearray(n)
-        done = 0
-        while done < n:
-            chunk = stream.read(min(n - done, READ_CHUNK))
-            if not chunk:
-                raise TruncatedError(region, n, done)
-            buf[done : done + len(chunk)] = chunk
-            done += len(chunk)
-        return buf
+        return _read_exact(stream, n, region)
 
     def _seek(self, at: int) -> RangeStream:
         """The run's stream positioned at `at` (a new request when `at` is past the current run)."""
@@ -260,17 +388,46 @@ class Fetcher:
         del payload
         return view
 
+    def _fetch_alone(self, index: int, op: Op) -> memoryview:
+        """An op planned as local whose blocks changed since: its payload, by a request of its own."""
+        at = self._start + op.payload_offset
+        log.warning("%s: op %d: its local blocks do not make its extent (a slot changed since they were "
+                    "matched, or the block index is wrong); fetching its payload", self._ranges.name, index)
+        self.refetched += 1
+        with self._ranges.fetch(at, op.payload_length) as stream:
+            payload = self._read(stream, op.payload_length, f"payload of op {index}")
+        actual = hashlib.sha256(payload).digest()
+        if actual != op.payload_sha256:
+            raise HashMismatchError("payload", op.payload_sha256.hex(), actual.hex(), op_index=index)
+        return memoryview(payload).toreadonly()
+
     def iter_payload(self, ops: Sequence[Op]) -> Iterator[tuple[int, Op, Payload]]:
+        ordinal = 0  # block index ordinal of the next REPLACE op
         try:
             for index, op in enumerate(ops):
+                blocks = op_blocks(op) if self._d.locations is not None else 0
+                decision = self._d.decisions[index]
                 if op.type is OpType.ZERO or op.type is OpType.SOURCE_COPY:
                     yield index, op, None
-                elif self._d.decisions[index] != FETCH:
-                    yield index, op, LocalExtent(self._d.candidates[self._d.decisions[index] - 1], op.dst_offset)
+                elif decision == BLOCKS:
+                    data = self._assemble(index, op, ordinal)
+                    if data is None:
+                        view = self._fetch_alone(index, op)
+                        yield index, op, view
+                        del view
+                    else:
+                        yield index, op, Assembled(data)
+                        del data
+                elif decision != FETCH:
+                    yield index, op, SlotExtent(self._d.candidates[decision - 1], op.dst_offset)
                 else:
                     view = self._payload(index, op)
                     yield index, op, view
                     del view
+                ordinal += blocks
         finally:
             if self._stream is not None:
                 self._stream.close()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

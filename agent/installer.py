@@ -346,7 +346,8 @@ def _adaptive(
     decision = None
     if limits.adaptive:
         decision = adaptive.prepare(ranges, ops, plan, slots=device.config.slots, booted=booted,
-                                    payload_start=start, payload_length=bundle.manifest.payload_length)
+                                    payload_start=start, payload_length=bundle.manifest.payload_length,
+                                    block_index=bundle.manifest.block_index)
     if decision is None:
         adaptive.check_limits(limits, size, size, "streaming the whole bundle")
         return None

@@ -9,11 +9,14 @@ slots hold v1), and prints the bytes downloaded next to the full bundle and our
 delta bundle (`ota-bundle create --base`, built only with --delta: it takes
 minutes; else the size given by --delta-size KIND=BYTES, e.g. from the
 bench/delta.py table). Not a pass/fail test. Target (issue 9): downloaded <=
-1.2x our delta. A second row installs onto a device whose target slot holds
-the first half of v2 (an attempt cut halfway).
+1.2x our delta. One row per full bundle: as before the block index (4 MiB
+ops, `--no-block-index`), then one per `--chunk SIZE` asked for (the unit an
+adaptive download fetches; each with the block index), with its size against
+the first. A last row installs the first --chunk's bundle onto a device whose
+target slot holds the first half of v2 (an attempt cut halfway).
 
 Usage: .venv/bin/python -m bench.adaptive [--corpus DIR] [--pair ext4|sqfs ...] [--delta]
-       [--delta-size ext4=3826638 ...] [--workdir DIR]
+       [--delta-size ext4=3826638 ...] [--chunk 4M --chunk 64K ...] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -69,46 +72,49 @@ def install(device: Path, v1: Path, cut: tuple[Path, int] | None, keys: Path, ur
 
 
 def run_pair(
-    work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool
+    work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool,
+    chunks: list[str],
 ) -> None:
     v1, v2 = pair
     d = work / kind
     (d / "www").mkdir(parents=True)
     key = ["--key", str(keys / "signing.key"), "--version", "2.0", "--security-version", "1",
            "--compatible", COMPATIBLE]
-    full = d / "www" / "full.otab"
-    t0 = time.perf_counter()
-    run([tool("ota-bundle"), "create", "--image", str(v2), *key, "-o", str(full)])
-    built = time.perf_counter() - t0
+    plain = d / "www" / "plain.otab"  # the bundle as it was before the block index: 4 MiB ops, no index
+    run([tool("ota-bundle"), "create", "--image", str(v2), *key, "--no-block-index", "-o", str(plain)])
     if build_delta:
         delta = d / "delta.otab"
         run([tool("ota-bundle"), "create", "--image", str(v2), "--base", str(v1), *key, "-o", str(delta)])
         delta_size = delta.stat().st_size
+    rows: list[tuple[str, int, int, float]] = []  # (bundle, its size, downloaded, install seconds)
     server = BundleServer(d / "www", quiet=True)
     server.start()
     try:
-        downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/full.otab")
+        downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/plain.otab")
+        rows.append(("4M ops, no block index (before)", plain.stat().st_size, downloaded, took))
+        for chunk in chunks:
+            full = d / "www" / f"full-{chunk}.otab"
+            t0 = time.perf_counter()
+            run([tool("ota-bundle"), "create", "--image", str(v2), *key, "--chunk", chunk, "-o", str(full)])
+            built = time.perf_counter() - t0
+            downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/{full.name}")
+            rows.append((f"--chunk {chunk} + block index (built in {built:.0f} s)", full.stat().st_size,
+                         downloaded, took))
         half = v2.stat().st_size // 2
-        interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full.otab")
+        interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full-{chunks[0]}.otab")
     finally:
         server.stop()
-    size = full.stat().st_size
-    print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); full bundle built in {built:.0f} s, "
-          f"adaptive install {took:.1f} s")
-    print(f"| what | bytes | vs full bundle | vs our delta (target <= {TARGET}x) |")
-    print("|---|---:|---:|---:|")
-
-    def row(what: str, n: int | None) -> None:
-        if n is None:
-            print(f"| {what} | - | - | - |")
-            return
-        vs_delta = f"{n / delta_size:.2f}x" if delta_size else "-"
-        print(f"| {what} | {n:,} | {n / size:.3f}x | {vs_delta} |")
-
-    row("full bundle (plain download)", size)
-    row("our delta bundle", delta_size)
-    row("adaptive download of the full bundle", downloaded)
-    row("same, after an attempt cut halfway (target slot holds half of v2)", interrupted)
+    before = rows[0][1]
+    print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); our delta bundle: "
+          f"{delta_size or '-'} bytes; target: downloaded <= {TARGET}x our delta")
+    print("| full bundle | bundle bytes | size vs before | adaptive download, device holds v1 | vs bundle "
+          "| vs our delta | install s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for what, size, n, took in rows:
+        vs_delta = f"{n / delta_size:.2f}x" if delta_size and n is not None else "-"
+        print(f"| {what} | {size:,} | {size / before - 1:+.1%} | {n:,} | {n / size:.3f}x | {vs_delta} | {took:.1f} |")
+    print(f"| --chunk {chunks[0]}, target slot also holds the first half of v2 (an attempt cut halfway) | - | - "
+          f"| {interrupted:,} | - | {f'{interrupted / delta_size:.2f}x' if delta_size else '-'} | - |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", action="store_true", help="build our delta bundle too (minutes)")
     parser.add_argument("--delta-size", action="append", default=[], metavar="KIND=BYTES")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--chunk", action="append", metavar="SIZE",
+                        help="build the full bundle with this --chunk (repeatable; default 4M)")
     args = parser.parse_args(argv)
     sizes = {k: int(v) for k, _, v in (s.partition("=") for s in args.delta_size)}
     images = args.corpus / "images"
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         run([tool("ota-bundle"), "keygen", str(keys)])
         for kind in args.pair or ["ext4", "sqfs"]:
             pair = (images / f"v1.{kind}", images / f"v2.{kind}")
-            run_pair(work, kind, pair, keys, delta_size=sizes.get(kind), build_delta=args.delta)
+            run_pair(work, kind, pair, keys, delta_size=sizes.get(kind), build_delta=args.delta,
+                     chunks=args.chunk or ["4M"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

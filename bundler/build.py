@@ -37,6 +37,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.executor import Inputs, execute
+from bundler.format import blockindex
 from bundler.format import manifest as manifest_mod
 from bundler.format.header import MAX_OPS, Header
 from bundler.format.manifest import (
@@ -44,19 +45,21 @@ from bundler.format.manifest import (
     MAX_IMAGES,
     MAX_SECURITY_VERSION,
     NAME_RULE,
+    BlockIndexRef,
     ImageEntry,
     Manifest,
     format_time,
 )
-from bundler.format.ops import Op
+from bundler.format.ops import Op, OpType
 from bundler.format.reader import BundleReader
 from bundler.format.signing import MAX_SIGNATURES, Keyring, key_id, load_private_key, verify
 from bundler.format.writer import op_table_digest, write_bundle_file
-from bundler.planner import SEGMENT, plan_delta, plan_full
+from bundler.planner import CHUNK, SEGMENT, check_chunk, plan_delta, plan_full
 from ota_common.errors import OtaError
 from ota_common.text import clean
 
 DEFAULT_LEVEL = 10
+DEFAULT_CHUNK = CHUNK  # measured in docs/adaptive.md: smaller chunks cost the full bundle 5-35% on ext4
 MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
 _SHOWN = 80  # characters of a rejected value shown in an error
 
@@ -102,6 +105,9 @@ class BundleSpec:
     level: int = DEFAULT_LEVEL
     threads: int = 0  # 0: one per CPU
     base: Mapping[str, Path] | None = None  # slot class -> base image: a delta bundle for those classes
+    chunk: int = DEFAULT_CHUNK  # full images: bytes of image per REPLACE op (the unit adaptive download fetches)
+    block_index: bool = True  # full bundles: write the block index (docs/bundle-format.md section 7.2)
+    adaptive_base: Mapping[str, Path] | None = None  # slot class -> the image most devices hold: cut chunks to it
 
     @property
     def sources(self) -> tuple[ImageSource, ...]:
@@ -133,6 +139,7 @@ class CheckedSpec:
     sizes: tuple[int, ...]
     warnings: tuple[str, ...]
     bases: Mapping[str, Path] = field(default_factory=dict)
+    hints: Mapping[str, Path] = field(default_factory=dict)  # --adaptive-base, per slot class
 
 
 # --- checking a spec with the reader's rules --------------------------------
@@ -188,11 +195,28 @@ def check(spec: BundleSpec, out: Path, *, overwrite: bool = False, now: datetime
             )
     if not 1 <= spec.level <= MAX_LEVEL:
         raise OptionError("--level", f"{_show(spec.level)} is not a zstd level (1 to {MAX_LEVEL})")
+    try:
+        check_chunk(spec.chunk)
+    except ValueError as e:
+        raise OptionError("--chunk", str(e)) from None
     sizes = _check_images(spec.sources)
     bases = _check_bases(spec.base or {}, {s.slot_class for s in spec.sources})
+    hints = _check_hints(spec.adaptive_base or {}, {s.slot_class for s in spec.sources}, bases)
     keys = _check_keys(spec.keys)
-    _check_output(out, overwrite, [s.path for s in spec.sources] + list(bases.values()) + list(spec.keys))
-    return CheckedSpec(keys, sizes, tuple(warnings), bases)
+    inputs = [s.path for s in spec.sources] + list(bases.values()) + list(hints.values()) + list(spec.keys)
+    _check_output(out, overwrite, inputs)
+    return CheckedSpec(keys, sizes, tuple(warnings), bases, hints)
+
+
+def _check_hints(hints: Mapping[str, Path], classes: set[str], bases: Mapping[str, Path]) -> dict[str, Path]:
+    """--adaptive-base: checked as --base is; only for a full image."""
+    for cls in hints:
+        if cls in bases:
+            raise OptionError("--adaptive-base", f"slot class {cls!r} is a delta (--base): it has no chunks to cut")
+    try:
+        return _check_bases(hints, classes)
+    except OptionError as e:
+        raise OptionError("--adaptive-base", str(e).removeprefix("--base: ")) from None
 
 
 def _check_bases(bases: Mapping[str, Path], classes: set[str]) -> dict[str, Path]:
@@ -341,6 +365,9 @@ class _Run:
     level: int
     in_flight: int
     tick: Callable[[int], None]
+    chunk: int = CHUNK
+    index: list[bytes] | None = None  # block index entries of the full images, appended in op order
+    hint: Path | None = None  # --adaptive-base of this image
 
 
 def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -> tuple[list[Op], ImageEntry]:
@@ -349,10 +376,14 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
     with _mapped(source.path, size, "image") as target:
         digest = _sha256(target, size)
         if base is None:
+            held = _held(run.hint) if run.hint is not None else None
             ops = execute(
-                plan_full(target, size), Inputs(target), run.spool, run.pool,
+                plan_full(target, size, run.chunk, held), Inputs(target), run.spool, run.pool,
                 level=run.level, in_flight=run.in_flight, tick=run.tick,
             )
+            del held
+            if run.index is not None:
+                run.index.extend(blockindex.entries(target, op) for op in ops if op.type is OpType.REPLACE)
             return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
         base_size = base.stat().st_size
         with _mapped(base, base_size, "base image") as old:
@@ -364,6 +395,33 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
         if _sha256_bytes(target_bytes) != digest:
             raise BuildError(f"{source.path}: the image changed while building")
         return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops), base_digest, base_size)
+
+
+def _held(hint: Path) -> Callable[[bytes | mmap.mmap], bool]:
+    """Whether the --adaptive-base image holds a block (anywhere, 4 KiB-aligned)."""
+    size = hint.stat().st_size
+    with _mapped(hint, size, "--adaptive-base image") as data:
+        hashes = {blockindex.block_hash(data[at : at + blockindex.BLOCK]) for at in range(0, size, blockindex.BLOCK)}
+    return lambda block: blockindex.block_hash(block) in hashes
+
+
+def _write_index(spool: _Payload, ops: list[Op], index: list[bytes] | None, warn: Warn | None) -> BlockIndexRef | None:
+    """The block index after the op payloads; None when not asked for, when there is
+    no REPLACE op, or (with a warning) when the images have too many blocks for it."""
+    if index is None:
+        return None
+    blocks = blockindex.index_blocks(ops)
+    if blocks == 0:
+        return None
+    if blocks > blockindex.MAX_INDEX_BLOCKS:
+        if warn is not None:
+            warn(f"no block index: the images have {blocks} blocks of data, more than "
+                 f"{blockindex.MAX_INDEX_BLOCKS}; adaptive download falls back to whole ops at their own offset")
+        return None
+    raw = b"".join(index)
+    assert len(raw) == blocks * blockindex.HASH_LENGTH
+    offset = spool.write(raw)
+    return BlockIndexRef(offset, len(raw), hashlib.sha256(raw).hexdigest())
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -397,15 +455,19 @@ def build_full(
     ops: list[Op] = []
     entries: list[ImageEntry] = []
     spool = _Payload(out)
+    index: list[bytes] | None = [] if spec.block_index and not checked.bases else None
     with spool.file, ThreadPoolExecutor(max_workers=threads) as pool:
         for source, size in zip(spec.sources, checked.sizes, strict=True):
             base = checked.bases.get(source.slot_class)
-            run = _Run(spool, pool, spec.level, 2 * threads, tick)
+            run = _Run(spool, pool, spec.level, 2 * threads, tick, spec.chunk, index,
+                       checked.hints.get(source.slot_class))
             image_ops, entry = _build_image(source, size, base, run)
             entries.append(replace(entry, op_first=len(ops)))
             ops += image_ops
         if len(ops) > MAX_OPS:
-            raise BuildError(f"the images need {len(ops)} ops; a bundle holds at most {MAX_OPS}")
+            raise BuildError(f"the images need {len(ops)} ops; a bundle holds at most {MAX_OPS}"
+                             + (" (a larger --chunk needs fewer)" if spec.chunk < CHUNK else ""))
+        index_ref = _write_index(spool, ops, index, warn)
         manifest = Manifest(
             bundle_version=spec.version,
             security_version=spec.security_version,
@@ -416,6 +478,7 @@ def build_full(
             op_count=len(ops),
             op_table_sha256=op_table_digest(ops),
             payload_length=spool.length,
+            block_index=index_ref,
         )
         keyring = Keyring({key_id(k.public_key()): k.public_key() for k in checked.keys}, "the signing keys")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from bundler import usb
-from bundler.build import BuildResult, BundleSpec, ImageSource, OptionError, build_full
+from bundler.build import DEFAULT_CHUNK, BuildResult, BundleSpec, ImageSource, OptionError, build_full
 from bundler.format import manifest as manifest_mod
 from bundler.format.apply import ExtentSource, FileSource, NoSource, apply_op
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
@@ -88,6 +88,25 @@ def _bases(values: list[str] | None, images: list[str], slot_class: str | None) 
     return bases
 
 
+def _hints(values: list[str] | None, images: list[str], slot_class: str | None) -> dict[str, Path]:
+    """`--adaptive-base [CLASS=]PATH`, read as --base is."""
+    try:
+        return _bases(values, images, slot_class)
+    except OptionError as e:
+        message = str(e).removeprefix("--base: ").replace("--base", "--adaptive-base")
+        raise OptionError("--adaptive-base", message) from None
+
+
+def _chunk_size(text: str) -> int:
+    """--chunk: bytes, or a number with K/M (KiB/MiB)."""
+    units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+    number = text.strip().rstrip("KkMmIiBb")
+    unit = text.strip()[len(number):].lower()
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"{clean(text, 40)!r} is not a size such as 64K or 1M")
+    return int(number) * units[unit]
+
+
 def _create(args: argparse.Namespace) -> int:
     expires = None
     if args.expires:
@@ -125,6 +144,9 @@ def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: 
         expires=expires,
         level=args.level,
         base=_bases(args.base, args.image, args.slot_class),
+        chunk=args.chunk,
+        block_index=args.block_index,
+        adaptive_base=_hints(args.adaptive_base, args.image, args.slot_class),
     )
     progress = None if args.json else Progress("bundling")
     out = Path(args.output)
@@ -424,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a delta against this base image (what the device runs now); repeat per slot class",
     )
     p.add_argument("--level", type=int, default=10, help="zstd level 1..22 (default 10)")
+    p.add_argument("--chunk", type=_chunk_size, default=DEFAULT_CHUNK, metavar="SIZE",
+                   help="full images: image bytes per REPLACE op, the unit adaptive download fetches "
+                        "(a power of two, 4K to 4M; default 4M; docs/adaptive.md)")
+    p.add_argument("--adaptive-base", action="append", metavar="[CLASS=]PATH",
+                   help="full images: also cut chunks where blocks this image (what most devices run) holds "
+                        "meet new ones, so their adaptive downloads fetch little more than the new blocks")
+    p.add_argument("--no-block-index", dest="block_index", action="store_false",
+                   help="full bundles: leave out the block index that adaptive download matches local blocks with")
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="report the bundle as one JSON object")

@@ -2,7 +2,8 @@
 writes nothing; that is `bundler.executor`).
 
 Full image: runs of all-zero 1 MiB segments become ZERO ops, everything else
-REPLACE ops of up to 4 MiB.
+REPLACE ops of up to 4 MiB, or of the smaller chunk size a build asks for
+(`plan_full(chunk=...)`: the unit an adaptive download fetches on its own).
 
 Against a base image (`plan_delta`):
 1. block dedup against the whole base: every 4 KiB block of the target is
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,8 +62,52 @@ class Planned:
     pieces: tuple[Piece, ...] = ()  # DELTA: how its decoded content becomes the extent (none: as it is)
 
 
-def plan_full(image: Buffer, size: int) -> Iterator[Planned]:
-    """ZERO for runs of zero 1 MiB segments, REPLACE chunks of up to 4 MiB between them."""
+def plan_full(
+    image: Buffer, size: int, chunk: int = CHUNK, held: Callable[[Buffer], bool] | None = None
+) -> Iterator[Planned]:
+    """ZERO for runs of zero 1 MiB segments, REPLACE chunks of up to `chunk` bytes between them.
+
+    `chunk` (a power of two from 4 KiB to 4 MiB, `check_chunk`) is the unit an adaptive
+    download fetches on its own (docs/bundle-format.md section 7.2): chunks start at
+    multiples of `chunk` from the start of their run, and runs start on 1 MiB segments.
+    `held(block)`, when given, says whether the devices' likely base holds a 4 KiB block
+    (`ota-bundle create --adaptive-base`): REPLACE runs are also cut wherever that
+    changes, so blocks the base holds and new ones never share a chunk."""
+    check_chunk(chunk)
+    for planned in _plan_segments(image, size):
+        if planned.type is OpType.ZERO:
+            yield planned
+            continue
+        end = planned.dst_offset + planned.dst_length
+        for start, stop in _held_runs(image, planned.dst_offset, end, held):
+            for at in range(start, stop, chunk):
+                yield Planned(OpType.REPLACE, at, min(chunk, stop - at))
+
+
+def _held_runs(
+    image: Buffer, start: int, end: int, held: Callable[[Buffer], bool] | None
+) -> Iterator[tuple[int, int]]:
+    """[start, end) cut where `held` changes from one 4 KiB block to the next."""
+    if held is None:
+        yield start, end
+        return
+    run_start, state = start, None
+    for at in range(start, end, BLOCK):
+        here = held(image[at : min(at + BLOCK, end)])
+        if state is not None and here != state:
+            yield run_start, at
+            run_start = at
+        state = here
+    yield run_start, end
+
+
+def check_chunk(chunk: int) -> None:
+    if not (BLOCK <= chunk <= CHUNK and chunk & (chunk - 1) == 0):
+        raise ValueError(f"chunk size {chunk} is not a power of two from {BLOCK} to {CHUNK} bytes")
+
+
+def _plan_segments(image: Buffer, size: int) -> Iterator[Planned]:
+    """ZERO for runs of zero 1 MiB segments, REPLACE runs of up to 4 MiB between them."""
     zero_start: int | None = None
     chunk_start: int | None = None
     for offset in range(0, size, SEGMENT):

@@ -58,6 +58,18 @@ class ImageEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockIndexRef:
+    """Where the block index (bundler.format.blockindex) is in the payload, and its SHA-256."""
+
+    offset: int
+    length: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "length": self.length, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     bundle_version: str
     security_version: int
@@ -69,9 +81,10 @@ class Manifest:
     op_table_sha256: str
     payload_length: int
     format_version: int = FORMAT_VERSION
+    block_index: BlockIndexRef | None = None  # optional: per-block hashes for adaptive download
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format_version": self.format_version,
             "bundle_version": self.bundle_version,
             "security_version": self.security_version,
@@ -82,6 +95,9 @@ class Manifest:
             "op_table": {"count": self.op_count, "sha256": self.op_table_sha256},
             "payload": {"length": self.payload_length},
         }
+        if self.block_index is not None:
+            doc["block_index"] = self.block_index.to_json()
+        return doc
 
     def encode(self) -> bytes:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -140,6 +156,11 @@ def parse(raw: bytes) -> Manifest:
     op_table = _Fields(f.obj("op_table"), "manifest.op_table")
     payload = _Fields(f.obj("payload"), "manifest.payload")
     images = tuple(_image(_Fields(item, f"manifest.images[{i}]")) for i, item in enumerate(images_raw))
+    block_index = None
+    if "block_index" in f.doc:
+        b = _Fields(f.obj("block_index"), "manifest.block_index")
+        block_index = BlockIndexRef(b.integer("offset", 0, MAX_PAYLOAD), b.integer("length", 1, MAX_PAYLOAD),
+                                    b.digest("sha256"))
     return Manifest(
         bundle_version=f.name("bundle_version"),
         security_version=f.integer("security_version", 0, MAX_SECURITY_VERSION),
@@ -151,6 +172,7 @@ def parse(raw: bytes) -> Manifest:
         op_table_sha256=op_table.digest("sha256"),
         payload_length=payload.integer("length", 0, MAX_PAYLOAD),
         format_version=version,
+        block_index=block_index,
     )
 
 
@@ -187,8 +209,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 KNOWN_KEYS = {
     "manifest": {
         "format_version", "bundle_version", "security_version", "compatible", "created", "expires",
-        "images", "op_table", "payload",
+        "images", "op_table", "payload", "block_index",
     },
+    "manifest.block_index": {"offset", "length", "sha256"},
     "manifest.op_table": {"count", "sha256"},
     "manifest.payload": {"length"},
     "image": {"slot_class", "size", "sha256", "base_sha256", "base_size", "op_first", "op_count"},

@@ -29,8 +29,10 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+from bundler.format.blockindex import check_index
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError, TruncatedError
 from bundler.format.header import HEADER_SIZE, Header
+from bundler.format.manifest import BlockIndexRef
 from bundler.format.ops import MAX_DELTA_PAYLOAD, Op, OpTable, OpType, unpack_table, validate_image_ops
 from bundler.format.signing import UnverifiedBundle, VerifiedBundle
 
@@ -46,6 +48,7 @@ class BundleReader:
     def __init__(self, stream: Readable) -> None:
         self._stream = stream
         self.position = 0
+        self.block_index: BlockIndexRef | None = None  # set by read_op_table
 
     def _read_into(self, n: int, region: str, stream: Readable | None = None) -> bytearray:
         """Exactly n bytes (n already bounded by the caller) in one buffer, filled
@@ -108,6 +111,11 @@ class BundleReader:
             next_op = end
         if next_op != len(ops):
             raise FormatError(f"images use {next_op} of {len(ops)} ops", region="manifest")
+        index = bundle.manifest.block_index
+        if index is not None:
+            check_index(ops, index.offset, index.length, cursor, bundle.manifest.payload_length)
+            cursor += index.length
+        self.block_index = index
         if cursor != bundle.manifest.payload_length:
             raise FormatError(
                 f"ops reference {cursor} payload bytes, manifest says {bundle.manifest.payload_length}",
@@ -140,5 +148,24 @@ class BundleReader:
             del payload
             yield index, op, view
             del view  # do not hold this payload while the next one is read
+        if self.block_index is not None:
+            self._skip_index(self.block_index)
         if self._stream.read(1):
             raise FormatError("data after the end of the payload", region="trailer")
+
+    def _skip_index(self, index: BlockIndexRef) -> None:
+        """Read the block index after the last op payload (a streaming install has no use
+        for it) and check its hash: every byte of a bundle is checked. Held a piece at a time."""
+        h = hashlib.sha256()
+        left = index.length
+        while left:
+            chunk = self._stream.read(min(left, READ_CHUNK))
+            if not chunk:
+                raise TruncatedError("block index", index.length, index.length - left)
+            if len(chunk) > left:
+                raise FormatError(f"stream returned {len(chunk)} bytes, {left} were asked for", region="block index")
+            h.update(chunk)
+            left -= len(chunk)
+        self.position += index.length
+        if h.hexdigest() != index.sha256:
+            raise HashMismatchError("block index", index.sha256, h.hexdigest())

@@ -4,7 +4,8 @@ device whose slots hold the previous image. Only the payloads of the ops whose
 extent no slot holds cross the network; an identical image downloads nearly
 nothing; `[download] max_download_ratio` / `max_download_bytes` refuse before
 anything is written; a server ignoring Range falls back to the plain stream;
-a local extent that changes after it was chosen is caught by its hash."""
+a local extent that changes after it was chosen is caught by its hash.
+(Matching blocks anywhere, with the block index: tests/e2e/test_adaptive_blocks.py.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from agent import adaptive, sim
 from bundler.cli import main as bundle_main
+from bundler.format import manifest
 from bundler.format.header import HEADER_SIZE, Header
 from bundler.format.ops import OpType, unpack_table
 from tests.e2e._download import Origin, download_table, origin
@@ -50,27 +52,29 @@ def device_on(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: KeyPair, 
     return SimDevice(tmp_path / "device", capsys)
 
 
-def full_bundle(tmp_path: Path, key: KeyPair, image: Path) -> Path:
+def full_bundle(tmp_path: Path, key: KeyPair, image: Path, *options: str) -> Path:
     out = tmp_path / f"{image.stem}.otab"
     argv = ["create", "--image", str(image), "--key", str(key.private), "--version", "2.0",
-            "--security-version", "2", "--compatible", COMPATIBLE, "--level", "3", "-o", str(out)]
+            "--security-version", "2", "--compatible", COMPATIBLE, "--level", "3", *options, "-o", str(out)]
     assert bundle_main(argv) == 0
     return out
 
 
 def layout(bundle: Path, *olds: Path) -> tuple[int, int]:
-    """(bytes before the payload, payload bytes of the ops whose extent none of `olds` holds)."""
+    """(bytes before the payload plus the block index, payload bytes of the ops whose
+    extent none of `olds` holds at the op's own offset)."""
     raw = bundle.read_bytes()
     header = Header.unpack(raw[:HEADER_SIZE])
     start = HEADER_SIZE + header.manifest_length + header.signature_length
     ops = unpack_table(raw[start : start + header.op_table_length])
+    index = manifest.parse(raw[HEADER_SIZE : HEADER_SIZE + header.manifest_length]).block_index
     bases = [old.read_bytes() for old in olds]
     new = 0
     for op in ops:
         held = {hashlib.sha256(b[op.dst_offset : op.dst_offset + op.dst_length]).digest() for b in bases}
         if op.type is OpType.REPLACE and op.dst_sha256 not in held:
             new += op.payload_length
-    return start + header.op_table_length, new
+    return start + header.op_table_length + (index.length if index else 0), new
 
 
 def last_result(device: SimDevice) -> dict[str, Any]:
@@ -198,7 +202,7 @@ def test_a_local_extent_changed_after_it_was_chosen_is_caught_by_its_hash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     v1, v2 = pair
-    bundle = full_bundle(tmp_path, signing_key, v2)
+    bundle = full_bundle(tmp_path, signing_key, v2, "--no-block-index")  # ops found at their own offset
     dev = device_on(tmp_path, capsys, signing_key, v1)
     download_table(dev, adaptive=True)
     booted = dev.slot_path("A")
