@@ -88,8 +88,10 @@ class InstallOutcome:
     etc_conflicts: tuple[EtcConflict, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD = 1 << 20
+_ARENA_MAX = 2
 
 
 def _bound_allocator() -> None:
@@ -97,9 +99,13 @@ def _bound_allocator() -> None:
     to the system when freed. Without a fixed threshold glibc raises it to the size of
     each large block freed (up to 32 MiB), and later extents, payloads and dictionaries
     come from the heap and stay resident after use: ~8 MiB more peak RSS for a delta
-    (docs/bundle-format.md section 9.1). Process-wide and harmless elsewhere; not glibc: no-op."""
+    (docs/bundle-format.md section 9.1). And keep the smaller blocks the op threads
+    free in two heaps (arenas), not one per thread, each holding on to its own
+    freed memory (agent.oprunner). Process-wide and harmless elsewhere; not glibc: no-op."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, _ARENA_MAX)
 
 
 def install(
