@@ -36,6 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.install_vs_dd import Bench, Sample
+from bundler.format.deflate import Codec
+from bundler.format.header import OP_RECORD_SIZE
+from bundler.format.ops import DELTA_EXTENT_SIZE, PIECE_SIZE, OpType, parse_delta
+from bundler.format.reader import BundleReader
+from bundler.format.signing import Keyring, verify
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -86,6 +91,35 @@ def try_measure(bench: Bench, argv: list[str], cap: float | None = None) -> Samp
         return None
 
 
+def where_the_bytes_go(bundle: Path, keyring: Path) -> str:
+    """Our delta's bytes by what they carry: payload per op type, op records, DELTA
+    extent and piece records, and how much of the DELTA ops' output is carried as
+    uncompressed stream content (deflate-aware) rather than raw bytes."""
+    payload = dict.fromkeys(OpType, 0)
+    count = dict.fromkeys(OpType, 0)
+    extents = pieces = streamed = raw = 0
+    with bundle.open("rb") as f:
+        reader = BundleReader(f)
+        verified = verify(reader.read_head(), Keyring.load(keyring))
+        ops = reader.read_op_table(verified)
+        base_size = verified.manifest.images[0].base_size or 0
+        for index, op, data in reader.iter_payload(ops):
+            count[op.type] += 1
+            payload[op.type] += op.payload_length
+            if op.type is OpType.DELTA and data is not None:
+                delta = parse_delta(op, data, index, base_size)
+                extents += len(delta.extents)
+                pieces += len(delta.pieces)
+                streamed += sum(p.out_length for p in delta.pieces if p.codec is not Codec.RAW)
+                raw += op.dst_length - sum(p.out_length for p in delta.pieces if p.codec is not Codec.RAW)
+    parts = [f"{t.name} {count[t]} ops {payload[t]:,} B" for t in OpType if count[t]]
+    parts.append(f"op records {len(ops) * OP_RECORD_SIZE:,} B")
+    parts.append(f"DELTA extent records {extents} x {DELTA_EXTENT_SIZE} = {extents * DELTA_EXTENT_SIZE:,} B")
+    parts.append(f"piece records {pieces * PIECE_SIZE:,} B")
+    parts.append(f"DELTA output: {streamed:,} B as stream content, {raw:,} B as raw bytes")
+    return "; ".join(parts)
+
+
 def casync_new_bytes(old_store: Path, new_store: Path) -> int:
     old = {p.name for p in old_store.rglob("*.cacnk")}
     return sum(p.stat().st_size for p in new_store.rglob("*.cacnk") if p.name not in old)
@@ -117,6 +151,7 @@ def run_pair(
                         "status=none"])
     print(f"[{kind}] ours: {delta.stat().st_size} bytes, build {build.seconds:.1f} s, apply {apply.seconds:.1f} s",
           flush=True)
+    print(f"[{kind}] where the bytes go: {where_the_bytes_go(delta, keys / 'signing.pub')}", flush=True)
 
     out = d / "out.img"
     if have["zstd"]:
@@ -136,12 +171,12 @@ def run_pair(
         results.append(Result("xdelta3", None, note="xdelta3 not installed"))
     if have["bsdiff"]:
         bs = d / "patch.bsdiff"
-        b = try_measure(bench, ["bsdiff", str(v1), str(v2), str(bs)], cap)
-        if b is None:
+        made = try_measure(bench, ["bsdiff", str(v1), str(v2), str(bs)], cap)
+        if made is None:
             results.append(Result("bsdiff", None, note=f"skipped: not done within {cap:.0f} s"))
         else:
             a = bench.measure(["bspatch", str(v1), str(out), str(bs)])
-            results.append(Result("bsdiff", bs.stat().st_size, b, a))
+            results.append(Result("bsdiff", bs.stat().st_size, made, a))
     else:
         results.append(Result("bsdiff", None, note="bsdiff not installed"))
     if have["casync"]:
@@ -149,9 +184,9 @@ def run_pair(
         bench.measure(["casync", "make", f"--store={s1}", str(d / "v1.caibx"), str(v1)])
         b = bench.measure(["casync", "make", f"--store={s2}", str(d / "v2.caibx"), str(v2)])
         out.unlink(missing_ok=True)  # casync extract refuses an existing file ("Stale file handle")
-        a = try_measure(bench, ["casync", "extract", f"--store={s2}", f"--seed={v1}", str(d / "v2.caibx"), str(out)])
+        got = try_measure(bench, ["casync", "extract", f"--store={s2}", f"--seed={v1}", str(d / "v2.caibx"), str(out)])
         new = casync_new_bytes(s1, s2) + (d / "v2.caibx").stat().st_size
-        results.append(Result("casync (new chunks + index)", new, b, a, note="" if a else "extract failed"))
+        results.append(Result("casync (new chunks + index)", new, b, got, note="" if got else "extract failed"))
     else:
         results.append(Result("casync", None, note="casync not installed (apt-get install casync)"))
 

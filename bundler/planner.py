@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -236,6 +237,7 @@ class _Search:
     target: bytes
     units: list[Unit]
     index: UnitIndex
+    base_starts: list[int]  # offsets of the base's units (units[: len(base_starts)], in order)
 
     @classmethod
     def build(
@@ -244,7 +246,8 @@ class _Search:
     ) -> _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
         equals base data, which the base's units already offer)."""
-        units = _units(Origin.BASE, base_streams, [(0, len(base))]) + _units(Origin.TARGET, target_streams, changed)
+        base_units = _units(Origin.BASE, base_streams, [(0, len(base))])
+        units = base_units + _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -253,10 +256,20 @@ class _Search:
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
-        return cls(base, target, units, index)
+        return cls(base, target, units, index, [u.offset for u in base_units])
 
-    def dictionary(self, content: bytes, before: int) -> tuple[Unit, ...]:
-        """Units like `content` (target units only if they end by `before`), best last, within MAX_DICT."""
+    def base_units(self, offsets: Iterable[int]) -> Counter[int]:
+        """The base units holding these offsets, with how many each holds."""
+        found: Counter[int] = Counter()
+        for offset in offsets:
+            i = bisect.bisect_right(self.base_starts, offset) - 1
+            if i >= 0 and offset < self.units[i].offset + self.units[i].length:
+                found[i] += 1
+        return found
+
+    def dictionary(self, content: bytes, before: int, known: Counter[int] | None = None) -> tuple[Unit, ...]:
+        """Units like `content` (target units only if they end by `before`), best last, within
+        MAX_DICT; `known` units (where blocks of the stretch are known to come from) first."""
         units = self.units
 
         def allowed(i: int) -> bool:
@@ -264,6 +277,9 @@ class _Search:
             return u.origin is Origin.BASE or u.offset + u.length <= before
 
         hits = score(content, self.index, allowed)
+        top = max(hits.values(), default=MIN_SCORE) + 1
+        for i, blocks in (known or {}).items():
+            hits[i] = top + blocks
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
         chosen: list[tuple[int, Unit]] = []
         # A dictionary much larger than the stretch adds little and costs build time
@@ -351,7 +367,9 @@ def _stretches(
         yield first, out, tuple(pieces)
 
 
-def _delta_op(search: _Search, first: int, length: int, segments: tuple[Segment, ...]) -> Planned:
+def _delta_op(
+    search: _Search, first: int, length: int, segments: tuple[Segment, ...], sources: list[int]
+) -> Planned:
     target = search.target
     parts: list[bytes] = []
     pieces: list[Piece] = []
@@ -367,7 +385,11 @@ def _delta_op(search: _Search, first: int, length: int, segments: tuple[Segment,
             parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
     content = b"".join(parts)
-    dictionary = search.dictionary(content, first)
+    # Blocks of the stretch that equal base blocks (runs too short for a SOURCE_COPY of
+    # their own): the base units holding them belong in the dictionary, whatever they score.
+    blocks = sources[first // BLOCK : -(-(first + length) // BLOCK)]
+    known = search.base_units(src for src in blocks if src >= 0)
+    dictionary = search.dictionary(content, first, known)
     if all(p.codec is Codec.RAW for p in pieces):
         pieces = []
     if not dictionary and not pieces:
@@ -406,4 +428,4 @@ def plan_delta(
                 starts = [s.offset for s in streams]
                 search = _Search.build(base, target, find_streams(base, pool, verify=False), streams, changed)
             for first_byte, length, segments in _stretches(start, end, streams, starts):
-                yield _delta_op(search, first_byte, length, segments)
+                yield _delta_op(search, first_byte, length, segments, sources)

@@ -133,3 +133,32 @@ def test_planned_ops_cover_the_target_once() -> None:
         assert p.dst_offset == at
         at += p.dst_length
     assert at == len(v2)
+
+
+def no_anchor_bytes(rng: random.Random, n: int) -> bytes:
+    """Random bytes the similarity search finds no feature in (no byte of either anchor set)."""
+    alphabet = bytes(b for b in range(256) if b % 8 not in (3, 5))
+    return bytes(rng.choice(alphabet) for _ in range(n))
+
+
+def test_blocks_known_to_come_from_the_base_bring_their_regions_into_the_dictionary(
+    tmp_path: Path, signing_key: KeyPair
+) -> None:
+    """Runs too short for a SOURCE_COPY of their own join the delta, and the base regions
+    they were found in join its dictionary even where no feature points there."""
+    rng = random.Random(16)
+    base = no_anchor_bytes(rng, 1 << 20)
+    picks = sorted(rng.sample(range(0, 240), 12))
+    target = b"".join(base[p * 4096 : (p + 3) * 4096] + no_anchor_bytes(rng, 4096) for p in picks)
+    planned = list(plan_delta(target, len(target), base, len(base)))
+    assert [p.type for p in planned] == [OpType.DELTA]
+    held = [(u.offset, u.offset + u.length) for u in planned[0].dictionary if u.origin is Origin.BASE]
+    for p in picks:
+        assert any(a <= p * 4096 and (p + 3) * 4096 <= b for a, b in held) or all(
+            any(a <= q * 4096 < b for a, b in held) for q in range(p, p + 3)
+        ), f"block {p} is in the dictionary"
+    data = build_delta(tmp_path, signing_key, base, target)
+    slot = SimSlot()
+    stream_install(data, signing_key.keyring, slot, BytesSource(base, slot))
+    assert bytes(slot.data) == target
+    assert len(data) < len(target) / 2, "the copied blocks cost next to nothing"
