@@ -74,14 +74,12 @@ class LocalExtent:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
 class SlotExtent(LocalExtent):
     """An op's extent, found at `offset` of a slot: read again and hash-checked when used."""
 
-    __slots__ = ("offset", "path")
-
-    def __init__(self, path: Path, offset: int) -> None:
-        self.path = path
-        self.offset = offset
+    path: Path
+    offset: int
 
     def produce(self, op: Op, index: int) -> bytes | None:
         buf = bytearray(op.dst_length)
