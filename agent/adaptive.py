@@ -50,7 +50,7 @@ from agent.plan import InstallPlan
 from agent.ranged import RangeStream, ResourceChangedError, ResumableSource
 from bundler.format.apply import SourceError as ExtentError
 from bundler.format.apply import pread_into
-from bundler.format.blockindex import BLOCK, op_blocks
+from bundler.format.blockindex import BLOCK, HASH_LENGTH, op_blocks
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
 from bundler.format.manifest import BlockIndexRef
 from bundler.format.ops import Op, OpType
@@ -74,14 +74,12 @@ class LocalExtent:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
 class SlotExtent(LocalExtent):
     """An op's extent, found at `offset` of a slot: read again and hash-checked when used."""
 
-    __slots__ = ("offset", "path")
-
-    def __init__(self, path: Path, offset: int) -> None:
-        self.path = path
-        self.offset = offset
+    path: Path
+    offset: int
 
     def produce(self, op: Op, index: int) -> bytes | None:
         buf = bytearray(op.dst_length)
@@ -227,19 +225,19 @@ def prepare(
     locations = None
     index_bytes = read_bytes = 0
     if block_index is not None:
-        keys = _fetch_index(ranges, payload_start, block_index)
         index_bytes = block_index.length
         groups = []
         first = 0
         targets = {ip.slot.path for ip in plan.images}
-        for ip in plan.images:
+        for ip in sorted(plan.images, key=lambda ip: ip.image.op_first):  # block ordinals follow the op table
             image_ops = ops[ip.image.op_first : ip.image.op_first + ip.image.op_count]
             starts = blockmatch.op_starts(image_ops)
             groups.append(blockmatch.Group(first, len(starts), tuple(per_class[ip.image.slot_class]), starts))
             first += len(starts)
         cands = [blockmatch.Candidate(p, p in targets) for p in candidates]
-        locations, read_bytes = blockmatch.match(keys, groups, cands)
-        del keys, groups
+        locations, read_bytes = _match(ranges, payload_start, block_index, blocks=first,
+                                         groups=groups, candidates=cands)
+        del groups
     decisions = bytearray(len(ops))
     needed: list[tuple[int, int]] = []
     local_ops = local_bytes = 0
@@ -271,15 +269,29 @@ def prepare(
                     index_bytes, read_bytes)
 
 
-def _fetch_index(ranges: ResumableSource, payload_start: int, ref: BlockIndexRef) -> array[int]:
-    """The block index, by one Range request, checked against the manifest's hash."""
-    at = payload_start + ref.offset
+def _match(
+    ranges: ResumableSource, payload_start: int, ref: BlockIndexRef, *, blocks: int,
+    groups: Sequence[blockmatch.Group], candidates: Sequence[blockmatch.Candidate],
+) -> tuple[array[int], int]:
+    """agent.blockmatch over the index fetched by Range a window at a time (one request
+    each), hashed as it arrives and checked against the manifest's SHA-256 once all of it
+    was used (entries are only hints; nothing is written before this check). A damaged
+    index is fetched and matched again, up to REFETCHES times."""
     for tries in range(REFETCHES + 1):
-        with ranges.fetch(at, ref.length) as stream:
-            raw = _read_exact(stream, ref.length, "block index")
-        actual = hashlib.sha256(raw).hexdigest()
-        if actual == ref.sha256:
+        h = hashlib.sha256()
+
+        def load(first: int, count: int, h: hashlib._Hash = h) -> array[int]:
+            at = payload_start + ref.offset + HASH_LENGTH * first
+            with ranges.fetch(at, HASH_LENGTH * count) as stream:
+                raw = _read_exact(stream, HASH_LENGTH * count, "block index")
+            h.update(raw)
             return blockmatch.entries(raw)
+
+        locations, read = blockmatch.match(load, blocks, groups, candidates)
+        actual = h.hexdigest()
+        if actual == ref.sha256:
+            return locations, read
+        del locations
         if tries < REFETCHES:
             log.warning("%s: the block index arrived damaged; fetching it again", ranges.name)
     raise HashMismatchError("block index", ref.sha256, actual)

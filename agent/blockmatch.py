@@ -10,11 +10,12 @@ start of its own op (ops are written in order, so anything before is
 overwritten by then). Nothing here is trusted: `agent.adaptive` reads the
 blocks again and checks the op's SHA-256 before anything is written.
 
-Memory, bounded whatever the slot size: the index (8 bytes a block) and the
-locations (8 bytes a block) for the whole bundle, at most MAX_INDEX_BLOCKS
-blocks (16 MiB); the table for one window of at most WINDOW blocks (~4 MiB);
-one READ-byte buffer. A bundle with more blocks than WINDOW is matched in
-several passes, each reading the candidate slots again.
+Memory, bounded whatever the slot size: the locations (8 bytes a block of the
+bundle, at most MAX_INDEX_BLOCKS blocks: 8 MiB); for one window of at most
+WINDOW blocks its index entries (1 MiB), the table (2 x WINDOW slots of 12
+bytes: 3 MiB) and the chain (0.5 MiB); one READ-byte buffer. The index is
+loaded a window at a time (`load`); a bundle with more blocks than WINDOW is
+matched in several passes, each reading the candidate slots again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,8 @@ from bundler.format.ops import Op
 
 log = logging.getLogger(__name__)
 
-WINDOW = 1 << 18  # blocks matched per pass: the table is 2 x WINDOW slots of 8 + 4 bytes
-READ = 4 << 20  # bytes of a slot read at a time
+WINDOW = 1 << 17  # blocks matched per pass: the table is 2 x WINDOW slots of 8 + 4 bytes
+READ = 1 << 20  # bytes of a slot read at a time
 NOWHERE = -1
 _EMPTY, _DONE = -1, -2
 _SLOT_SHIFT = 48  # location = candidate << 48 | block number
@@ -99,15 +100,15 @@ class _Table:
     """Open addressing over flat arrays: each distinct key once, with the chain of
     ordinals (window-relative) that share it."""
 
-    def __init__(self, keys: array[int], first: int, count: int) -> None:
-        size = 1 << max(4, (2 * count).bit_length())
+    def __init__(self, keys: array[int], count: int) -> None:
+        size = 1 << max(4, (2 * count - 1).bit_length())
         self.mask = size - 1
         self.keys = array("Q", bytes(8 * size))
         self.heads = array("i", [_EMPTY]) * size
         self.chain = array("i", [_EMPTY]) * count
         self.waiting = 0  # distinct keys not yet found
         for k in range(count):
-            h = keys[first + k]
+            h = keys[k]
             at = h & self.mask
             while self.heads[at] != _EMPTY and self.keys[at] != h:
                 at = (at + 1) & self.mask
@@ -139,15 +140,20 @@ class _Table:
         self.waiting -= 1
 
 
-def match(keys: array[int], groups: Sequence[Group], candidates: Sequence[Candidate]) -> tuple[array[int], int]:
+def match(
+    load: Callable[[int, int], array[int]], blocks: int, groups: Sequence[Group], candidates: Sequence[Candidate]
+) -> tuple[array[int], int]:
     """Per block ordinal, where a candidate slot holds it (`location`) or NOWHERE;
-    and the bytes of slots read."""
-    locations = array("q", [NOWHERE]) * len(keys)
+    and the bytes of slots read. `load(first, count)` gives the index entries of
+    ordinals [first, first + count); it is called in increasing order, each once."""
+    locations = array("q", [NOWHERE]) * blocks
     read = 0
     for group in groups:
         for start in range(0, group.count, WINDOW):
             count = min(WINDOW, group.count - start)
-            table = _Table(keys, group.first + start, count)
+            keys = load(group.first + start, count)
+            table = _Table(keys, count)
+            del keys
             for c in group.candidates:
                 if table.waiting == 0:
                     break

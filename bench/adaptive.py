@@ -12,11 +12,12 @@ bench/delta.py table). Not a pass/fail test. Target (issue 9): downloaded <=
 1.2x our delta. One row per full bundle: as before the block index (4 MiB
 ops, `--no-block-index`), then one per `--chunk SIZE` asked for (the unit an
 adaptive download fetches; each with the block index), with its size against
-the first. A last row installs the first --chunk's bundle onto a device whose
-target slot holds the first half of v2 (an attempt cut halfway).
+the first; with --adaptive-base, one built with `--adaptive-base v1`. A last
+row installs the first --chunk's bundle onto a device whose target slot holds
+the first half of v2 (an attempt cut halfway).
 
 Usage: .venv/bin/python -m bench.adaptive [--corpus DIR] [--pair ext4|sqfs ...] [--delta]
-       [--delta-size ext4=3826638 ...] [--chunk 4M --chunk 64K ...] [--workdir DIR]
+       [--delta-size ext4=3826638 ...] [--chunk 4M --chunk 64K ...] [--adaptive-base] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def install(device: Path, v1: Path, cut: tuple[Path, int] | None, keys: Path, ur
 
 def run_pair(
     work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool,
-    chunks: list[str],
+    chunks: list[str], hint: bool,
 ) -> None:
     v1, v2 = pair
     d = work / kind
@@ -100,6 +101,14 @@ def run_pair(
             downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/{full.name}")
             rows.append((f"--chunk {chunk} + block index (built in {built:.0f} s)", full.stat().st_size,
                          downloaded, took))
+        if hint:
+            cut = d / "www" / "full-hint.otab"
+            t0 = time.perf_counter()
+            run([tool("ota-bundle"), "create", "--image", str(v2), *key, "--adaptive-base", str(v1), "-o", str(cut)])
+            built = time.perf_counter() - t0
+            downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/{cut.name}")
+            rows.append((f"--adaptive-base v1 (4M chunks cut to v1) + block index (built in {built:.0f} s)",
+                         cut.stat().st_size, downloaded, took))
         half = v2.stat().st_size // 2
         interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full-{chunks[0]}.otab")
     finally:
@@ -124,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", action="store_true", help="build our delta bundle too (minutes)")
     parser.add_argument("--delta-size", action="append", default=[], metavar="KIND=BYTES")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--adaptive-base", action="store_true",
+                        help="also build the bundle with --adaptive-base v1 (chunks cut to the base)")
     parser.add_argument("--chunk", action="append", metavar="SIZE",
                         help="build the full bundle with this --chunk (repeatable; default 4M)")
     args = parser.parse_args(argv)
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.pair or ["ext4", "sqfs"]:
             pair = (images / f"v1.{kind}", images / f"v2.{kind}")
             run_pair(work, kind, pair, keys, delta_size=sizes.get(kind), build_delta=args.delta,
-                     chunks=args.chunk or ["4M"])
+                     chunks=args.chunk or ["4M"], hint=args.adaptive_base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -48,5 +48,5 @@ def test_only_needed_payloads_are_fetched_in_one_request_and_a_damaged_one_again
     got = [(i, p) for i, _, p in adaptive.Fetcher(source, decision, HEAD).iter_payload(ops)]
 
     assert [bytes(p) for i, p in got if i != 1] == [payloads[0], payloads[2]]  # type: ignore[arg-type]
-    assert got[1][1] == adaptive.LocalExtent(local, ops[1].dst_offset)
+    assert got[1][1] == adaptive.SlotExtent(local, ops[1].dst_offset)
     assert source.requests == [(0, 1), (HEAD, len(data)), (second, len(data))], "one run, then op 2 again"
