@@ -4,13 +4,15 @@ writer, the bootloader and the state. The only module that writes slots.
 Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
   a pending update not yet booted: save it as cancelled, then mark its slot bad
-  delta images: the booted slot of each class holds the base (SHA-256 of its
-  first base_size bytes)                              (still nothing touched)
+  delta images: the booted slot of each class holds the base (its slot record
+  names it, or the SHA-256 of its first base_size bytes; agent.deltabase)
+                                                      (still nothing touched)
   mark target slot bad in the bootloader               (before the trial changes)
   record the update as in flight (state: trial, not installed)
-  for each op (bundler.format.apply.apply_op): payload hash -> source extents
-  read from the booted slot or the target written so far, each hash-checked ->
-  decode -> extent hash -> write
+  for each op (bundler.format.apply.run_op, several at once within a memory
+  budget: agent.oprunner): payload hash -> source extents read from the booted
+  slot or the target written so far, each hash-checked -> decode -> extent hash
+  -> write
   fsync -> read back the whole image -> compare SHA-256
   [etc] merge on: the device's /etc merged into the new slot (agent.etcmerge)
   set target primary with N tries -> record the slot's contents, trial installed
