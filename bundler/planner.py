@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -192,7 +191,6 @@ class _Search:
     target: bytes
     units: list[Unit]
     index: UnitIndex
-    base_starts: list[int]  # offsets of the base's units (units[: len(base_starts)], in order)
 
     @classmethod
     def build(
@@ -201,8 +199,7 @@ class _Search:
     ) -> _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
         equals base data, which the base's units already offer)."""
-        base_units = _units(Origin.BASE, base_streams, [(0, len(base))])
-        units = base_units + _units(Origin.TARGET, target_streams, changed)
+        units = _units(Origin.BASE, base_streams, [(0, len(base))]) + _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -211,20 +208,11 @@ class _Search:
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
-        return cls(base, target, units, index, [u.offset for u in base_units])
+        return cls(base, target, units, index)
 
-    def base_units(self, offsets: Iterable[int]) -> Counter[int]:
-        """The base units holding these offsets, with how many each holds."""
-        found: Counter[int] = Counter()
-        for offset in offsets:
-            i = bisect.bisect_right(self.base_starts, offset) - 1
-            if i >= 0 and offset < self.units[i].offset + self.units[i].length:
-                found[i] += 1
-        return found
-
-    def dictionary(self, content: bytes, before: int, known: Counter[int] | None = None) -> tuple[Unit, ...]:
+    def dictionary(self, content: bytes, before: int, known: list[Unit] | None = None) -> tuple[Unit, ...]:
         """Units like `content` (target units only if they end by `before`), best last, within
-        MAX_DICT; `known` units (where blocks of the stretch are known to come from) first."""
+        MAX_DICT; `known` base extents (the stretch holds their bytes) first and last of all."""
         units = self.units
 
         def allowed(i: int) -> bool:
@@ -232,14 +220,16 @@ class _Search:
             return u.origin is Origin.BASE or u.offset + u.length <= before
 
         hits = score(content, self.index, allowed)
-        top = max(hits.values(), default=MIN_SCORE) + 1
-        for i, blocks in (known or {}).items():
-            hits[i] = top + blocks
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
         chosen: list[tuple[int, Unit]] = []
         # A dictionary much larger than the stretch adds little and costs build time
         # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
         budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
+        top = (ranked[-1][0] if ranked else 0) + 1
+        for u in known or ():
+            if u.produces <= budget and len(chosen) < MAX_DICT_EXTENTS // 2:
+                chosen.append((top, u))
+                budget -= u.produces
         for n, i in reversed(ranked):
             u = units[i]
             if u.produces > budget:
@@ -252,19 +242,22 @@ class _Search:
 
 
 def _merged(chosen: list[tuple[int, Unit]]) -> tuple[Unit, ...]:
-    """The chosen units as dictionary extents: raw units that are contiguous in one image
-    become one extent (each extent costs a 64-byte record in the payload), and the
+    """The chosen units as dictionary extents: raw units that touch or overlap in one image
+    become one extent (each extent costs a 64-byte record in the payload, and extents
+    must not overlap), and the
     extents are ordered by their best unit's score, best last (nearest the content,
     where zstd's offsets are cheapest)."""
     runs: list[tuple[int, Unit]] = []
     for n, u in sorted(chosen, key=lambda c: (c[1].origin, c[1].offset)):
         if runs:
             best, last = runs[-1]
-            if (u.codec is Codec.RAW and last.codec is Codec.RAW and last.origin is u.origin
-                    and last.offset + last.length == u.offset):
-                length = last.length + u.length
-                runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
-                continue
+            if last.origin is u.origin and u.offset <= last.offset + last.length:  # touching or overlapping
+                if u.codec is Codec.RAW and last.codec is Codec.RAW:
+                    length = max(last.length, u.offset + u.length - last.offset)
+                    runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
+                    continue
+                if u.offset < last.offset + last.length:
+                    continue  # a stream and raw bytes overlapping: the first one stays
         runs.append((n, u))
     runs.sort(key=lambda r: r[0])  # stable: equal scores keep image order
     return tuple(u for _, u in runs)
@@ -322,6 +315,22 @@ def _stretches(
         yield first, out, tuple(pieces)
 
 
+def _known(sources: list[int], first: int, length: int) -> list[Unit]:
+    """The base extents holding blocks of [first, first + length) (runs too short for a
+    SOURCE_COPY of their own): exactly what the stretch copies, whatever the features say."""
+    runs: list[Unit] = []
+    b, end = -(-first // BLOCK), (first + length) // BLOCK
+    while b < end:
+        src = sources[b]
+        n = 1
+        if src >= 0:
+            while b + n < end and sources[b + n] == src + n * BLOCK:
+                n += 1
+            runs.append(Unit(Origin.BASE, src, n * BLOCK, Codec.RAW, n * BLOCK))
+        b += n
+    return runs
+
+
 def _delta_op(
     search: _Search, first: int, length: int, segments: tuple[Segment, ...], sources: list[int]
 ) -> Planned:
@@ -340,11 +349,7 @@ def _delta_op(
             parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
     content = b"".join(parts)
-    # Blocks of the stretch that equal base blocks (runs too short for a SOURCE_COPY of
-    # their own): the base units holding them belong in the dictionary, whatever they score.
-    blocks = sources[first // BLOCK : -(-(first + length) // BLOCK)]
-    known = search.base_units(src for src in blocks if src >= 0)
-    dictionary = search.dictionary(content, first, known)
+    dictionary = search.dictionary(content, first, _known(sources, first, length))
     if all(p.codec is Codec.RAW for p in pieces):
         pieces = []
     if not dictionary and not pieces:

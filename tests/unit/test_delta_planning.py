@@ -42,6 +42,12 @@ def test_contiguous_raw_units_become_one_extent_with_the_best_last() -> None:
     )
 
 
+def test_overlapping_units_never_become_overlapping_extents() -> None:
+    stream = Unit(Origin.BASE, 100 * KiB, 1000, Codec.ZLIB, 4000)
+    chosen = [(5, raw(0, 64 * KiB)), (9, raw(60 * KiB, 8 * KiB)), (7, stream), (6, raw(100 * KiB + 500, 4 * KiB))]
+    assert _merged(chosen) == (stream, raw(0, 68 * KiB))
+
+
 def moved_and_edited(rng: random.Random) -> tuple[bytes, bytes]:
     """A 2 MiB base; the target holds an edited copy of its first MiB, shifted by 3 bytes,
     then the base's second MiB unchanged in place."""
@@ -141,10 +147,10 @@ def no_anchor_bytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.choice(alphabet) for _ in range(n))
 
 
-def test_blocks_known_to_come_from_the_base_bring_their_regions_into_the_dictionary(
+def test_blocks_known_to_come_from_the_base_are_in_the_dictionary(
     tmp_path: Path, signing_key: KeyPair
 ) -> None:
-    """Runs too short for a SOURCE_COPY of their own join the delta, and the base regions
+    """Runs too short for a SOURCE_COPY of their own join the delta, and the base extents
     they were found in join its dictionary even where no feature points there."""
     rng = random.Random(16)
     base = no_anchor_bytes(rng, 1 << 20)
