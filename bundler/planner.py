@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ BLOCK = 4096
 DELTA_TARGET = 4 << 20  # target bytes per DELTA op
 DICT_PER_BYTE = 2  # dictionary budget per byte of a stretch's content (capped at MAX_DICT)
 DICT_MIN = 256 << 10
-MIN_RUN = 8  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
+MIN_RUN = 4  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
 
@@ -156,9 +157,15 @@ class Unit:
         return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
 
 
-def _units(origin: Origin, streams: list[Stream], spans: list[tuple[int, int]]) -> list[Unit]:
+def _units(
+    origin: Origin, streams: list[Stream], spans: list[tuple[int, int]], *, raw_too: bool = False
+) -> list[Unit]:
     """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between
-    them, within `spans` (sorted, disjoint; the streams lie inside them)."""
+    them, within `spans` (sorted, disjoint; the streams lie inside them). With `raw_too`
+    the raw regions cover the streams as well: the same stream in the target may be one
+    the device cannot reproduce, which stays raw bytes and matches only raw bytes."""
+    if raw_too:
+        return [u for u in _units(origin, streams, spans) if u.codec is not Codec.RAW] + _units(origin, [], spans)
     units: list[Unit] = []
     k = 0
     for start, end in spans:
@@ -191,6 +198,7 @@ class _Search:
     target: bytes
     units: list[Unit]
     index: UnitIndex
+    first_region: int  # units[first_region + k] is the base's raw region k (bytes k * REGION on)
 
     @classmethod
     def build(
@@ -199,7 +207,9 @@ class _Search:
     ) -> _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
         equals base data, which the base's units already offer)."""
-        units = _units(Origin.BASE, base_streams, [(0, len(base))]) + _units(Origin.TARGET, target_streams, changed)
+        units = _units(Origin.BASE, base_streams, [(0, len(base))], raw_too=True)
+        first_region = sum(1 for u in units if u.codec is not Codec.RAW)
+        units += _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -208,11 +218,15 @@ class _Search:
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
-        return cls(base, target, units, index)
+        return cls(base, target, units, index, first_region)
 
-    def dictionary(self, content: bytes, before: int, known: list[Unit] | None = None) -> tuple[Unit, ...]:
+    def regions(self, offsets: Iterable[int]) -> Counter[int]:
+        """The base's raw 64 KiB regions holding these offsets, with how many each holds."""
+        return Counter(self.first_region + offset // REGION for offset in offsets)
+
+    def dictionary(self, content: bytes, before: int, known: Counter[int] | None = None) -> tuple[Unit, ...]:
         """Units like `content` (target units only if they end by `before`), best last, within
-        MAX_DICT; `known` base extents (the stretch holds their bytes) first and last of all."""
+        MAX_DICT; `known` units (holding blocks the stretch is known to copy) first."""
         units = self.units
 
         def allowed(i: int) -> bool:
@@ -220,19 +234,17 @@ class _Search:
             return u.origin is Origin.BASE or u.offset + u.length <= before
 
         hits = score(content, self.index, allowed)
+        top = max(hits.values(), default=MIN_SCORE) + 1
+        for i, blocks in (known or {}).items():
+            hits[i] = top + blocks
         ranked = sorted((n, i) for i, n in hits.items() if n >= MIN_SCORE)
         chosen: list[tuple[int, Unit]] = []
         # A dictionary much larger than the stretch adds little and costs build time
         # (the compressor indexes all of it): at most DICT_PER_BYTE times the content.
         budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
-        top = (ranked[-1][0] if ranked else 0) + 1
-        for u in known or ():
-            if u.produces <= budget and len(chosen) < MAX_DICT_EXTENTS // 2:
-                chosen.append((top, u))
-                budget -= u.produces
         for n, i in reversed(ranked):
             u = units[i]
-            if u.produces > budget:
+            if u.produces > budget or any(_clash(u, c) for _, c in chosen):
                 continue
             chosen.append((n, u))
             budget -= u.produces
@@ -241,23 +253,28 @@ class _Search:
         return _merged(chosen)
 
 
+def _clash(a: Unit, b: Unit) -> bool:
+    """Whether two units may not both be in one dictionary: they overlap and one is a
+    stream (a base stream is offered both inflated and as raw bytes; raw units that
+    overlap are merged instead)."""
+    return (a.origin is b.origin and a.offset < b.offset + b.length and b.offset < a.offset + a.length
+            and (a.codec is not Codec.RAW or b.codec is not Codec.RAW))
+
+
 def _merged(chosen: list[tuple[int, Unit]]) -> tuple[Unit, ...]:
-    """The chosen units as dictionary extents: raw units that touch or overlap in one image
-    become one extent (each extent costs a 64-byte record in the payload, and extents
-    must not overlap), and the
-    extents are ordered by their best unit's score, best last (nearest the content,
-    where zstd's offsets are cheapest)."""
+    """The chosen units (no two clashing) as dictionary extents: raw units that touch or
+    overlap in one image become one extent (each extent costs a 64-byte record in the
+    payload, and extents must not overlap), and the extents are ordered by their best
+    unit's score, best last (nearest the content, where zstd's offsets are cheapest)."""
     runs: list[tuple[int, Unit]] = []
     for n, u in sorted(chosen, key=lambda c: (c[1].origin, c[1].offset)):
         if runs:
             best, last = runs[-1]
-            if last.origin is u.origin and u.offset <= last.offset + last.length:  # touching or overlapping
-                if u.codec is Codec.RAW and last.codec is Codec.RAW:
-                    length = max(last.length, u.offset + u.length - last.offset)
-                    runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
-                    continue
-                if u.offset < last.offset + last.length:
-                    continue  # a stream and raw bytes overlapping: the first one stays
+            if (u.codec is Codec.RAW and last.codec is Codec.RAW and last.origin is u.origin
+                    and u.offset <= last.offset + last.length):
+                length = max(last.length, u.offset + u.length - last.offset)
+                runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
+                continue
         runs.append((n, u))
     runs.sort(key=lambda r: r[0])  # stable: equal scores keep image order
     return tuple(u for _, u in runs)
@@ -315,22 +332,6 @@ def _stretches(
         yield first, out, tuple(pieces)
 
 
-def _known(sources: list[int], first: int, length: int) -> list[Unit]:
-    """The base extents holding blocks of [first, first + length) (runs too short for a
-    SOURCE_COPY of their own): exactly what the stretch copies, whatever the features say."""
-    runs: list[Unit] = []
-    b, end = -(-first // BLOCK), (first + length) // BLOCK
-    while b < end:
-        src = sources[b]
-        n = 1
-        if src >= 0:
-            while b + n < end and sources[b + n] == src + n * BLOCK:
-                n += 1
-            runs.append(Unit(Origin.BASE, src, n * BLOCK, Codec.RAW, n * BLOCK))
-        b += n
-    return runs
-
-
 def _delta_op(
     search: _Search, first: int, length: int, segments: tuple[Segment, ...], sources: list[int]
 ) -> Planned:
@@ -349,7 +350,10 @@ def _delta_op(
             parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
     content = b"".join(parts)
-    dictionary = search.dictionary(content, first, _known(sources, first, length))
+    # Blocks of the stretch that equal base blocks (runs too short for a SOURCE_COPY of
+    # their own): the base regions holding them belong in the dictionary, whatever they score.
+    blocks = sources[first // BLOCK : -(-(first + length) // BLOCK)]
+    dictionary = search.dictionary(content, first, search.regions(src for src in blocks if src >= 0))
     if all(p.codec is Codec.RAW for p in pieces):
         pieces = []
     if not dictionary and not pieces:
