@@ -162,10 +162,13 @@ def _units(
 ) -> list[Unit]:
     """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between
     them, within `spans` (sorted, disjoint; the streams lie inside them). With `raw_too`
-    the raw regions cover the streams as well: the same stream in the target may be one
-    the device cannot reproduce, which stays raw bytes and matches only raw bytes."""
+    each stream is offered as its raw bytes too (a unit of its own, so raw regions next
+    to it never clash with it): the same stream in the target may be one the device
+    cannot reproduce, which stays raw bytes and matches only raw bytes."""
     if raw_too:
-        return [u for u in _units(origin, streams, spans) if u.codec is not Codec.RAW] + _units(origin, [], spans)
+        plain = _units(origin, streams, spans)
+        return plain + [Unit(origin, u.offset, u.length, Codec.RAW, u.length)
+                        for u in plain if u.codec is not Codec.RAW]
     units: list[Unit] = []
     k = 0
     for start, end in spans:
@@ -198,7 +201,8 @@ class _Search:
     target: bytes
     units: list[Unit]
     index: UnitIndex
-    first_region: int  # units[first_region + k] is the base's raw region k (bytes k * REGION on)
+    raw_starts: list[int]  # offsets of the base's raw units, in order (they tile the base) ...
+    raw_units: list[int]  # ... and their indexes in `units`
 
     @classmethod
     def build(
@@ -208,7 +212,7 @@ class _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
         equals base data, which the base's units already offer)."""
         units = _units(Origin.BASE, base_streams, [(0, len(base))], raw_too=True)
-        first_region = sum(1 for u in units if u.codec is not Codec.RAW)
+        raw = sorted((u.offset, i) for i, u in enumerate(units) if u.codec is Codec.RAW)
         units += _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
@@ -218,11 +222,16 @@ class _Search:
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
-        return cls(base, target, units, index, first_region)
+        return cls(base, target, units, index, [o for o, _ in raw], [i for _, i in raw])
 
     def regions(self, offsets: Iterable[int]) -> Counter[int]:
-        """The base's raw 64 KiB regions holding these offsets, with how many each holds."""
-        return Counter(self.first_region + offset // REGION for offset in offsets)
+        """The base's raw units holding these offsets, with how many each holds."""
+        found: Counter[int] = Counter()
+        for offset in offsets:
+            k = bisect.bisect_right(self.raw_starts, offset) - 1
+            if k >= 0:
+                found[self.raw_units[k]] += 1
+        return found
 
     def dictionary(self, content: bytes, before: int, known: Counter[int] | None = None) -> tuple[Unit, ...]:
         """Units like `content` (target units only if they end by `before`), best last, within
