@@ -44,7 +44,7 @@ BLOCK = 4096
 DELTA_TARGET = 4 << 20  # target bytes per DELTA op
 DICT_PER_BYTE = 2  # dictionary budget per byte of a stretch's content (capped at MAX_DICT)
 DICT_MIN = 256 << 10
-MIN_RUN = 8  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
+MIN_RUN = 4  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
 
@@ -202,9 +202,18 @@ class Unit:
         return raw if self.codec is Codec.RAW else inflate(raw, self.codec, self.produces, "unit")
 
 
-def _units(origin: Origin, streams: list[Stream], spans: list[tuple[int, int]]) -> list[Unit]:
+def _units(
+    origin: Origin, streams: list[Stream], spans: list[tuple[int, int]], *, raw_too: bool = False
+) -> list[Unit]:
     """Streams small enough for a dictionary extent, and 64 KiB-aligned raw regions between
-    them, within `spans` (sorted, disjoint; the streams lie inside them)."""
+    them, within `spans` (sorted, disjoint; the streams lie inside them). With `raw_too`
+    each stream is offered as its raw bytes too (a unit of its own, so raw regions next
+    to it never clash with it): the same stream in the target may be one the device
+    cannot reproduce, which stays raw bytes and matches only raw bytes."""
+    if raw_too:
+        plain = _units(origin, streams, spans)
+        return plain + [Unit(origin, u.offset, u.length, Codec.RAW, u.length)
+                        for u in plain if u.codec is not Codec.RAW]
     units: list[Unit] = []
     k = 0
     for start, end in spans:
@@ -237,7 +246,8 @@ class _Search:
     target: bytes
     units: list[Unit]
     index: UnitIndex
-    base_starts: list[int]  # offsets of the base's units (units[: len(base_starts)], in order)
+    raw_starts: list[int]  # offsets of the base's raw units, in order (they tile the base) ...
+    raw_units: list[int]  # ... and their indexes in `units`
 
     @classmethod
     def build(
@@ -246,8 +256,9 @@ class _Search:
     ) -> _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
         equals base data, which the base's units already offer)."""
-        base_units = _units(Origin.BASE, base_streams, [(0, len(base))])
-        units = base_units + _units(Origin.TARGET, target_streams, changed)
+        units = _units(Origin.BASE, base_streams, [(0, len(base))], raw_too=True)
+        raw = sorted((u.offset, i) for i, u in enumerate(units) if u.codec is Codec.RAW)
+        units += _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
         for i, unit in enumerate(units):
             image = base if unit.origin is Origin.BASE else target
@@ -256,20 +267,20 @@ class _Search:
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
-        return cls(base, target, units, index, [u.offset for u in base_units])
+        return cls(base, target, units, index, [o for o, _ in raw], [i for _, i in raw])
 
-    def base_units(self, offsets: Iterable[int]) -> Counter[int]:
-        """The base units holding these offsets, with how many each holds."""
+    def regions(self, offsets: Iterable[int]) -> Counter[int]:
+        """The base's raw units holding these offsets, with how many each holds."""
         found: Counter[int] = Counter()
         for offset in offsets:
-            i = bisect.bisect_right(self.base_starts, offset) - 1
-            if i >= 0 and offset < self.units[i].offset + self.units[i].length:
-                found[i] += 1
+            k = bisect.bisect_right(self.raw_starts, offset) - 1
+            if k >= 0:
+                found[self.raw_units[k]] += 1
         return found
 
     def dictionary(self, content: bytes, before: int, known: Counter[int] | None = None) -> tuple[Unit, ...]:
         """Units like `content` (target units only if they end by `before`), best last, within
-        MAX_DICT; `known` units (where blocks of the stretch are known to come from) first."""
+        MAX_DICT; `known` units (holding blocks the stretch is known to copy) first."""
         units = self.units
 
         def allowed(i: int) -> bool:
@@ -287,7 +298,7 @@ class _Search:
         budget = min(MAX_DICT, DICT_PER_BYTE * len(content) + DICT_MIN)
         for n, i in reversed(ranked):
             u = units[i]
-            if u.produces > budget:
+            if u.produces > budget or any(_clash(u, c) for _, c in chosen):
                 continue
             chosen.append((n, u))
             budget -= u.produces
@@ -296,18 +307,26 @@ class _Search:
         return _merged(chosen)
 
 
+def _clash(a: Unit, b: Unit) -> bool:
+    """Whether two units may not both be in one dictionary: they overlap and one is a
+    stream (a base stream is offered both inflated and as raw bytes; raw units that
+    overlap are merged instead)."""
+    return (a.origin is b.origin and a.offset < b.offset + b.length and b.offset < a.offset + a.length
+            and (a.codec is not Codec.RAW or b.codec is not Codec.RAW))
+
+
 def _merged(chosen: list[tuple[int, Unit]]) -> tuple[Unit, ...]:
-    """The chosen units as dictionary extents: raw units that are contiguous in one image
-    become one extent (each extent costs a 64-byte record in the payload), and the
-    extents are ordered by their best unit's score, best last (nearest the content,
-    where zstd's offsets are cheapest)."""
+    """The chosen units (no two clashing) as dictionary extents: raw units that touch or
+    overlap in one image become one extent (each extent costs a 64-byte record in the
+    payload, and extents must not overlap), and the extents are ordered by their best
+    unit's score, best last (nearest the content, where zstd's offsets are cheapest)."""
     runs: list[tuple[int, Unit]] = []
     for n, u in sorted(chosen, key=lambda c: (c[1].origin, c[1].offset)):
         if runs:
             best, last = runs[-1]
             if (u.codec is Codec.RAW and last.codec is Codec.RAW and last.origin is u.origin
-                    and last.offset + last.length == u.offset):
-                length = last.length + u.length
+                    and u.offset <= last.offset + last.length):
+                length = max(last.length, u.offset + u.length - last.offset)
                 runs[-1] = (max(best, n), Unit(u.origin, last.offset, length, Codec.RAW, length))
                 continue
         runs.append((n, u))
@@ -386,10 +405,9 @@ def _delta_op(
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
     content = b"".join(parts)
     # Blocks of the stretch that equal base blocks (runs too short for a SOURCE_COPY of
-    # their own): the base units holding them belong in the dictionary, whatever they score.
+    # their own): the base regions holding them belong in the dictionary, whatever they score.
     blocks = sources[first // BLOCK : -(-(first + length) // BLOCK)]
-    known = search.base_units(src for src in blocks if src >= 0)
-    dictionary = search.dictionary(content, first, known)
+    dictionary = search.dictionary(content, first, search.regions(src for src in blocks if src >= 0))
     if all(p.codec is Codec.RAW for p in pieces):
         pieces = []
     if not dictionary and not pieces:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bundler.format.deflate import Codec, deflate
 from bundler.format.ops import MAX_DICT, OpType, Origin
-from bundler.planner import Planned, Unit, _merged, plan_delta
+from bundler.planner import Planned, Unit, _clash, _merged, plan_delta
 from bundler.streams import find_streams
 from tests.unit.conftest import KeyPair, SimSlot, stream_install
 from tests.unit.test_delta import BytesSource, build_delta, text_like
@@ -40,6 +40,33 @@ def test_contiguous_raw_units_become_one_extent_with_the_best_last() -> None:
         raw(64 * KiB, 64 * KiB, Origin.TARGET),
         raw(0, 192 * KiB),  # scored by its best region (9)
     )
+
+
+def test_overlapping_units_never_become_overlapping_extents() -> None:
+    stream = Unit(Origin.BASE, 100 * KiB, 1000, Codec.ZLIB, 4000)
+    assert _clash(stream, raw(96 * KiB, 64 * KiB)), "a stream offered inflated and raw: one of them"
+    assert not _clash(stream, raw(100 * KiB, 64 * KiB, Origin.TARGET))
+    assert not _clash(raw(0, 64 * KiB), raw(60 * KiB, 8 * KiB)), "overlapping raw units merge"
+    chosen = [(5, raw(0, 64 * KiB)), (9, raw(60 * KiB, 8 * KiB)), (7, stream)]
+    assert _merged(chosen) == (stream, raw(0, 68 * KiB))
+
+
+def test_a_base_stream_the_target_holds_unreproduced_is_matched_as_raw_bytes() -> None:
+    """A compressed file the device cannot recompress stays raw bytes in the target; where
+    the base holds the same bytes (moved), they are in the dictionary as raw bytes."""
+    rng = random.Random(17)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 8, zlib.Z_FILTERED)  # not what the device runs
+    member = c.compress(text_like(rng, 300 * KiB)) + c.flush()
+    gz = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03" + member + bytes(8)
+    base = rng.randbytes(64 * KiB) + gz + rng.randbytes(64 * KiB)
+    target = b"shifted" + gz + rng.randbytes(32 * KiB)
+    assert [s.codec for s in find_streams(base, verify=False)] == [Codec.DEFLATE]
+    assert find_streams(target) == [], "stays raw in the target"
+    planned = [p for p in plan_delta(target, len(target), base, len(base)) if p.type is OpType.DELTA]
+    assert planned
+    raw_held = [(u.offset, u.offset + u.length) for p in planned for u in p.dictionary if u.codec is Codec.RAW]
+    covered = sum(min(b, 64 * KiB + len(gz)) - max(a, 64 * KiB) for a, b in raw_held if b > 64 * KiB)
+    assert covered >= len(gz) * 0.9
 
 
 def moved_and_edited(rng: random.Random) -> tuple[bytes, bytes]:
@@ -141,10 +168,10 @@ def no_anchor_bytes(rng: random.Random, n: int) -> bytes:
     return bytes(rng.choice(alphabet) for _ in range(n))
 
 
-def test_blocks_known_to_come_from_the_base_bring_their_regions_into_the_dictionary(
+def test_blocks_known_to_come_from_the_base_are_in_the_dictionary(
     tmp_path: Path, signing_key: KeyPair
 ) -> None:
-    """Runs too short for a SOURCE_COPY of their own join the delta, and the base regions
+    """Runs too short for a SOURCE_COPY of their own join the delta, and the base extents
     they were found in join its dictionary even where no feature points there."""
     rng = random.Random(16)
     base = no_anchor_bytes(rng, 1 << 20)
