@@ -14,7 +14,8 @@ mismatch it fetches that op's payload instead). Without an index, and for
 DELTA ops, an op is produced locally when a slot holds bytes with its
 `dst_sha256` at the op's own destination offset. The payloads of the other ops are fetched with Range
 requests, adjacent ones coalesced into one request (gaps of at most
-COALESCE_GAP bytes are read through; one request covers at most MAX_RUN bytes).
+`[download] coalesce_gap` bytes, default COALESCE_GAP, are read through; one
+request covers at most MAX_RUN bytes).
 
 Nothing is trusted from the decision: a local extent is read again and hashed
 when it is used (`LocalExtent.produce`), fetched payloads are hash-checked (a
@@ -162,10 +163,10 @@ def _holds(path: Path, op: Op, buf: bytearray) -> bool:
     return hashlib.sha256(view).digest() == op.dst_sha256
 
 
-def _runs(needed: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def _runs(needed: Sequence[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for start, end in needed:
-        if runs and start - runs[-1][1] <= COALESCE_GAP and end - runs[-1][0] <= MAX_RUN:
+        if runs and start - runs[-1][1] <= gap and end - runs[-1][0] <= MAX_RUN:
             runs[-1] = (runs[-1][0], end)
         else:
             runs.append((start, end))
@@ -193,6 +194,7 @@ def prepare(
     payload_start: int,
     payload_length: int,
     block_index: BlockIndexRef | None = None,
+    coalesce_gap: int = COALESCE_GAP,
 ) -> Decision | None:
     """The decision for every op, or None when the server ignores Range (the plain
     stream goes on). Reads the candidate slots (and, with a `block_index`, the
@@ -263,7 +265,7 @@ def prepare(
             start = payload_start + op.payload_offset
             needed.append((start, start + op.payload_length))
     del buf
-    runs = _runs(needed)
+    runs = _runs(needed, coalesce_gap)
     fetch_bytes = sum(end - start for start, end in runs)
     return Decision(decisions, tuple(candidates), runs, local_ops, local_bytes, fetch_bytes, locations,
                     index_bytes, read_bytes)

@@ -83,6 +83,7 @@ class DownloadConfig:
     adaptive: bool = False  # opt-in: it adds Range requests to every http(s)/oci:// install
     max_download_bytes: int = 0  # refuse an install that would download more (0: no limit)
     max_download_ratio: float = 0.0  # ... or more than this fraction of the bundle (0: no limit)
+    coalesce_gap: int = 64 << 10  # adaptive: gaps up to this between needed payloads are read through
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +358,8 @@ def _provision(t: _Table) -> ProvisionConfig:
 
 DOWNLOAD_KEYS = {"connect_timeout", "stall_bytes", "stall_seconds", "deadline", "max_bytes", "retries",
                  "retry_backoff", "retry_backoff_max", "ca_file", "client_cert", "client_key", "headers", "proxy",
-                 "no_proxy", "registry_credentials", "adaptive", "max_download_bytes", "max_download_ratio"}
+                 "no_proxy", "registry_credentials", "adaptive", "max_download_bytes", "max_download_ratio",
+                 "coalesce_gap"}
 # Headers the HTTP client owns (framing, ranges, the connection): a config cannot override them.
 RESERVED_HEADERS = {"host", "range", "if-range", "connection", "content-length", "transfer-encoding", "te",
                     "upgrade", "accept-encoding", "expect", "keep-alive", "trailer", "proxy-connection"}
@@ -395,6 +397,7 @@ def _download(t: _Table) -> DownloadConfig:
         adaptive=t.boolean("adaptive", d.adaptive),
         max_download_bytes=t.integer("max_download_bytes", d.max_download_bytes, 0, 1 << 50),
         max_download_ratio=t.number("max_download_ratio", d.max_download_ratio, 0.0, 1000.0),
+        coalesce_gap=t.integer("coalesce_gap", d.coalesce_gap, 0, 32 << 20),
     )
 
 

@@ -355,7 +355,7 @@ def _adaptive(
     if limits.adaptive:
         decision = adaptive.prepare(ranges, ops, plan, slots=device.config.slots, booted=booted,
                                     payload_start=start, payload_length=bundle.manifest.payload_length,
-                                    block_index=bundle.manifest.block_index)
+                                    block_index=bundle.manifest.block_index, coalesce_gap=limits.coalesce_gap)
     if decision is None:
         adaptive.check_limits(limits, size, size, "streaming the whole bundle")
         return None

@@ -229,6 +229,7 @@ def _describe(
         "payload_offset": header.payload_offset,
         "payload_length": header.payload_length,
         "bundle_length": header.total_length,
+        "block_index": manifest.block_index.to_json() if manifest.block_index else None,
         "operations": [
             {
                 "index": i,
@@ -280,6 +281,9 @@ def _inspect(args: argparse.Namespace) -> int:
         f"layout          payload at {info['payload_offset']}, {info['payload_length']} bytes;"
         f" total {info['bundle_length']}"
     )
+    if info["block_index"]:
+        index = info["block_index"]
+        print(f"block index     payload offset {index['offset']}, {index['length'] // 8} blocks (adaptive download)")
     return 0
 
 

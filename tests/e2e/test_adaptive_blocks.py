@@ -67,10 +67,12 @@ def lab(tmp_path: Path) -> Iterator[Origin]:
     yield from origin(tmp_path / "www")
 
 
-def device_on(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: KeyPair, factory: Path) -> SimDevice:
+def device_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: KeyPair, factory: Path, **download: object
+) -> SimDevice:
     sim.init(sim.SimSpec(tmp_path / "device", factory, key.public, COMPATIBLE, slot_size=IMAGE + MiB))
     dev = SimDevice(tmp_path / "device", capsys)
-    download_table(dev, adaptive=True)
+    download_table(dev, adaptive=True, **download)
     return dev
 
 
@@ -154,9 +156,10 @@ def test_moved_blocks_are_found_anywhere_in_the_slots_and_only_chunks_with_new_b
     assert dev.status()["slots"]["B"]["version"] == "2.0"
 
 
+@pytest.mark.parametrize("gap", [None, 0])
 def test_chunks_cut_to_the_likely_base_fetch_only_the_new_blocks_from_a_device_holding_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, moved: tuple[Path, Path],
-    lab: Origin,
+    lab: Origin, gap: int | None,
 ) -> None:
     v1, v2 = moved
     bundle = full_bundle(tmp_path, signing_key, v2, "--adaptive-base", str(v1))  # 4 MiB chunks, cut to v1
@@ -167,13 +170,16 @@ def test_chunks_cut_to_the_likely_base_fetch_only_the_new_blocks_from_a_device_h
         assert len({b in held for b in blocks_of(_extent(p, op))}) == 1
     new = fetched_payloads(p, held)
     assert new <= 6 * (BLOCK + 64)  # six new random blocks, each a chunk of its own
-    dev = device_on(tmp_path, capsys, signing_key, v1)
+    dev = device_on(tmp_path, capsys, signing_key, v1, **({} if gap is None else {"coalesce_gap": gap}))
 
     dev.install_ok(lab.url(lab.publish(bundle)))
 
     got = downloaded(dev)
     index = p.manifest.block_index.length
-    assert p.head + 1 + index + new <= got <= p.head + 1 + index + new + 6 * adaptive.COALESCE_GAP
+    if gap == 0:  # nothing read through: exactly the head, the probe, the index and the new chunks
+        assert got == p.head + 1 + index + new
+    else:
+        assert p.head + 1 + index + new <= got <= p.head + 1 + index + new + 6 * adaptive.COALESCE_GAP
     assert dev.slot_image_sha256("B", IMAGE) == sha256_file(v2)
 
 

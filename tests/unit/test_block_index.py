@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -166,8 +167,6 @@ def test_damaged_index_bytes_are_refused_by_their_pinned_hash(tmp_path: Path, si
     ],
 )
 def test_malformed_block_index_keys_are_refused_naming_the_key(value: Any, message: str) -> None:
-    import json  # noqa: PLC0415
-
     doc = json.loads(manifest_for([Op(OpType.ZERO, 0, 4096)], 0).encode())
     doc["block_index"] = value
     with pytest.raises(FormatError, match=message):
@@ -241,3 +240,16 @@ def test_an_adaptive_base_for_a_delta_image_or_a_missing_file_is_refused(tmp_pat
         build(tmp_path, signing_key, image_bytes(2 * MiB), base={"rootfs": other}, adaptive_base={"rootfs": other})
     with pytest.raises(OptionError, match=r"--adaptive-base: .*No such file"):
         build(tmp_path, signing_key, image_bytes(2 * MiB), adaptive_base={"rootfs": tmp_path / "gone.img"})
+
+
+def test_inspect_shows_the_block_index(
+    tmp_path: Path, signing_key: KeyPair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build(tmp_path, signing_key, image_bytes(2 * MiB + 4096), chunk=64 * KiB)
+    capsys.readouterr()
+    assert bundle_main(["inspect", str(tmp_path / "out.otab"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    blocks = sum(-(-op["dst_length"] // 4096) for op in info["operations"] if op["type"] == "REPLACE")
+    assert info["block_index"]["length"] == 8 * blocks
+    assert bundle_main(["inspect", str(tmp_path / "out.otab")]) == 0
+    assert f"{blocks} blocks (adaptive download)" in capsys.readouterr().out
