@@ -11,11 +11,13 @@ Against a base image (`plan_delta`):
    the previous match, then the same offset), so a file that moved inside an
    ext4 image is still copied; runs whose source blocks are contiguous become
    SOURCE_COPY ops, zero runs ZERO ops;
-2. what is left (and runs too short to be worth an op of their own) becomes
-   DELTA stretches of up to `DELTA_TARGET` bytes, each with a dictionary of up
-   to MAX_DICT bytes chosen by content similarity (`bundler.similarity`) from
-   anywhere in the base and from the target already written; a stretch with no
-   similar unit at all is a REPLACE;
+2. what is left (and runs too short to be worth an op of their own; the base
+   regions they came from join the stretch's dictionary first) becomes DELTA
+   stretches of up to `DELTA_TARGET` bytes, each with a dictionary of up to
+   MAX_DICT bytes chosen by content similarity (`bundler.similarity`) from
+   anywhere in the base (its streams offered inflated and as raw bytes) and
+   from the target's changed runs already written, contiguous units merged
+   into one extent; a stretch with no similar unit at all is a REPLACE;
 3. deflate-aware (docs/delta.md): compressed streams of the target that the
    device's deflate reproduces exactly (`bundler.streams`) are carried as their
    uncompressed content and recompressed on the device (output pieces), and
