@@ -316,7 +316,9 @@ def hang_resets_and_falls_back(d: Device, tries: int = 3, v: Variant = V4) -> di
 
 def power_cuts(d: Device, cuts: int, rng: random.Random, start_slot: str) -> list[dict[str, Any]]:
     """Cuts the power at a random moment of an install, `cuts` times; after each
-    the device boots a good slot. Returns the status after every boot."""
+    the device boots a good slot: the running one, or, when the cut came after the
+    install had finished (the new slot verified and set to be tried), a trial of
+    the new one that boot-check commits. Returns the status after every boot."""
     seen = []
     slot = start_slot
     for n in range(cuts):
@@ -327,10 +329,20 @@ def power_cuts(d: Device, cuts: int, rng: random.Random, start_slot: str) -> lis
             time.sleep(delay)
             d.m.power_cut()
             d.m.start()
-        d.boot(slot, "", f"boot after power cut {n + 1}")
+        with d.timeline.step(f"boot after power cut {n + 1}"):
+            m = d.m.wait_for(r"ota: booting slot (\w+) \(([^)]*)\)", BOOT_TIMEOUT)
+            booted, how = m.group(1), m.group(2)
+            if booted != slot and "trial" not in how:
+                raise GuestError(f"after power cut {n + 1} GRUB booted slot {booted} ({how}), expected {slot}")
+            d.say(f"GRUB: booting slot {booted} ({how})")
+            d.m.wait_shell(BOOT_TIMEOUT)
         d.wait_assessed()
         st = d.status()
         if not good_slot_booted(st):
             raise GuestError(f"after power cut {n + 1} the booted slot is not good: {st}")
+        if st["booted"] != slot:  # the install had finished: its slot was tried and committed
+            if st["slots"][st["booted"]]["version"] != v.version:
+                raise GuestError(f"after power cut {n + 1} slot {st['booted']} runs, not {v.version}: {st}")
+            slot = st["booted"]
         seen.append(st)
     return seen
