@@ -51,7 +51,7 @@ from agent.oprunner import OpRunner
 from agent.plan import InstallPlan, make_plan
 from agent.state import AgentState, SlotRecord, Trial
 from bundler.format.apply import ExtentSource, FileSource, NoSource, hints, run_op
-from bundler.format.errors import HashMismatchError
+from bundler.format.errors import HashMismatchError, TrustError
 from bundler.format.ops import Op, OpType
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
@@ -281,19 +281,31 @@ def _install(
     )
 
 
+class BaseExtentMismatch(HashMismatchError):
+    """A base source extent that failed its hash, with what that means for the device."""
+
+    def __init__(self, e: HashMismatchError, note: str) -> None:
+        TrustError.__init__(self, f"{e}: {note}")
+        self.what, self.expected, self.actual, self.op_index = e.what, e.expected, e.actual, e.op_index
+
+
 def _base_changed(
     e: HashMismatchError, proofs: dict[str, deltabase.BaseProof], booted: str, target: str
 ) -> OtaError:
     """A base source extent that fails its hash after the base check passed: the
-    booted slot is not (or no longer) the base. Says so, and what it leaves."""
+    booted slot does not hold what the signed bundle says is there (the slot
+    changed, or the bundle is wrong). Says so, and what it leaves."""
     if not e.what.startswith("base source extent") or not proofs:
         return e
-    why = (
-        "does not hold the base its slot record names (changed since it was recorded)"
+    since = (
+        "it changed since its slot record named the base"
         if deltabase.BaseProof.RECORD in proofs.values()
-        else "changed during the install"
+        else "it changed during the install"
     )
-    return InstallError(f"{e}: booted slot {booted} {why}; slot {target} stays unbootable (install a full bundle)")
+    return BaseExtentMismatch(
+        e, f"booted slot {booted} does not hold what this delta reads there ({since}, or the bundle is wrong); "
+        f"slot {target} stays unbootable (install a full bundle)"
+    )
 
 
 def _already_installed(

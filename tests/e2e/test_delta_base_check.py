@@ -106,7 +106,8 @@ def test_a_slot_changed_behind_its_record_fails_on_the_first_changed_extent_and_
 
     assert "base source extent" in line
     assert "hash mismatch" in line
-    assert "booted slot A does not hold the base its slot record names" in line
+    assert "booted slot A does not hold what this delta reads there" in line
+    assert "it changed since its slot record named the base, or the bundle is wrong" in line
     assert "slot B stays unbootable" in line
     assert dev.status()["slots"]["B"]["boot_state"] == "bad"
     assert sha256_file(dev.slot_path("A")) == changed_a, "the booted slot is never written"
