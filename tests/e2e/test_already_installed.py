@@ -149,7 +149,8 @@ def two_image_bundle(parts: dict[str, Path], key: KeyPair, version: str, out: Pa
             replace(op, payload_offset=op.payload_offset + shift) if op.type is OpType.REPLACE else op
             for op in part_ops
         ]
-        payload += raw[h.payload_offset : h.payload_offset + h.payload_length]
+        pieces = sum(op.payload_length for op in part_ops)  # the op payloads, without a block index
+        payload += raw[h.payload_offset : h.payload_offset + pieces]
     manifest = Manifest(
         bundle_version=version,
         security_version=1,
