@@ -173,7 +173,9 @@ def test_exhausted_retries_fail_the_install_with_the_reason_and_bytes_downloaded
     assert "gave up after 5 attempts" in line, line
     last = assert_failed_and_nothing_bootable(device, "gave up after 5 attempts")
     downloaded = int(str(last["downloaded"]))
-    assert MiB < downloaded <= 2 * MiB
+    # What the first connection delivered before its reset: at most the 2 MiB the proxy
+    # sent, and less when the reset discarded bytes still in the receive buffer (load).
+    assert 0 < downloaded <= 2 * MiB
     assert len(lab.proxy.requests) == 5
     failed = [r for r in device.outbox() if r["result"] == "failed"]
     assert failed[-1]["downloaded"] == downloaded
