@@ -334,6 +334,8 @@ def power_cuts(d: Device, cuts: int, rng: random.Random, start_slot: str) -> lis
             booted, how = m.group(1), m.group(2)
             if booted != slot and "trial" not in how:
                 raise GuestError(f"after power cut {n + 1} GRUB booted slot {booted} ({how}), expected {slot}")
+            if "no bootable slot" in how:  # GRUB could not read grubenv ("invalid environment block")
+                raise GuestError(f"after power cut {n + 1} GRUB found no bootable slot: {how}")
             d.say(f"GRUB: booting slot {booted} ({how})")
             d.m.wait_shell(BOOT_TIMEOUT)
         d.wait_assessed()
