@@ -40,6 +40,12 @@ class Layout:
     def size(self) -> int:
         return self.header.total_length
 
+    @property
+    def ops_end(self) -> int:
+        """Where the last op payload ends (the block index, if any, follows)."""
+        _, start, n = self.replace_ops[-1]
+        return start + n
+
 
 def layout(bundle: Path) -> Layout:
     raw = bundle.read_bytes()
@@ -230,7 +236,7 @@ def test_rejects_bundle_truncated_in_the_payload_and_leaves_target_unbootable(
     bundle = make_bundle("2.0")
     lay = layout(bundle)
     if where == "last byte missing":
-        length, op = lay.size - 1, lay.replace_ops[-1][0]
+        length, op = lay.ops_end - 1, lay.replace_ops[-1][0]
     elif where == "no payload at all":
         length, op = lay.header.payload_offset, 0
     else:
@@ -326,7 +332,7 @@ def test_install_failing_mid_payload_over_a_pending_trial_cancels_that_trial(
     and the next boot must not report a rollback of a version no slot holds."""
     device.install_ok(make_bundle("2.0"))
     bundle = make_bundle("3.0", image=images.v3)
-    refuse(device, cut(bundle, layout(bundle).size - 1, tmp_path / "cut.otab"), "truncated")
+    refuse(device, cut(bundle, layout(bundle).ops_end - 1, tmp_path / "cut.otab"), "truncated")
     doc = device.status()
     assert doc["slots"]["B"]["boot_state"] == "bad"
     assert doc["trial"] is None
