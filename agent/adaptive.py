@@ -40,7 +40,7 @@ import hashlib
 import logging
 import os
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,15 +173,17 @@ def _runs(needed: Sequence[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tu
     return runs
 
 
-def check_limits(limits: DownloadConfig, would: int, bundle_size: int, how: str) -> None:
-    """Refuse (before anything is written) an install that would download more than configured."""
+def check_limits(limits: DownloadConfig, would: int, bundle_size: int, how: str, *, written: bool = False) -> None:
+    """Refuse an install that would download more than configured: before anything
+    is written, or (`written`) mid-install, where the target slot stays unbootable."""
+    outcome = "the target slot stays unbootable" if written else "nothing written"
     if limits.max_download_bytes and would > limits.max_download_bytes:
         raise InstallError(f"{how} would download {would} bytes, more than [download] max_download_bytes = "
-                           f"{limits.max_download_bytes}; nothing written")
+                           f"{limits.max_download_bytes}; {outcome}")
     if limits.max_download_ratio and bundle_size and would > limits.max_download_ratio * bundle_size:
         raise InstallError(f"{how} would download {would} bytes, {would / bundle_size:.2f}x of the "
                            f"{bundle_size}-byte bundle, more than [download] max_download_ratio = "
-                           f"{limits.max_download_ratio:g}; nothing written")
+                           f"{limits.max_download_ratio:g}; {outcome}")
 
 
 def prepare(
@@ -316,10 +318,13 @@ class Fetcher:
     does, where a payload may be a `LocalExtent` (the installer produces it with
     `LocalExtent.produce`); fetched payloads come hash-checked."""
 
-    def __init__(self, ranges: ResumableSource, decision: Decision, payload_start: int) -> None:
+    def __init__(self, ranges: ResumableSource, decision: Decision, payload_start: int,
+                 limit: Callable[[int], None] | None = None) -> None:
         self._ranges = ranges
         self._d = decision
         self._start = payload_start
+        self._limit = limit  # called with the bytes the install would download in all, before a refetch
+        self._extra = 0  # payload bytes fetched beyond the decision (ops whose local blocks changed)
         self._run = 0
         self._stream: RangeStream | None = None
         self._position = 0
@@ -408,6 +413,9 @@ class Fetcher:
         log.warning("%s: op %d: its local blocks do not make its extent (a slot changed since they were "
                     "matched, or the block index is wrong); fetching its payload", self._ranges.name, index)
         self.refetched += 1
+        self._extra += op.payload_length
+        if self._limit is not None:
+            self._limit(self._extra)
         with self._ranges.fetch(at, op.payload_length) as stream:
             payload = self._read(stream, op.payload_length, f"payload of op {index}")
         actual = hashlib.sha256(payload).digest()

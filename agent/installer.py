@@ -371,12 +371,18 @@ def _adaptive(
     if decision is None:
         adaptive.check_limits(limits, size, size, "streaming the whole bundle")
         return None
-    adaptive.check_limits(limits, ranges.downloaded + decision.fetch_bytes, size, "adaptive download")
+    planned = ranges.downloaded + decision.fetch_bytes
+    adaptive.check_limits(limits, planned, size, "adaptive download")
     log.info("%s", decision.summary())
     close = getattr(stream, "close", None)
     if close is not None:
         close()  # the plain stream is not read on: its connection goes
-    return adaptive.Fetcher(ranges, decision, start)
+
+    def limit(extra: int) -> None:  # ops whose local blocks changed since the decision count too
+        adaptive.check_limits(limits, planned + extra, size, "adaptive download, with the ops whose local "
+                              "blocks changed since they were matched,", written=True)
+
+    return adaptive.Fetcher(ranges, decision, start, limit)
 
 
 def _cancel_pending(device: Device, booted: str, trial: Trial) -> None:

@@ -307,3 +307,45 @@ def test_a_damaged_block_index_fails_a_plain_streamed_install_and_the_slot_stays
     assert "block index" in line, line
     doc = dev.status()
     assert (doc["primary"], doc["slots"]["B"]["bootable"]) == ("A", False)
+
+
+def test_payloads_fetched_because_the_index_lied_count_against_max_download_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, moved: tuple[Path, Path],
+    lab: Origin,
+) -> None:
+    v1, v2 = moved
+    bundle = full_bundle(tmp_path, signing_key, v2)
+    p = parts(bundle)
+    ref = p.manifest.block_index
+    assert ref is not None
+    entries = bytearray(p.payload[ref.offset :])
+    first = blocks_of(v1.read_bytes())[:RUN]
+    lie = b"".join(block_hash(b) for b in first)
+    ordinal = 0
+    honest = 0  # payload bytes of the ops the index does not lie about: the decision fetches them
+    for op in p.ops:
+        n = op_blocks(op)
+        if n == RUN:
+            entries[8 * ordinal : 8 * (ordinal + n)] = lie
+        elif op.payload_length:
+            honest += op.payload_length
+        ordinal += n
+    liar = resign(bundle, signing_key, tmp_path / "liar.otab", index=bytes(entries))
+    truly = b"".join(first)
+    lied = sum(op.payload_length for op in p.ops if op.type is OpType.REPLACE and _extent(p, op) != truly)
+    slack = 256 * 1024  # the probe and the coalescing gaps the decision reads through
+    assert lied > 2 * slack
+    cap = p.head + ref.length + honest + slack
+    dev = device_on(tmp_path, capsys, signing_key, v1, max_download_bytes=cap)
+    before = dev.snapshot()
+
+    line = dev.install(lab.url(lab.publish(liar))).one_error_line()
+
+    assert "max_download_bytes" in line, line
+    assert "changed since they were matched" in line, line
+    assert "stays unbootable" in line, line
+    after = dev.snapshot()
+    assert after.slot("A") == before.slot("A"), "the running slot is never written"
+    last = dev.status()["last_result"]
+    assert last["result"] == "failed", last
+    assert int(last["downloaded"]) <= cap, "the refused fetch was never made"
