@@ -239,34 +239,50 @@ def resign(bundle: Path, key: KeyPair, out: Path, *, index: bytes | None = None,
     return out
 
 
+@dataclasses.dataclass
+class Liar:
+    parts: Parts  # the honest bundle's
+    path: Path  # the same bundle, re-signed with an index that lies
+    lied: int  # payload bytes of the ops whose index entries lie (their blocks must be fetched after all)
+    honest: int  # payload bytes of the other ops (the decision fetches them)
+
+
+def lying_index(tmp_path: Path, key: KeyPair, v1: Path, v2: Path) -> Liar:
+    """v2's full bundle whose index says every full-size op is v1's first RUN blocks."""
+    p = parts(full_bundle(tmp_path, key, v2))
+    ref = p.manifest.block_index
+    assert ref is not None
+    entries = bytearray(p.payload[ref.offset :])
+    first = blocks_of(v1.read_bytes())[:RUN]
+    lie = b"".join(block_hash(b) for b in first)
+    ordinal = honest = 0
+    for op in p.ops:
+        n = op_blocks(op)
+        if n == RUN:
+            entries[8 * ordinal : 8 * (ordinal + n)] = lie
+        elif op.payload_length:
+            honest += op.payload_length
+        ordinal += n
+    truly = b"".join(first)  # the one op whose extent really is those blocks is local, rightly
+    lied = sum(op.payload_length for op in p.ops if op.type is OpType.REPLACE and _extent(p, op) != truly)
+    return Liar(p, resign(tmp_path / "v2.otab", key, tmp_path / "liar.otab", index=bytes(entries)), lied, honest)
+
+
 def test_a_signed_index_whose_entries_lie_costs_downloads_never_a_wrong_write(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], signing_key: KeyPair, moved: tuple[Path, Path],
     lab: Origin,
 ) -> None:
     v1, v2 = moved
-    bundle = full_bundle(tmp_path, signing_key, v2)
-    p = parts(bundle)
-    assert p.manifest.block_index is not None
-    ref = p.manifest.block_index
-    entries = bytearray(p.payload[ref.offset :])
-    first = blocks_of(v1.read_bytes())[:RUN]  # every op claims to be v1's first 16 blocks
-    lie = b"".join(block_hash(b) for b in first)
-    ordinal = 0
-    for op in p.ops:
-        n = op_blocks(op)
-        if n == RUN:
-            entries[8 * ordinal : 8 * (ordinal + n)] = lie
-        ordinal += n
-    liar = resign(bundle, signing_key, tmp_path / "liar.otab", index=bytes(entries))
+    liar = lying_index(tmp_path, signing_key, v1, v2)
     dev = device_on(tmp_path, capsys, signing_key, v1)
 
-    run = dev.install_ok(lab.url(lab.publish(liar)))
+    run = dev.install_ok(lab.url(lab.publish(liar.path)))
 
     assert "do not make its extent" in run.err
     assert dev.slot_image_sha256("B", IMAGE) == sha256_file(v2), "every op's SHA-256 decided, not the index"
-    truly = b"".join(first)  # the one op whose extent really is those blocks is local, rightly
-    lied = sum(op.payload_length for op in p.ops if op.type is OpType.REPLACE and _extent(p, op) != truly)
-    assert downloaded(dev) >= p.head + ref.length + lied, "every payload the index lied about was fetched"
+    ref = liar.parts.manifest.block_index
+    assert ref is not None
+    assert downloaded(dev) >= liar.parts.head + ref.length + liar.lied, "every payload the index lied about was fetched"
 
 
 def test_a_damaged_block_index_is_refused_before_anything_is_written(
@@ -314,32 +330,16 @@ def test_payloads_fetched_because_the_index_lied_count_against_max_download_byte
     lab: Origin,
 ) -> None:
     v1, v2 = moved
-    bundle = full_bundle(tmp_path, signing_key, v2)
-    p = parts(bundle)
-    ref = p.manifest.block_index
+    liar = lying_index(tmp_path, signing_key, v1, v2)
+    ref = liar.parts.manifest.block_index
     assert ref is not None
-    entries = bytearray(p.payload[ref.offset :])
-    first = blocks_of(v1.read_bytes())[:RUN]
-    lie = b"".join(block_hash(b) for b in first)
-    ordinal = 0
-    honest = 0  # payload bytes of the ops the index does not lie about: the decision fetches them
-    for op in p.ops:
-        n = op_blocks(op)
-        if n == RUN:
-            entries[8 * ordinal : 8 * (ordinal + n)] = lie
-        elif op.payload_length:
-            honest += op.payload_length
-        ordinal += n
-    liar = resign(bundle, signing_key, tmp_path / "liar.otab", index=bytes(entries))
-    truly = b"".join(first)
-    lied = sum(op.payload_length for op in p.ops if op.type is OpType.REPLACE and _extent(p, op) != truly)
     slack = 256 * 1024  # the probe and the coalescing gaps the decision reads through
-    assert lied > 2 * slack
-    cap = p.head + ref.length + honest + slack
+    assert liar.lied > 2 * slack
+    cap = liar.parts.head + ref.length + liar.honest + slack
     dev = device_on(tmp_path, capsys, signing_key, v1, max_download_bytes=cap)
     before = dev.snapshot()
 
-    line = dev.install(lab.url(lab.publish(liar))).one_error_line()
+    line = dev.install(lab.url(lab.publish(liar.path))).one_error_line()
 
     assert "max_download_bytes" in line, line
     assert "changed since they were matched" in line, line
