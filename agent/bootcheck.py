@@ -299,7 +299,7 @@ def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
         floor = max(floor, trial.security_version)
         if not trial.installed:
             # Power cut between "try this slot" and recording it: the trial record has what we need.
-            record = SlotRecord(trial.bundle_version, trial.sha256, trial.security_version, None)
+            record = SlotRecord(trial.bundle_version, trial.sha256, trial.security_version, None, trial.images)
             state = state.with_slot(booted, record)
     reason = f"{why}; committed (security version now {floor})"
     version = trial.bundle_version if trial else None

@@ -9,6 +9,7 @@ works. tests/powercut explores every cut with unsynced writes dropped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,6 +147,8 @@ def test_power_cut_after_the_slot_was_made_primary_still_tries_and_commits_it(
     assert status["slots"]["B"]["version"] == "2.0"
     assert status["slots"]["B"]["sha256"] == images.v2.sha256
     assert status["committed_security_version"] == 2
+    record = json.loads((device.dir / "state" / "state.json").read_text())["slots"]["B"]
+    assert record["images"] == {"rootfs": images.v2.sha256}, "every image's hash, as a completed install records"
 
 
 def test_power_cut_right_after_commit_in_the_bootloader_completes_the_commit_on_next_boot(
