@@ -345,8 +345,8 @@ def _fsync(path: str, *, directory: bool = False) -> None:
 
 
 def _copy_file(src: str, dst: str, e: Entry) -> None:
-    """Content, owner and mode, all before the fsync that makes them durable (an
-    inode change made after it can be lost in a power cut that keeps the file)."""
+    """Content, owner, mode and xattrs, all before the fsync that makes them durable
+    (an inode change made after it can be lost in a power cut that keeps the file)."""
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -358,6 +358,8 @@ def _copy_file(src: str, dst: str, e: Entry) -> None:
             if os.geteuid() == 0:
                 os.fchown(fd_out, e.uid, e.gid)
             os.fchmod(fd_out, e.mode)  # after the chown, which clears setuid and setgid bits
+            for name, value in e.xattrs:  # after both (a chown clears security.capability)
+                os.setxattr(fd_out, name, value)
             os.fsync(fd_out)
         finally:
             os.close(fd_out)
