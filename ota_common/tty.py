@@ -50,8 +50,11 @@ class Progress:
         else:
             quarter = int(frac * 4)
             if quarter > self._last_quarter and quarter >= 1:
+                # every quarter crossed gets its line, however far one update jumped (ops finish
+                # in parallel, a daemon relays progress at its own pace): the same run prints the same lines
+                for q in range(max(self._last_quarter + 1, 1), quarter + 1):
+                    self.stream.write(f"{self.label}: {q * 25}%\n")
                 self._last_quarter = quarter
-                self.stream.write(f"{self.label}: {quarter * 25}%\n")
                 self.stream.flush()
 
     def finish(self) -> None:
