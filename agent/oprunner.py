@@ -18,8 +18,10 @@ the stream only when the payload fits, and the op starts when its whole bound
 (computed from the payload's own records) fits. So the largest op the format
 allows runs alone, as it did before ops ran concurrently, and the ops in
 flight never hold more than BUDGET or that one op (docs/bundle-format.md
-section 9.1). BUDGET is two of the largest REPLACE ops: what a full bundle had
-in memory when its decoding ran one op ahead of its writing.
+section 9.1). BUDGET is 8 MiB: at 16 MiB the worst legal bundle (every limit
+at once, tests/component/test_worst_case_memory.py) peaked at 64-66 MiB, over the
+64 MiB bound; at 8 MiB it stays near 60 MiB. Delta ops (mostly far smaller than
+their 4 MiB bound) still run several at once.
 
 Errors: after the first failure nothing new starts; the ops in flight finish
 (the target is marked bad, so what they wrote is never booted) and the failure
@@ -41,7 +43,7 @@ P = TypeVar("P")
 Extent = bytes | bytearray | None
 
 WORKERS = max(2, min(4, os.cpu_count() or 1))
-BUDGET = 16 << 20  # bytes of op_memory in flight at once: two of the largest REPLACE ops
+BUDGET = 8 << 20  # bytes of op_memory in flight at once
 
 
 class OpRunner(Generic[P]):
