@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -65,14 +66,14 @@ FETCH = 0  # decision byte: download the payload; k > 0: produced from candidate
 BLOCKS = 255  # decision byte: produced from blocks found anywhere in the candidate slots
 
 
-class LocalExtent:
+class LocalExtent(ABC):
     """An op's extent held locally; `produce` returns it hash-checked (the installer
     calls it for every payload of this kind)."""
 
     __slots__ = ()
 
-    def produce(self, op: Op, index: int) -> bytes | None:
-        raise NotImplementedError
+    @abstractmethod
+    def produce(self, op: Op, index: int) -> bytes | None: ...
 
 
 @dataclass(frozen=True, slots=True)

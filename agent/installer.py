@@ -33,8 +33,6 @@ success or refusal, is recorded in the state and the outbox.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import enum
 import logging
 import uuid
@@ -42,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from agent import adaptive, deltabase, etcmerge, policy
+from agent.allocator import bound_allocator
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
@@ -90,26 +89,6 @@ class InstallOutcome:
     etc_conflicts: tuple[EtcConflict, ...] = ()  # resolved by [etc] on_conflict (keep-local, take-new)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
-_M_ARENA_MAX = -8
-_MMAP_THRESHOLD = 1 << 20
-_ARENA_MAX = 2
-
-
-def _bound_allocator() -> None:
-    """Have glibc serve every allocation of 1 MiB or more with its own mapping, returned
-    to the system when freed. Without a fixed threshold glibc raises it to the size of
-    each large block freed (up to 32 MiB), and later extents, payloads and dictionaries
-    come from the heap and stay resident after use: ~8 MiB more peak RSS for a delta
-    (docs/bundle-format.md section 9.1). And keep the smaller blocks the op threads
-    free in two heaps (arenas), not one per thread, each holding on to its own
-    freed memory (agent.oprunner). Process-wide and harmless elsewhere; not glibc: no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-        libc.mallopt(_M_ARENA_MAX, _ARENA_MAX)
-
-
 def install(
     device: Device,
     stream: Readable,
@@ -122,7 +101,7 @@ def install(
     """`txn` names the install in every event (the job id when a job runs it)."""
     txn = txn or uuid.uuid4().hex[:12]
     downloaded = _counter(stream)
-    _bound_allocator()
+    bound_allocator()
     try:
         with device.store.lock():
             return _install(

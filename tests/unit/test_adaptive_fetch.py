@@ -1,5 +1,5 @@
 """agent.adaptive's range plan and fetcher, on the scripted twin of the HTTP
-source (agent.ranged.ScriptedRangeSource): needed payloads close together are
+source (agent.ranged_scripted.ScriptedRangeSource): needed payloads close together are
 fetched in one bounded request, a local op's payload is never fetched, and a
 payload damaged in transit is fetched again by its own range."""
 
@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from agent import adaptive
-from agent.ranged import Fault, FaultKind, ScriptedRangeSource
+from agent.ranged_scripted import Fault, FaultKind, ScriptedRangeSource
 from bundler.format.ops import Op, OpType
 
 HEAD = 100

@@ -12,7 +12,8 @@ import pytest
 
 from agent.config import DownloadConfig
 from agent.errors import SourceError
-from agent.ranged import Fault, FaultKind, RangeSource, ResourceChangedError, ScriptedRangeSource
+from agent.ranged import RangeSource, ResourceChangedError
+from agent.ranged_scripted import Fault, FaultKind, ScriptedRangeSource
 
 DATA = random.Random(8).randbytes(300_000)
 LIMITS = DownloadConfig(retries=3, retry_backoff=1.0, retry_backoff_max=4.0)

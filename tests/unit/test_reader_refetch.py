@@ -12,7 +12,7 @@ import random
 import pytest
 
 from agent.config import DownloadConfig
-from agent.ranged import Fault, FaultKind, ScriptedRangeSource
+from agent.ranged_scripted import Fault, FaultKind, ScriptedRangeSource
 from agent.sources import BundleStream
 from bundler.build import BundleSpec, build_full
 from bundler.format.errors import HashMismatchError, SignatureError
