@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common grub-emu \
 	mosquitto rabbitmq-server systemd xdelta3 bsdiff mtools dosfstools fusefat exfatprogs exfat-fuse fdisk u-boot-qemu qemu-system-arm \
 	docker-registry podman skopeo erofs-utils squashfs-tools \
-	debootstrap lintian python3-venv qemu-system-x86 grub-pc-bin xorriso
+	debootstrap lintian man-db python3-venv qemu-system-x86 grub-pc-bin xorriso
 APT_DEMO_PACKAGES := e2fsprogs
 
 .PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo reliability soak
