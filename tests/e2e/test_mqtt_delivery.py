@@ -133,6 +133,12 @@ def test_a_broker_restart_mid_install_loses_no_report_and_the_install_completes(
     watcher.close()
 
 
+def acked_seq(directory: Path) -> int:
+    """The newest record the broker acknowledged; 0 before the first (the file is written with it)."""
+    path = directory / "state" / "outbox.acked"
+    return int(path.read_text()) if path.exists() else 0
+
+
 def test_an_agent_killed_while_reports_are_in_flight_delivers_them_all_after_its_restart(
     tmp_path: Path, broker: Broker, topics: Topics, images: Images, signing_key: KeyPair, make_bundle: BundleFactory,
 ) -> None:
@@ -152,7 +158,7 @@ def test_an_agent_killed_while_reports_are_in_flight_delivers_them_all_after_its
         until(lambda: outbox_has(directory, "k-1", "succeeded"), "the job to finish on the device")
         first.kill()  # SIGKILL, with reports handed to the socket and never acknowledged
         assert first.wait() == -signal.SIGKILL
-    acked = int((directory / "state" / "outbox.acked").read_text())
+    acked = acked_seq(directory)
     newest = max(r["seq"] for r in outbox_lines(directory))
     assert acked < newest, "nothing was in flight at the kill"
     broker.thaw()  # it now reads what the dead agent had sent, PUBLISHes without their PUBACKs
@@ -161,7 +167,7 @@ def test_an_agent_killed_while_reports_are_in_flight_delivers_them_all_after_its
     with daemons(second):
         until(lambda: not [r for r in outbox_lines(directory) if r["id"] not in received(watcher, topics)],
               "every report to arrive after the restart")
-        until(lambda: int((directory / "state" / "outbox.acked").read_text()) >= newest, "the acks")
+        until(lambda: acked_seq(directory) >= newest, "the acks")
     got = assert_every_record_arrived(directory, watcher, topics)
     assert job_statuses(watcher, topics, "k-1")[-1] == "succeeded"
     duplicates = sum(len(copies) - 1 for copies in got.values())

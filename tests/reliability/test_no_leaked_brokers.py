@@ -1,7 +1,8 @@
-"""Test brokers die with the test process, however it ends: a RabbitMQ node
+"""Test daemons die with the test process, however it ends: a RabbitMQ node
 (and its epmd) started by a process that is then SIGKILLed is gone soon after,
-and the guard behind it (tests.fixtures.reaper) takes a daemon's group down on
-SIGINT, SIGTERM and SIGKILL of its starter alike."""
+and the guard every `tests.fixtures.procs.spawn` puts behind a daemon (mosquitto,
+the registry, RabbitMQ: tests.fixtures.reaper) takes its group down on SIGINT,
+SIGTERM and SIGKILL of its starter alike."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SLEEPER = """
 import sys, time
 from pathlib import Path
-from tests.fixtures.rabbitmq import Daemon
-d = Daemon(["sleep", "600"], Path(sys.argv[1]))
-print(d.proc.pid, flush=True)
+from tests.fixtures.procs import spawn
+proc = spawn(["sleep", "600"], Path(sys.argv[1]))
+print(proc.pid, flush=True)
 time.sleep(600)
 """
 
