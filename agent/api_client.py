@@ -64,8 +64,10 @@ class Session:
         self._sock.close()
 
     def call(self, command: str, args: dict[str, Any], *,
-             on_progress: Callable[[JobView], None] | None = None) -> Reply:
-        """Run `command` in the daemon; a state-changing one is followed to its reply."""
+             on_progress: Callable[[JobView], None] | None = None, starts_job: bool = False) -> Reply:
+        """Run `command` in the daemon; a state-changing one is followed to its reply.
+        With `starts_job`, a Ctrl-C that comes before the daemon named the job is
+        not lost: the cancel is sent as soon as the job's id arrives."""
         request_id = self._send(command, args, follow=True)
         job: str | None = None
         canceling = False
@@ -74,15 +76,16 @@ class Session:
             try:
                 answer = self._answer(job)
             except KeyboardInterrupt:
-                if job is None:
+                if job is None and not starts_job:
                     raise
                 if canceling:
                     raise ApiError(f"stopped waiting; the agent is canceling job {job} "
-                                   f"(`ota-agent job {job}` tells how it ended)") from None
-                print(f"ota-agent: canceling job {job} at its next safe point (Ctrl-C again to stop waiting)",
-                      file=sys.stderr, flush=True)
-                self._send("cancel", {"job": job}, follow=False)
+                                   f"(`ota-agent job {job}` tells how it ended)" if job else
+                                   "stopped waiting before the agent named the job (`ota-agent status` tells "
+                                   "whether it runs)") from None
                 canceling = True
+                if job is not None:
+                    self._cancel(job)
                 continue
             if answer.get("id") != request_id:
                 continue  # the answer to our cancel request: the job's own reply follows
@@ -96,8 +99,15 @@ class Session:
             if "job" in answer:
                 job = view_from_json(answer["job"]).id
                 self._sock.settimeout(None)
+                if canceling:  # Ctrl-C came while the request was on its way
+                    self._cancel(job)
             elif "progress" in answer and on_progress is not None:
                 on_progress(view_from_json(answer["progress"]))
+
+    def _cancel(self, job: str) -> None:
+        print(f"ota-agent: canceling job {job} at its next safe point (Ctrl-C again to stop waiting)",
+              file=sys.stderr, flush=True)
+        self._send("cancel", {"job": job}, follow=False)
 
     def _send(self, command: str, args: dict[str, Any], *, follow: bool) -> int:
         self._next_id += 1

@@ -34,6 +34,9 @@ class UnsafeEntry(OciError):
 
 
 class RegistryError(OciError):
-    def __init__(self, what: str, message: str, status_code: int | None = None) -> None:
+    """`transient`: the registry could not be reached (asking again may help)."""
+
+    def __init__(self, what: str, message: str, status_code: int | None = None, *, transient: bool = False) -> None:
         super().__init__(f"{what}: {message}")
         self.status_code = status_code
+        self.transient = transient

@@ -24,7 +24,10 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
+import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,10 +42,15 @@ from bundler.oci.source import (
     Ref,
     choose_manifest,
 )
+from ota_common.retryafter import parse_retry_after
 
 ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 _PARAM = re.compile(r'([A-Za-z_]+)="([^"]*)"')
 TIMEOUT = 60.0
+RETRIES = 5  # attempts per request when the registry throttles or is briefly away
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+BACKOFF = 1.0  # seconds before the second attempt, doubling after
+MAX_WAIT = 60.0  # the longest wait, whatever Retry-After asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,8 @@ class Registry:
         self.scheme = "http" if self.options.insecure else "https"
         self._tokens: dict[str, str] = {}
         self._basic = False
+        self.sleep: Callable[[float], None] = time.sleep
+        self.notify: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     # --- transport -------------------------------------------------------
 
@@ -99,10 +109,44 @@ class Registry:
         redirects: int = 5,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send one request, answering one auth challenge and following
-        redirects; returns the open connection and response (caller closes)."""
+        redirects; returns the open connection and response (caller closes).
+
+        A throttled or briefly unavailable registry (429, 502, 503, 504, or no
+        connection) is asked again up to RETRIES times, after its `Retry-After`
+        (capped at MAX_WAIT seconds) or an exponential backoff; a body that
+        cannot be rewound is sent once."""
         url = f"{self.scheme}://{self.host}{path}"
+        resendable = body is None or isinstance(body, bytes) or hasattr(body, "seek")
+        for attempt in range(1, RETRIES + 1):
+            last = attempt == RETRIES or not resendable
+            try:
+                conn, response = self._authorized(method, url, scope, headers or {}, body, what, redirects)
+            except RegistryError as e:
+                if last or not e.transient:
+                    raise
+                self._wait(what, str(e), BACKOFF * 2 ** (attempt - 1), attempt)
+            else:
+                if response.status not in RETRY_STATUS or last:
+                    return conn, response
+                asked = parse_retry_after(response.getheader("Retry-After"))
+                response.read(MAX_JSON)
+                conn.close()
+                wait = BACKOFF * 2 ** (attempt - 1) if asked is None else asked
+                self._wait(what, f"HTTP {response.status} {response.reason}", wait, attempt)
+            if hasattr(body, "seek"):
+                body.seek(0)  # type: ignore[union-attr]
+        raise AssertionError("unreachable")
+
+    def _wait(self, what: str, why: str, seconds: float, attempt: int) -> None:
+        seconds = min(seconds, MAX_WAIT)
+        self.notify(f"{what}: {why}; asking again in {seconds:.0f} s (attempt {attempt + 1} of {RETRIES})")
+        self.sleep(seconds)
+
+    def _authorized(  # noqa: PLR0917
+        self, method: str, url: str, scope: str, headers: dict[str, str], body: Any, what: str, redirects: int
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         for attempt in range(2):
-            conn, response = self._send(method, url, scope, headers or {}, body, what, redirects)
+            conn, response = self._send(method, url, scope, headers, body, what, redirects)
             if response.status != 401:
                 return conn, response
             if attempt == 1:
@@ -114,7 +158,7 @@ class Registry:
             conn.close()
             self._answer(challenge, scope, what)
             if hasattr(body, "seek"):
-                body.seek(0)  # type: ignore[union-attr]
+                body.seek(0)
         raise AssertionError("unreachable")
 
     def _send(  # noqa: PLR0917
@@ -139,7 +183,7 @@ class Registry:
                 raise RegistryError(what, f"TLS: {e.reason or e}") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                raise RegistryError(what, f"cannot reach {parts.netloc}: {e}") from None
+                raise RegistryError(what, f"cannot reach {parts.netloc}: {e}", transient=True) from None
             if response.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
                 location = response.getheader("Location", "")
                 response.read(MAX_JSON)
@@ -265,7 +309,11 @@ class Registry:
     def has_blob(self, repo: str, digest: str) -> bool:
         what = f"docker://{self.host}/{repo}@{digest[:19]}"
         conn, r = self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scope=f"repository:{repo}:pull,push", what=what)
-        conn.close()
+        try:
+            if r.status not in (200, 404):  # a refusal is not "absent": uploading would fail the same way
+                raise self._fail(r, what)
+        finally:
+            conn.close()
         return r.status == 200
 
     def push_blob(self, repo: str, digest: str, size: int, body: IO[bytes] | bytes) -> None:

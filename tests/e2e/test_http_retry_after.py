@@ -18,7 +18,8 @@ import pytest
 
 from agent.config import DownloadConfig
 from agent.errors import CanceledError
-from agent.ranged import HttpRangeSource, parse_retry_after
+from agent.ranged import HttpRangeSource
+from ota_common.retryafter import parse_retry_after
 from tests.e2e._api import Client, running, wait_for
 from tests.e2e._download import Origin, download_table, origin
 from tests.e2e._sim import SimDevice
