@@ -303,13 +303,18 @@ def _commit(device: Device, booted: str, why: str) -> BootCheckOutcome:
             state = state.with_slot(booted, record)
     reason = f"{why}; committed (security version now {floor})"
     version = trial.bundle_version if trial else None
+    txn = trial.txn if trial else None
+    installed = state.last_result
+    # The install's /etc conflicts stay in `status` after the commit (the update they belong to is now running).
+    carried = installed.conflicts if installed is not None and txn is not None and installed.txn == txn else ()
     event = Event(
         event=EventType.COMMIT,
         result=Result.OK,
         reason=reason,
-        txn=trial.txn if trial else None,
+        txn=txn,
         bundle_version=version,
         slot=booted,
+        conflicts=carried,
     )
     device.record(event, replace(state, committed_security_version=floor, trial=None))
     crashpoint("after-commit-recorded")

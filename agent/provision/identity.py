@@ -24,18 +24,21 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from agent.crashpoint import crashpoint
 from agent.errors import InstallError
 from ota_common.fsutil import atomic_write, make_dirs, read_regular
 from ota_common.text import clean
+
+if TYPE_CHECKING:
+    # X.509 (some 40 modules) is imported where a certificate or CSR is handled: every
+    # command's start-up imports this module (the command table), an install included.
+    from cryptography import x509
 
 KEY_FILE = "key.pem"
 CSR_FILE = "csr.pem"
@@ -133,6 +136,9 @@ def load_or_create_key(directory: Path, key_type: str) -> tuple[PrivateKey, bool
 
 
 def make_csr(key: PrivateKey, device_id: str) -> str:
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
@@ -145,6 +151,8 @@ def pem_text(value: str, what: str) -> bytes:
     if value.lstrip().startswith("-----BEGIN"):
         return value.encode()
     if value.startswith(B64_PREFIX):
+        from cryptography import x509  # noqa: PLC0415
+
         try:
             der = base64.b64decode(value[len(B64_PREFIX):], validate=True)
             return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
@@ -154,6 +162,8 @@ def pem_text(value: str, what: str) -> bytes:
 
 
 def _load_cert(data: bytes, what: str) -> x509.Certificate:
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -162,6 +172,8 @@ def _load_cert(data: bytes, what: str) -> x509.Certificate:
 
 def check_certificate(cert: x509.Certificate, key: PrivateKey, device_id: str,
                       ca: x509.Certificate | None, now: datetime) -> None:
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     ours = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     theirs = cert.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -223,6 +235,9 @@ def ensure_identity(
 
 
 def _csr_subject(data: bytes) -> str | None:
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     try:
         csr = x509.load_pem_x509_csr(data)
     except ValueError:

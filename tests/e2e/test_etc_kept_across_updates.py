@@ -135,6 +135,10 @@ def test_on_conflict_keep_local_installs_and_reports_the_conflict(
     assert [e["conflicts"] for e in installed] == [expected]
     with mounted(device.slot_path("B"), tmp_path / "mnt", "ext4") as root:
         assert (root / "etc/hostname").read_text() == "device-17"
+    assert device.boot().rc == 0
+    committed = device.status()["last_result"]
+    assert (committed["event"], committed["result"], committed["slot"]) == ("commit", "ok", "B")
+    assert committed["conflicts"] == expected  # still shown once the update they belong to runs
 
 
 def test_an_erofs_image_refuses_the_merge_at_install_time_and_points_at_the_overlay_layout(
