@@ -35,13 +35,14 @@ from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import CanceledError, LockBusyError, MarkError
 from agent.events import Event, EventType, Result, iso
-from agent.installer import InstallOutcome, Phase, install
+from agent.installer import InstallOutcome, install
 from agent.jobs import JobContext, JobQueue, JobView
 from agent.marking import MarkOutcome, Verdict, mark, unknown_content
 from agent.media import job as media_job
 from agent.provision import identity as identity_mod
 from agent.provision import record as provision_record
 from agent.provision.run import ProvisionOutcome, ProvisionRequest, pin_device_id, provision, waits_for_image
+from agent.slotstream import Phase
 from agent.sources import BundleSource, source_for
 from agent.state import Trial
 from agent.status import DeviceStatus, status

@@ -137,6 +137,23 @@ class Decision:
                 f"{self.fetch_bytes} bytes in {len(self.runs)} range requests{index}")
 
 
+def honours_range(ranges: ResumableSource, otherwise: str) -> bool:
+    """Whether the server honours Range (one 1-byte probe: the plain stream sent none);
+    when not, says so and that the install goes on `otherwise`."""
+    try:
+        with ranges.fetch(0, 1) as probe:
+            probe.read(1)
+    except SourceError as e:
+        if isinstance(e, ResourceChangedError):
+            raise
+        log.warning("%s; %s", e, otherwise)
+        return False
+    if ranges.ranges is not True:
+        log.info("%s: the server ignores Range; %s", ranges.name, otherwise)
+        return False
+    return True
+
+
 def range_source(stream: Readable) -> ResumableSource | None:
     """The ranged source behind an install stream (http(s), oci://), else None."""
     ranges = getattr(stream, "range_source", None)
@@ -209,16 +226,7 @@ def prepare(
     if total != payload_start + payload_length:
         raise FormatError(f"the bundle is {total} bytes; its head says {payload_start + payload_length}",
                           region="trailer")
-    try:
-        with ranges.fetch(0, 1) as probe:  # the plain stream sent no Range: learn whether the server honours it
-            probe.read(1)
-    except SourceError as e:
-        if isinstance(e, ResourceChangedError):
-            raise
-        log.warning("%s; streaming the whole bundle", e)
-        return None
-    if ranges.ranges is not True:
-        log.info("%s: the server ignores Range; streaming the whole bundle", ranges.name)
+    if not honours_range(ranges, "streaming the whole bundle"):
         return None
     candidates: list[Path] = []
     per_class: dict[str, list[int]] = {}
@@ -288,7 +296,7 @@ def _match(
         def load(first: int, count: int, h: hashlib._Hash = h) -> array[int]:
             at = payload_start + ref.offset + HASH_LENGTH * first
             with ranges.fetch(at, HASH_LENGTH * count) as stream:
-                raw = _read_exact(stream, HASH_LENGTH * count, "block index")
+                raw = read_exact(stream, HASH_LENGTH * count, "block index")
             h.update(raw)
             return blockmatch.entries(raw)
 
@@ -302,16 +310,21 @@ def _match(
     raise HashMismatchError("block index", ref.sha256, actual)
 
 
-def _read_exact(stream: Readable, n: int, region: str) -> bytearray:
+def read_exact(stream: Readable, n: int, region: str) -> bytearray:
     buf = bytearray(n)
-    done = 0
+    read_into(stream, memoryview(buf), region)
+    return buf
+
+
+def read_into(stream: Readable, into: memoryview, region: str) -> None:
+    """Fill `into` from `stream`, READ_CHUNK at a time; TruncatedError if it ends first."""
+    n, done = len(into), 0
     while done < n:
         chunk = stream.read(min(n - done, READ_CHUNK))
         if not chunk:
             raise TruncatedError(region, n, done)
-        buf[done : done + len(chunk)] = chunk
+        into[done : done + len(chunk)] = chunk
         done += len(chunk)
-    return buf
 
 
 class Fetcher:
@@ -369,7 +382,7 @@ class Fetcher:
         return bytes(buf)
 
     def _read(self, stream: Readable, n: int, region: str) -> bytearray:
-        return _read_exact(stream, n, region)
+        return read_exact(stream, n, region)
 
     def _seek(self, at: int) -> RangeStream:
         """The run's stream positioned at `at` (a new request when `at` is past the current run)."""

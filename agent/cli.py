@@ -23,16 +23,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import api_client, service, sim, trialwatch, wiring
+from agent import api_client, sim, wiring
 from agent import config as config_mod
 from agent.bootcheck import HealthOverride
 from agent.commands import COMMANDS, Command, Reply, execute
-from agent.console.port import ConsolePort
 from agent.jobs import JobState, JobView
 from agent.logsetup import use_clean_lines
-from agent.media import poll
 from ota_common.errors import OtaError
 from ota_common.tty import Progress, run_reporting_errors, version_string
+
+# Start-up is part of every command's time (an install's included): what only some
+# commands use (the daemon, the console, the simulator, media polling; wiring's
+# front ends) is imported by those commands, not here.
 
 DEFAULT_CONFIG = "/etc/edge-ota/agent.toml"
 
@@ -114,12 +116,14 @@ def _through_daemon(
         if isinstance(value, str) and value != "-" and "://" not in value and not value.startswith("-----BEGIN"):
             cli_args = {**cli_args, name: os.path.abspath(value)}
     with session:
-        return session.call(command.name, cli_args, on_progress=progress)
+        return session.call(command.name, cli_args, on_progress=progress, starts_job=command.changes_state)
 
 
 def _media_poll(args: argparse.Namespace) -> int:
     """The polling fallback (agent.media.poll): `media` on every removable device
     that appeared since the last poll; exit 1 when any of them failed."""
+    from agent.media import poll  # noqa: PLC0415 - start-up: only this command polls
+
     cfg = config_mod.load(Path(args.config))
     failed = 0
     for found in poll.new_devices(cfg.state_dir, Path(args.sysfs)):
@@ -133,15 +137,26 @@ def _media_poll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from agent import service  # noqa: PLC0415 - start-up: only the daemon commands serve
+
     app = wiring.build_app(Path(args.config))
     return service.run(app, wiring.front_ends(app), wiring.notifier())
 
 
 def _console(args: argparse.Namespace) -> int:
     """One serial console served by this process (systemd/ota-console@.service)."""
+    from agent import service  # noqa: PLC0415 - start-up: only the daemon commands serve
+    from agent.console.port import ConsolePort  # noqa: PLC0415
+
     app = wiring.build_app(Path(args.config))
     front = ConsolePort(app.device.config.console, args.port, baud=args.baud)
     return service.run(app, [front], wiring.notifier())
+
+
+def _trial_watchdog(args: argparse.Namespace) -> int:
+    from agent import trialwatch  # noqa: PLC0415 - start-up: only early boot runs it
+
+    return trialwatch.run(Path(args.config))
 
 
 def _sim_init(args: argparse.Namespace) -> int:
@@ -202,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trial-watchdog", parents=[common], help="from early boot: arm the watchdog in a trial boot "
                        "until boot-check takes it over or [watchdog] trial_deadline passes")
-    p.set_defaults(func=lambda args: trialwatch.run(Path(args.config)))
+    p.set_defaults(func=_trial_watchdog)
     p = sub.add_parser("console", parents=[common], help="serve a technician's serial console on one port")
     p.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyS0")
     p.add_argument("--baud", type=int, help="line speed (default: [console] baud, 115200)")

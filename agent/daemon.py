@@ -18,7 +18,8 @@ from agent.state import AgentState, StateStore
 from bundler.format.signing import Keyring
 from hw.bootloader import open_env
 from hw.bootloader.chooser import Bootloader
-from hw.slot import ReadBack, SlotOpener, SlotWriter, read_back_sha256
+from hw.readback import OverlappedReadBack, ReadBackOpener
+from hw.slot import SlotOpener, SlotWriter
 from hw.watchdog import Watchdog, open_watchdog
 from ota_common.fsutil import ensure_private_dir
 
@@ -33,7 +34,7 @@ class Device:
     watchdog: Watchdog
     health: HealthChecker = run_checks  # the configured checks -> their verdict
     open_slot: SlotOpener = SlotWriter  # (path, bootname, booted=, booted_paths=) -> a writer
-    read_back: ReadBack = read_back_sha256  # (path, bootname, length, progress) -> SHA-256 from the medium
+    read_back: ReadBackOpener = OverlappedReadBack  # (path, bootname, length) -> reads back while writing
 
     def keyring(self) -> Keyring:
         return Keyring.load(self.config.keyring)

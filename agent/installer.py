@@ -1,9 +1,12 @@
 """Installing a bundle: connects the reader, the policy, the plan, the slot
-writer, the bootloader and the state. The only module that writes slots.
+writer, the bootloader and the state. With agent.slotstream (the pass over the
+payload into the slots, which this module calls), the only code that writes slots.
 
 Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   head -> signature -> policy -> op table -> plan      (nothing touched yet)
   a pending update not yet booted: save it as cancelled, then mark its slot bad
+  adaptive install of a full bundle with an embedded delta for what the booted
+  slot's record names: that delta's ops and plan instead (agent.embedded)
   delta images: the booted slot of each class holds the base (its slot record
   names it, or the SHA-256 of its first base_size bytes; agent.deltabase)
                                                       (still nothing touched)
@@ -13,7 +16,8 @@ Sequence (docs/architecture.md, invariants 1-5 and the crash model):
   budget: agent.oprunner): payload hash -> source extents read from the booted
   slot or the target written so far, each hash-checked -> decode -> extent hash
   -> write
-  fsync -> read back the whole image -> compare SHA-256
+  read back from the medium while writing (hw.readback: each range once its
+  writeback completed) -> fsync -> the rest read back -> compare SHA-256
   [etc] merge on: the device's /etc merged into the new slot (agent.etcmerge)
   set target primary with N tries -> record the slot's contents, trial installed
 A bundle whose every image the booted slot already holds, or the other slot holds
@@ -36,40 +40,31 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from agent import adaptive, deltabase, etcmerge, policy
+from agent import adaptive, deltabase, embedded, etcmerge, policy
 from agent.allocator import bound_allocator
 from agent.bootcheck import pending_trial, trial_event
 from agent.crashpoint import crashpoint
 from agent.daemon import Device
 from agent.errors import CanceledError, InstallError, LockBusyError
 from agent.events import EtcConflict, Event, EventType, Result, iso
-from agent.oprunner import OpRunner
 from agent.plan import InstallPlan, make_plan
+from agent.slotstream import ProgressFn, stream_into
 from agent.state import AgentState, SlotRecord, Trial
-from bundler.format.apply import ExtentSource, FileSource, NoSource, hints, run_op
 from bundler.format.errors import HashMismatchError, TrustError
 from bundler.format.ops import Op, OpType
 from bundler.format.reader import BundleReader, Readable
 from bundler.format.signing import VerifiedBundle, verify
 from hw.bootloader.chooser import booted_from_cmdline
 from hw.bootloader.model import SlotBootState
-from hw.slot import SlotWriter, slot_size
+from hw.slot import slot_size
 from ota_common.errors import OtaError
 
 log = logging.getLogger(__name__)
 
 
-class Phase(enum.Enum):
-    """What an install's progress counts: each phase runs from 0 to the images' total size."""
-
-    WRITE = "writing"
-    VERIFY = "verifying read-back"
-
-
-ProgressFn = Callable[[Phase, int, int], None]  # (phase, bytes done, bytes total)
 
 
 class InstallResult(enum.Enum):
@@ -198,8 +193,14 @@ def _install(
             )
         )
         crashpoint("after-started-reported")
+        # A full bundle's embedded delta for what the booted slot holds: run it instead (agent.embedded).
+        sub = embedded.substitute(device, stream, bundle=bundle, plan=plan, booted=booted, state=state,
+                                  payload_start=reader.position)
+        if sub is not None:
+            ops, plan = sub.ops, sub.plan
         proofs = deltabase.check_bases(device, plan, booted, state)
-        fetcher = _adaptive(device, stream, reader=reader, bundle=bundle, ops=ops, plan=plan, booted=booted)
+        fetcher = _adaptive(device, stream, reader=reader, bundle=bundle, ops=ops, plan=plan, booted=booted,
+                            embedded=sub is not None)
         images = {im.slot_class: im.sha256 for im in m.images}
         trial = Trial(target, txn, m.bundle_version, m.security_version, m.images[0].sha256, images=images)
         try:
@@ -333,6 +334,7 @@ def _adaptive(
     ops: Sequence[Op],
     plan: InstallPlan,
     booted: str,
+    embedded: bool = False,
 ) -> adaptive.Fetcher | None:
     """For a stream that reads ranges (http(s), oci://): fetch only the payloads no
     local slot holds (agent.adaptive), within the [download] limits; None: stream on.
@@ -346,7 +348,11 @@ def _adaptive(
     if limits.adaptive:
         decision = adaptive.prepare(ranges, ops, plan, slots=device.config.slots, booted=booted,
                                     payload_start=start, payload_length=bundle.manifest.payload_length,
-                                    block_index=bundle.manifest.block_index, coalesce_gap=limits.coalesce_gap)
+                                    block_index=None if embedded else bundle.manifest.block_index,
+                                    coalesce_gap=limits.coalesce_gap)
+    if decision is None and embedded:  # the delta's ops cannot be streamed: the server stopped honouring Range
+        raise InstallError(f"{ranges.name}: Range requests stopped working after the embedded delta was chosen; "
+                           "nothing written")
     if decision is None:
         adaptive.check_limits(limits, size, size, "streaming the whole bundle")
         return None
@@ -407,109 +413,7 @@ def _write(
     device.store.save(replace(state, trial=trial))
     crashpoint("after-trial-saved")
     payloads = fetcher.iter_payload(ops) if fetcher is not None else None
-    _stream_into(device, reader, ops, (plan,), booted=booted, progress=progress, payloads=payloads)
-
-
-def _stream_into(
-    device: Device,
-    reader: BundleReader,
-    ops: Sequence[Op],
-    plans: Sequence[InstallPlan],
-    *,
-    booted: str | None,
-    progress: ProgressFn | None,
-    payloads: Iterator[tuple[int, Op, adaptive.Payload]] | None = None,
-) -> None:
-    """Every op of the bundle, each checked once, into every planned slot; then each
-    slot read back from the medium and compared with its image's SHA-256. `booted`
-    None: no slot is running (factory provisioning writes them all)."""
-    total = sum(ip.image.size for ip in plans[0].images)  # write phase: one pass over the stream
-    written = 0
-    booted_paths = [s.path for s in device.config.slots if s.bootname == booted]
-    writers: dict[tuple[str, str], SlotWriter] = {}
-    sources: dict[str, ExtentSource] = {}
-    files: list[FileSource] = []
-
-    def produce(index: int, op: Op, payload: adaptive.Payload) -> bytes | bytearray | None:
-        if isinstance(payload, adaptive.LocalExtent):  # held by a slot: read and hash-checked again
-            return payload.produce(op, index)
-        cls = plans[0].image_for_op(index).image.slot_class
-        return run_op(op, payload, index, sources[cls], bases[cls])
-
-    def write(index: int, op: Op, data: bytes | bytearray | None) -> None:
-        slot_class = plans[0].image_for_op(index).image.slot_class
-        for plan in plans:
-            writer = writers[(plan.target, slot_class)]
-            if data is None:
-                writer.write_zeros(op.dst_offset, op.dst_length)
-            else:
-                writer.write(op.dst_offset, data)
-
-    def done(index: int, op: Op) -> None:
-        nonlocal written
-        written += op.dst_length
-        crashpoint("mid-payload")
-        if progress:
-            progress(Phase.WRITE, written, total)
-
-    def reads_target(index: int, op: Op, payload: adaptive.Payload) -> bool:
-        return not isinstance(payload, adaptive.LocalExtent) and hints(op, payload)[1]
-
-    def advise(index: int, op: Op, payload: adaptive.Payload) -> None:
-        source = sources[plans[0].image_for_op(index).image.slot_class]
-        if isinstance(source, FileSource) and not isinstance(payload, adaptive.LocalExtent):
-            for origin, offset, length in hints(op, payload)[0]:
-                source.advise(origin, offset, length)
-
-    # Ops run on a few worker threads, each produced (payload hash, source extents
-    # read from the booted slot or the target written so far, each hash-checked,
-    # decode, extent hash) and then written; within one memory budget, and an op
-    # that reads the target only after every earlier op is written (agent.oprunner).
-    try:
-        for plan in plans:
-            for ip in plan.images:  # inside the try: a refusal of the second closes the first
-                cls = ip.image.slot_class
-                writers[(plan.target, cls)] = device.open_slot(
-                    ip.slot.path, plan.target, booted=booted or "", booted_paths=booted_paths
-                )
-                if ip.image.base_sha256 is None:
-                    sources[cls] = NoSource()
-                elif booted is None or len(plans) > 1:  # refuse_delta stops this before anything is written
-                    raise InstallError(f"a delta for {cls} needs a running base slot")
-                else:
-                    files.append(FileSource(deltabase.booted_slot_of(device, cls, booted), ip.slot.path))
-                    sources[cls] = files[-1]
-        bases = {ip.image.slot_class: ip.image.base_size or 0 for ip in plans[0].images}
-        items: Iterator[tuple[int, Op, adaptive.Payload]] = payloads or reader.iter_payload(ops)
-        runner: OpRunner[adaptive.Payload] = OpRunner(
-            produce=produce, write=write, done=done, order_after_earlier=reads_target, advise=advise
-        )
-        runner.run(items, ops)
-        del items, runner
-        crashpoint("before-sync")
-        for w in writers.values():
-            w.sync()
-        crashpoint("before-read-back")
-    finally:
-        for f in files:
-            f.close()
-        for w in writers.values():
-            w.close()
-    checked = 0
-    total *= len(plans)
-    for plan in plans:
-        for ip in plan.images:
-
-            def tick(n: int) -> None:
-                nonlocal checked
-                checked += n
-                if progress:
-                    progress(Phase.VERIFY, checked, total)
-
-            actual = device.read_back(ip.slot.path, plan.target, ip.image.size, tick)
-            if actual != ip.image.sha256:
-                raise HashMismatchError(f"slot {plan.target} read-back", ip.image.sha256, actual)
-    crashpoint("after-read-back")
+    stream_into(device, reader, ops, (plan,), booted=booted, progress=progress, payloads=payloads)
 
 
 def refuse_delta(bundle: VerifiedBundle, ops: Sequence[Op] = ()) -> None:
@@ -575,7 +479,7 @@ def install_all_slots(
             state = state.with_slot(t, SlotRecord())
         device.store.save(replace(state, trial=None))
         crashpoint("after-trial-saved")
-        _stream_into(device, reader, ops, plans, booted=None, progress=progress)
+        stream_into(device, reader, ops, plans, booted=None, progress=progress)
         images = {im.slot_class: im.sha256 for im in m.images}
         state = device.store.load()
         for t in targets:

@@ -42,17 +42,17 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Protocol, TypeVar
-
-import tenacity
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from agent.config import DownloadConfig
 from agent.errors import CanceledError, SourceError
 from agent.httpclient import HttpClient, HttpResponse
 from agent.pace import Pace, PaceLimits
+from ota_common.retryafter import parse_retry_after
 from ota_common.text import clean
+
+if TYPE_CHECKING:
+    import tenacity  # imported where it retries: a local install never does (start-up time)
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +79,6 @@ class RetryAfterError(SourceError):
     def __init__(self, source: str, message: str, retry_after: float, status_code: int) -> None:
         super().__init__(source, message, transient=True, status_code=status_code)
         self.retry_after = retry_after
-
-
-MAX_RETRY_AFTER_TEXT = 64
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """`Retry-After` (RFC 9110 section 10.2.3): delta-seconds or an HTTP-date, as seconds
-    from `now` (a date in the past: 0). None when absent or not one of the two."""
-    text = (value or "").strip()
-    if not text or len(text) > MAX_RETRY_AFTER_TEXT:
-        return None
-    if text.isascii() and text.isdigit():
-        return float(min(int(text), 1 << 31))
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)  # an HTTP-date is always GMT
-    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
 
 
 class ResourceChangedError(SourceError):
@@ -240,6 +220,8 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T], pace: Pace) -> T:
         """`fn()` under the policy; exhausting it raises the last error, "gave up after N attempts"."""
+        import tenacity  # noqa: PLC0415
+
         try:
             for attempt in self.retrying(pace):
                 with attempt:
@@ -259,6 +241,8 @@ class RetryPolicy:
             raise CanceledError(f"{self.name}: canceled while waiting to retry")
 
     def retrying(self, pace: Pace) -> tenacity.Retrying:
+        import tenacity  # noqa: PLC0415
+
         lim = self.limits
         # base, 2 x base, 4 x base ... up to the max, plus up to one base of jitter
         backoff = tenacity.wait_exponential(multiplier=lim.retry_backoff, max=lim.retry_backoff_max) + \
@@ -320,6 +304,8 @@ class RangeStream:
             return b""
         if n <= 0:
             return b""
+        import tenacity  # noqa: PLC0415
+
         try:
             for attempt in self._source._retrying(self._pace):
                 with attempt:
@@ -348,6 +334,8 @@ class RangeStream:
         the first read."""
         if self._conn is not None:
             return
+        import tenacity  # noqa: PLC0415
+
         try:
             for attempt in self._source._retrying(self._pace):
                 with attempt:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent import api_server, sim
+from agent import sim
 from agent.actions import App, Rebooter, command_rebooter
-from agent.console.port import ConsolePort
 from agent.daemon import Device, build_device
-from agent.mqtt.frontend import MqttFrontEnd
-from agent.service import FrontEnd
 from hw.sdnotify import SdNotify
+
+if TYPE_CHECKING:
+    from agent.service import FrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,12 @@ def notifier() -> SdNotify:
 
 
 def front_ends(app: App) -> list[FrontEnd]:
-    """The front ends the config enables (the local API, MQTT, the serial console ports, ...)."""
+    """The front ends the config enables (the local API, MQTT, the serial console ports, ...).
+    Imported here: a command run from the CLI (an install's start-up) needs none of them."""
+    from agent import api_server  # noqa: PLC0415
+    from agent.console.port import ConsolePort  # noqa: PLC0415
+    from agent.mqtt.frontend import MqttFrontEnd  # noqa: PLC0415
+
     fronts: list[FrontEnd] = [*api_server.front_ends(app.device.config.api)]
     mqtt = app.device.config.mqtt
     if mqtt is not None:

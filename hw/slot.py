@@ -25,6 +25,7 @@ from typing import Protocol
 
 from hw import slotid
 from hw.errors import SlotError
+from ota_common import libc
 
 IO_CHUNK = 4 << 20
 _ZEROS = bytes(IO_CHUNK)
@@ -34,18 +35,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 SECTOR = 512
 
 
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _libc_fallocate()
+_fallocate = libc.function(("fallocate64", "fallocate"), [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 def slot_size(path: Path, name: str) -> int:
@@ -216,18 +206,15 @@ class SlotOpener(Protocol):
     def __call__(self, path: Path, name: str, *, booted: str, booted_paths: Sequence[Path]) -> SlotWriter: ...
 
 
-class ReadBack(Protocol):
-    def __call__(self, path: Path, name: str, length: int, progress: Callable[[int], None] | None = None) -> str: ...
-
-
 def read_back_sha256(path: Path, name: str, length: int, progress: Callable[[int], None] | None = None) -> str:
-    """SHA-256 of the first `length` bytes as stored on the medium."""
+    """SHA-256 of the first `length` bytes as stored on the medium, in one pass over a
+    slot that is written already (an install reads back while writing: hw.readback)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise SlotError(name, f"cannot open {path} for read-back: {e.strerror}") from None
     try:
-        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # to the end: a folio the image ends inside too
         os.posix_fadvise(fd, 0, length, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
         done = 0
