@@ -1,10 +1,7 @@
 """Building a full bundle from one or more image files.
 
-Owns three things:
-- checking a `BundleSpec` before anything is written: every value that goes
-  into the manifest is judged by the bundle reader's own parser
-  (`bundler.format.manifest.parse`), so `create` can never sign what a device
-  rejects; errors name the `ota-bundle create` option the value came from;
+Owns two things (`bundler.spec` checks the `BundleSpec` first, with the
+reader's own rules):
 - running the build: each image is planned (`bundler.planner`: a full image,
   or a delta against its class's base image) and the plan executed
   (`bundler.executor`: compression on a pool of threads). Several images (one
@@ -16,6 +13,13 @@ Owns three things:
   ops in flight; a delta build holds both images in memory (the similarity
   search scans them).
   The finished file is read back by the reader before it replaces the output.
+
+A full image may also carry **embedded deltas** (`--delta-from OLD`,
+docs/bundle-format.md section 7.3): each is planned and executed exactly as a
+`--base` delta, into a spool of its own, and appended after the op payloads
+and the block index as its op table followed by its payload pieces, pinned by
+the manifest. Devices installing the bundle adaptively from a server that run
+OLD fetch only that delta; every other reader installs the full image.
 """
 
 from __future__ import annotations
@@ -24,100 +28,39 @@ import contextlib
 import hashlib
 import mmap
 import os
-import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
-
-import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import IO
 
 from bundler.executor import Inputs, execute
 from bundler.format import blockindex
-from bundler.format import manifest as manifest_mod
-from bundler.format.header import MAX_OPS, Header
+from bundler.format import embedded as embedded_mod
+from bundler.format.header import MAX_DELTA_OPS, MAX_OPS, Header
 from bundler.format.manifest import (
-    MAX_IMAGE_SIZE,
-    MAX_IMAGES,
-    MAX_SECURITY_VERSION,
-    NAME_RULE,
     BlockIndexRef,
+    EmbeddedDeltaRef,
     ImageEntry,
     Manifest,
-    format_time,
 )
-from bundler.format.ops import Op, OpType
+from bundler.format.ops import Op, OpType, pack_table
 from bundler.format.reader import BundleReader
-from bundler.format.signing import MAX_SIGNATURES, Keyring, key_id, load_private_key, verify
+from bundler.format.signing import Keyring, key_id, verify
 from bundler.format.writer import op_table_digest, write_bundle_file
-from bundler.planner import CHUNK, SEGMENT, check_chunk, plan_delta, plan_full
+from bundler.planner import CHUNK, SEGMENT, plan_delta, plan_full
+from bundler.spec import DEFAULT_CHUNK, BuildError, BundleSpec, ImageSource, OptionError, check
 from ota_common.errors import OtaError
-from ota_common.text import clean
 
-DEFAULT_LEVEL = 10
-DEFAULT_CHUNK = CHUNK  # measured in docs/adaptive.md: smaller chunks cost the full bundle 5-35% on ext4
-MAX_LEVEL = zstandard.MAX_COMPRESSION_LEVEL
-_SHOWN = 80  # characters of a rejected value shown in an error
+# The build's inputs and errors, defined with the checks (bundler.spec), are this module's API too.
+__all__ = ["DEFAULT_CHUNK", "BuildError", "BuildResult", "BundleSpec", "ImageSource", "OptionError", "build_full"]
+
+DELTA_IN_FLIGHT = 32
 
 Progress = Callable[[int, int], None]
 Warn = Callable[[str], None]
-
-
-class BuildError(OtaError):
-    """The bundle cannot be built as asked: an input is unusable or the output cannot be written."""
-
-
-class OptionError(BuildError, ValueError):
-    """A value given to `ota-bundle create` (a `BundleSpec` field) is refused; names the option."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
-        self.option = option
-
-
-@dataclass(frozen=True, slots=True)
-class ImageSource:
-    """One image of a bundle: the slot class it is for and the file holding it.
-    `class_option` is the option that named the class, for errors."""
-
-    slot_class: str
-    path: Path
-    class_option: str = "--image"
-
-
-@dataclass(frozen=True, slots=True)
-class BundleSpec:
-    """What `ota-bundle create` was asked for. `image` is one path (an image for
-    `slot_class`) or several `ImageSource`s; `key` one private key or several
-    (each signs; a device trusting any one of them accepts the bundle)."""
-
-    image: Path | tuple[ImageSource, ...]
-    key: Path | tuple[Path, ...]
-    version: str
-    security_version: int
-    compatible: str
-    expires: datetime | None = None
-    slot_class: str = "rootfs"
-    level: int = DEFAULT_LEVEL
-    threads: int = 0  # 0: one per CPU
-    base: Mapping[str, Path] | None = None  # slot class -> base image: a delta bundle for those classes
-    chunk: int = DEFAULT_CHUNK  # full images: bytes of image per REPLACE op (the unit adaptive download fetches)
-    block_index: bool = True  # full bundles: write the block index (docs/bundle-format.md section 7.2)
-    adaptive_base: Mapping[str, Path] | None = None  # slot class -> the image most devices hold: cut chunks to it
-
-    @property
-    def sources(self) -> tuple[ImageSource, ...]:
-        if isinstance(self.image, Path):
-            return (ImageSource(self.slot_class, self.image, "--slot-class"),)
-        return self.image
-
-    @property
-    def keys(self) -> tuple[Path, ...]:
-        return (self.key,) if isinstance(self.key, Path) else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,183 +72,6 @@ class BuildResult:
     bundle_size: int
     signers: tuple[bytes, ...] = ()  # key ids, in signature block order
     warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class CheckedSpec:
-    """A spec that passed `check()`: the loaded keys, each image's size, and warnings."""
-
-    keys: tuple[Ed25519PrivateKey, ...]
-    sizes: tuple[int, ...]
-    warnings: tuple[str, ...]
-    bases: Mapping[str, Path] = field(default_factory=dict)
-    hints: Mapping[str, Path] = field(default_factory=dict)  # --adaptive-base, per slot class
-
-
-# --- checking a spec with the reader's rules --------------------------------
-
-_ZERO_DIGEST = "0" * 64
-_PROBE = Manifest(
-    bundle_version="0",
-    security_version=0,
-    compatible="probe",
-    created=datetime(2000, 1, 1, tzinfo=UTC),
-    expires=None,
-    images=(ImageEntry("probe", 1, _ZERO_DIGEST, 0, 1),),
-    op_count=1,
-    op_table_sha256=_ZERO_DIGEST,
-    payload_length=0,
-)
-
-
-def _reader_accepts(**fields: Any) -> bool:
-    """Whether the bundle reader's manifest parser accepts a known-good manifest
-    with only `fields` changed: the one definition of what a value may be."""
-    try:
-        manifest_mod.parse(replace(_PROBE, **fields).encode())
-    except (OtaError, ValueError, OverflowError):
-        return False
-    return True
-
-
-def _show(value: object) -> str:
-    return clean(repr(value), _SHOWN)
-
-
-def check(spec: BundleSpec, out: Path, *, overwrite: bool = False, now: datetime | None = None) -> CheckedSpec:
-    """Check every option before anything is written; raise `OptionError` for the first bad one."""
-    if not _reader_accepts(bundle_version=spec.version):
-        raise OptionError("--version", f"{_show(spec.version)} is not a valid version ({NAME_RULE})")
-    if not _reader_accepts(security_version=spec.security_version):
-        raise OptionError(
-            "--security-version",
-            f"{_show(spec.security_version)} is not a valid security version (0 to {MAX_SECURITY_VERSION})",
-        )
-    if not _reader_accepts(compatible=spec.compatible):
-        raise OptionError("--compatible", f"{_show(spec.compatible)} is not a valid compatible string ({NAME_RULE})")
-    warnings: list[str] = []
-    if spec.expires is not None:
-        if spec.expires.tzinfo is None or not _reader_accepts(expires=spec.expires):
-            shown = _show(spec.expires.isoformat())
-            raise OptionError("--expires", f"{shown} is not a time a bundle can carry (UTC, years 1000 to 9999)")
-        now = now or datetime.now(UTC)
-        if spec.expires <= now:
-            warnings.append(
-                f"--expires {format_time(spec.expires)} is already past: every device will refuse this bundle"
-            )
-    if not 1 <= spec.level <= MAX_LEVEL:
-        raise OptionError("--level", f"{_show(spec.level)} is not a zstd level (1 to {MAX_LEVEL})")
-    try:
-        check_chunk(spec.chunk)
-    except ValueError as e:
-        raise OptionError("--chunk", str(e)) from None
-    sizes = _check_images(spec.sources)
-    bases = _check_bases(spec.base or {}, {s.slot_class for s in spec.sources})
-    hints = _check_hints(spec.adaptive_base or {}, {s.slot_class for s in spec.sources}, bases)
-    keys = _check_keys(spec.keys)
-    inputs = [s.path for s in spec.sources] + list(bases.values()) + list(hints.values()) + list(spec.keys)
-    _check_output(out, overwrite, inputs)
-    return CheckedSpec(keys, sizes, tuple(warnings), bases, hints)
-
-
-def _check_hints(hints: Mapping[str, Path], classes: set[str], bases: Mapping[str, Path]) -> dict[str, Path]:
-    """--adaptive-base: checked as --base is; only for a full image."""
-    for cls in hints:
-        if cls in bases:
-            raise OptionError("--adaptive-base", f"slot class {cls!r} is a delta (--base): it has no chunks to cut")
-    try:
-        return _check_bases(hints, classes)
-    except OptionError as e:
-        raise OptionError("--adaptive-base", str(e).removeprefix("--base: ")) from None
-
-
-def _check_bases(bases: Mapping[str, Path], classes: set[str]) -> dict[str, Path]:
-    for cls, path in bases.items():
-        if cls not in classes:
-            raise OptionError("--base", f"a base for slot class {cls!r}, but the bundle has no image for it")
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise OptionError("--base", f"{path}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise OptionError("--base", f"{path}: not a regular file")
-        if st.st_size == 0:
-            raise OptionError("--base", f"{path}: base image is empty")
-        if st.st_size > MAX_IMAGE_SIZE:
-            raise OptionError("--base", f"{path}: {st.st_size} bytes, a base image holds at most {MAX_IMAGE_SIZE}")
-    return dict(bases)
-
-
-def _check_images(sources: tuple[ImageSource, ...]) -> tuple[int, ...]:
-    if not 1 <= len(sources) <= MAX_IMAGES:
-        raise OptionError("--image", f"{len(sources)} images given; a bundle holds 1 to {MAX_IMAGES}")
-    seen: set[str] = set()
-    sizes = []
-    for source in sources:
-        cls = source.slot_class
-        if not _reader_accepts(images=(replace(_PROBE.images[0], slot_class=cls),)):
-            raise OptionError(source.class_option, f"{_show(cls)} is not a valid slot class ({NAME_RULE})")
-        if cls in seen:
-            raise OptionError("--image", f"two images for slot class {cls!r}; a device installs one per class")
-        seen.add(cls)
-        try:
-            st = source.path.stat()
-        except OSError as e:
-            raise OptionError("--image", f"{source.path}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise OptionError("--image", f"{source.path}: not a regular file")
-        if st.st_size == 0:
-            raise OptionError("--image", f"{source.path}: image is empty")
-        if st.st_size > MAX_IMAGE_SIZE:
-            limit = f"a bundle image holds at most {MAX_IMAGE_SIZE}"
-            raise OptionError("--image", f"{source.path}: {st.st_size} bytes, {limit}")
-        sizes.append(st.st_size)
-    return tuple(sizes)
-
-
-def _check_keys(paths: tuple[Path, ...]) -> tuple[Ed25519PrivateKey, ...]:
-    if not 1 <= len(paths) <= MAX_SIGNATURES:
-        raise OptionError("--key", f"{len(paths)} keys given; a bundle carries 1 to {MAX_SIGNATURES} signatures")
-    keys: list[Ed25519PrivateKey] = []
-    first: dict[bytes, Path] = {}
-    for path in paths:
-        try:
-            if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read
-                raise OptionError("--key", f"{path}: not a regular file")
-        except OSError as e:
-            raise OptionError("--key", f"{path}: {e.strerror}") from None
-        try:
-            key = load_private_key(path)
-        except OtaError as e:
-            raise OptionError("--key", str(e)) from None
-        kid = key_id(key.public_key())
-        if kid in first:
-            raise OptionError("--key", f"{path} is the same key as {first[kid]}")
-        first[kid] = path
-        keys.append(key)
-    return tuple(keys)
-
-
-def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    parent = out.parent
-    if not parent.is_dir():
-        raise OptionError("-o", f"{out}: directory {parent} does not exist")
-    if not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir():
-        raise OptionError("-o", f"{out} is a directory")
-    for path in inputs:
-        try:
-            same = out.samefile(path)
-        except OSError:
-            continue
-        if same:
-            raise OptionError("-o", f"{out} is also an input ({path}); refusing to overwrite it")
-    if not overwrite:
-        raise OptionError("-o", f"{out} exists (use --force to replace it)")
-
-
-# --- building ----------------------------------------------------------------
 
 
 class _Payload:
@@ -373,28 +139,50 @@ class _Run:
 def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -> tuple[list[Op], ImageEntry]:
     """One image's ops (destination offsets from 0, payload offsets in the spool) and its entry
     (op_first still 0)."""
+    if base is not None:
+        with _mapped(source.path, size, "image") as target:
+            target_bytes = bytes(target)
+        return _build_delta_image(source, size, base, target_bytes, run)
     with _mapped(source.path, size, "image") as target:
         digest = _sha256(target, size)
-        if base is None:
-            held = _held(run.hint) if run.hint is not None else None
-            ops = execute(
-                plan_full(target, size, run.chunk, held), Inputs(target), run.spool, run.pool,
-                level=run.level, in_flight=run.in_flight, tick=run.tick,
-            )
-            del held
-            if run.index is not None:
-                run.index.extend(blockindex.entries(target, op) for op in ops if op.type is OpType.REPLACE)
-            return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
-        base_size = base.stat().st_size
-        with _mapped(base, base_size, "base image") as old:
-            base_digest = _sha256(old, base_size)
-            target_bytes, base_bytes = bytes(target), bytes(old)  # the similarity search scans both
-        plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
-        inputs = Inputs(target_bytes, base_bytes)
-        ops = execute(plan, inputs, run.spool, run.pool, level=run.level, in_flight=run.in_flight, tick=run.tick)
-        if _sha256_bytes(target_bytes) != digest:
+        held = _held(run.hint) if run.hint is not None else None
+        ops = execute(
+            plan_full(target, size, run.chunk, held), Inputs(target), run.spool, run.pool,
+            level=run.level, in_flight=run.in_flight, tick=run.tick,
+        )
+        del held
+        if run.index is not None:
+            run.index.extend(blockindex.entries(target, op) for op in ops if op.type is OpType.REPLACE)
+        return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
+
+
+def _delta_in_flight(run: _Run) -> int:
+    """Ops a delta build keeps submitted ahead of the oldest unfinished one. A pending
+    DELTA holds its plan (offsets) until a worker runs it and its frame after, so many
+    cost little; with `run.in_flight` (2 per thread) the planner waited on one slow
+    large op while the other worker idled: ext4 24 s instead of 30-35 s at 32, the
+    same peak RSS (1.2 GB, both images and the index)."""
+    return max(run.in_flight, DELTA_IN_FLIGHT)
+
+
+def _build_delta_image(
+    source: ImageSource, size: int, base: Path, target_bytes: bytes, run: _Run
+) -> tuple[list[Op], ImageEntry]:
+    """`_build_image` against `base`: both images are copied into memory (the similarity
+    search scans both), hashed on the pool while the planner starts, and the target hashed
+    again at the end (the image must not have changed while it was read)."""
+    base_size = base.stat().st_size
+    with _mapped(base, base_size, "base image") as old:
+        base_bytes = bytes(old)
+    digests = [run.pool.submit(_sha256_bytes, data) for data in (target_bytes, base_bytes)]
+    plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
+    inputs = Inputs(target_bytes, base_bytes)
+    ops = execute(plan, inputs, run.spool, run.pool, level=run.level, in_flight=_delta_in_flight(run), tick=run.tick)
+    digest, base_digest = (d.result() for d in digests)
+    with _mapped(source.path, size, "image") as target:
+        if _sha256(target, size) != digest:
             raise BuildError(f"{source.path}: the image changed while building")
-        return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops), base_digest, base_size)
+    return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops), base_digest, base_size)
 
 
 def _held(hint: Path) -> Callable[[bytes | mmap.mmap], bool]:
@@ -424,6 +212,62 @@ def _write_index(spool: _Payload, ops: list[Op], index: list[bytes] | None, warn
     return BlockIndexRef(offset, len(raw), hashlib.sha256(raw).hexdigest())
 
 
+def _build_embedded(
+    source: ImageSource, size: int, digest: str, old: Path, *, out: Path, run: _Run, first: int,
+) -> tuple[list[Op], _Payload, str, int]:
+    """A delta of `source` against `old`, as `--base` builds it, its payload in a spool of
+    its own (payload offsets from 0). Returns its ops, that spool, the base's SHA-256 and size."""
+    spool = _Payload(out)
+    try:
+        base_size = old.stat().st_size
+        with _mapped(source.path, size, "image") as target, _mapped(old, base_size, "--delta-from image") as base:
+            base_digest = _sha256(base, base_size)
+            target_bytes, base_bytes = bytes(target), bytes(base)
+        if _sha256_bytes(target_bytes) != digest:
+            raise BuildError(f"{source.path}: the image changed while building")
+        if base_digest == digest:
+            raise OptionError("--delta-from", f"{old} is the {source.slot_class} image itself")
+        plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
+        ops = execute(plan, Inputs(target_bytes, base_bytes), spool, run.pool, level=run.level,
+                      in_flight=_delta_in_flight(run), tick=run.tick)
+        del target_bytes, base_bytes
+        if first + len(ops) > embedded_mod.MAX_EMBEDDED_OPS:
+            raise OptionError("--delta-from", f"the delta from {old} needs {len(ops)} ops, the other images' largest "
+                              f"deltas {first}; a device holds at most {embedded_mod.MAX_EMBEDDED_OPS} "
+                              "(docs/bundle-format.md section 7.3)")
+        return ops, spool, base_digest, base_size
+    except BaseException:
+        spool.file.close()
+        raise
+
+
+def _append_embedded(spool: _Payload, cls: str, ops: list[Op], delta: _Payload, base: tuple[str, int]
+                     ) -> EmbeddedDeltaRef:
+    """One embedded delta after what the spool holds: its op table, then its payload pieces."""
+    table = pack_table(ops)
+    table_offset = spool.write(table)
+    source = delta.rewind()
+    h = hashlib.sha256()
+    payload_offset = spool.length
+    while chunk := source.read(1 << 20):
+        h.update(chunk)
+        spool.write(chunk)
+    delta.file.close()
+    return EmbeddedDeltaRef(cls, base[0], base[1], table_offset, len(ops), hashlib.sha256(table).hexdigest(),
+                            payload_offset, spool.length - payload_offset, h.hexdigest())
+
+
+def _check_embedded(path: Path, reader: BundleReader, manifest: Manifest) -> None:
+    """Every embedded op table of the written file passes the device's own checks."""
+    start = reader.position
+    with path.open("rb") as f:
+        for k, ref in enumerate(manifest.embedded_deltas):
+            f.seek(start + ref.table_offset)
+            image = embedded_mod.image_of(manifest.images, ref)
+            assert image is not None  # check_sections, in read_op_table
+            embedded_mod.load_table(f.read(embedded_mod.table_length(ref)), ref, k, image)
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -443,7 +287,8 @@ def build_full(
         if warn is not None:
             warn(message)
     threads = spec.threads or os.cpu_count() or 1
-    total = sum(checked.sizes)
+    size_of = {s.slot_class: n for s, n in zip(spec.sources, checked.sizes, strict=True)}
+    total = sum(checked.sizes) + sum(size_of[cls] for cls, _ in checked.delta_from)
     done = 0
 
     def tick(n: int) -> None:
@@ -467,7 +312,24 @@ def build_full(
         if len(ops) > MAX_OPS:
             raise BuildError(f"the images need {len(ops)} ops; a bundle holds at most {MAX_OPS}"
                              + (" (a larger --chunk needs fewer)" if spec.chunk < CHUNK else ""))
+        if checked.bases and len(ops) > MAX_DELTA_OPS:
+            raise BuildError(f"the delta needs {len(ops)} ops; a delta bundle holds at most {MAX_DELTA_OPS} "
+                             "(docs/bundle-format.md section 9.1): build a full bundle for this update")
         index_ref = _write_index(spool, ops, index, warn)
+        embedded: list[EmbeddedDeltaRef] = []
+        largest: dict[str, int] = {}  # ops of the largest delta per class: a device holds one per class
+        sources = {s.slot_class: s for s in spec.sources}
+        digests = {e.slot_class: e.sha256 for e in entries}
+        for cls, old in checked.delta_from:
+            run = _Run(spool, pool, spec.level, 2 * threads, tick)
+            d_ops, d_spool, base_digest, base_size = _build_embedded(
+                sources[cls], size_of[cls], digests[cls], old, out=out, run=run,
+                first=sum(n for c, n in largest.items() if c != cls))
+            if any(e.slot_class == cls and e.base_sha256 == base_digest for e in embedded):
+                d_spool.file.close()
+                raise OptionError("--delta-from", f"{old} holds the same {cls} image as an earlier --delta-from")
+            largest[cls] = max(largest.get(cls, 0), len(d_ops))
+            embedded.append(_append_embedded(spool, cls, d_ops, d_spool, (base_digest, base_size)))
         manifest = Manifest(
             bundle_version=spec.version,
             security_version=spec.security_version,
@@ -479,6 +341,7 @@ def build_full(
             op_table_sha256=op_table_digest(ops),
             payload_length=spool.length,
             block_index=index_ref,
+            embedded_deltas=tuple(embedded),
         )
         keyring = Keyring({key_id(k.public_key()): k.public_key() for k in checked.keys}, "the signing keys")
 
@@ -488,6 +351,7 @@ def build_full(
                 with path.open("rb") as f:
                     reader = BundleReader(f)
                     reader.read_op_table(verify(reader.read_head(), keyring))
+                _check_embedded(path, reader, manifest)
             except OtaError as e:
                 raise BuildError(f"{out}: the bundle reader refuses the result ({e}); nothing written") from None
 
@@ -500,4 +364,5 @@ def build_full(
         except OSError as e:
             raise BuildError(f"{out}: cannot write the bundle: {e.strerror}") from None
     signers = tuple(key_id(k.public_key()) for k in checked.keys)
-    return BuildResult(header, manifest, len(ops), total, header.total_length, signers, checked.warnings)
+    return BuildResult(header, manifest, len(ops), sum(checked.sizes), header.total_length, signers,
+                       checked.warnings)

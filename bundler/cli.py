@@ -97,6 +97,18 @@ def _hints(values: list[str] | None, images: list[str], slot_class: str | None) 
         raise OptionError("--adaptive-base", message) from None
 
 
+def _delta_from(values: list[str] | None, images: list[str], slot_class: str | None) -> tuple[tuple[str, Path], ...]:
+    """`--delta-from [CLASS=]PATH` (repeatable, several per class): read as --base is."""
+    olds: list[tuple[str, Path]] = []
+    for value in values or []:
+        try:
+            olds.extend(_bases([value], images, slot_class).items())
+        except OptionError as e:
+            message = str(e).removeprefix("--base: ").replace("--base", "--delta-from")
+            raise OptionError("--delta-from", message) from None
+    return tuple(olds)
+
+
 def _chunk_size(text: str) -> int:
     """--chunk: bytes, or a number with K/M (KiB/MiB)."""
     units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
@@ -147,6 +159,7 @@ def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: 
         chunk=args.chunk,
         block_index=args.block_index,
         adaptive_base=_hints(args.adaptive_base, args.image, args.slot_class),
+        delta_from=_delta_from(args.delta_from, args.image, args.slot_class),
     )
     progress = None if args.json else Progress("bundling")
     out = Path(args.output)
@@ -163,6 +176,9 @@ def _create_bundle(args: argparse.Namespace, expires: datetime | None, sources: 
     else:
         images = f"{len(m.images)} images (" + ", ".join(f"{i.slot_class} {i.size}" for i in m.images) + " bytes)"
     signers = "" if len(result.signers) == 1 else f", signed by {len(result.signers)} keys"
+    for ref in m.embedded_deltas:
+        print(f"embedded delta  {ref.slot_class} from base {ref.base_sha256[:16]}: {ref.table_count} ops, "
+              f"{ref.table_count * 128 + ref.payload_length} bytes")
     print(
         f"wrote {out}: version {m.bundle_version}, {result.ops} ops, {images}, "
         f"bundle {result.bundle_size} bytes ({ratio:.1%}){signers}"
@@ -230,6 +246,7 @@ def _describe(
         "payload_length": header.payload_length,
         "bundle_length": header.total_length,
         "block_index": manifest.block_index.to_json() if manifest.block_index else None,
+        "embedded_deltas": [e.to_json() for e in manifest.embedded_deltas],
         "operations": [
             {
                 "index": i,
@@ -284,6 +301,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if info["block_index"]:
         index = info["block_index"]
         print(f"block index     payload offset {index['offset']}, {index['length'] // 8} blocks (adaptive download)")
+    for ref in manifest.embedded_deltas:
+        print(f"embedded delta  {ref.slot_class} from base {ref.base_sha256[:16]} ({ref.base_size} bytes): "
+              f"{ref.table_count} ops, {ref.table_count * 128 + ref.payload_length} bytes at payload offset "
+              f"{ref.table_offset} (adaptive download)")
     return 0
 
 
@@ -456,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-base", action="append", metavar="[CLASS=]PATH",
                    help="full images: also cut chunks where blocks this image (what most devices run) holds "
                         "meet new ones, so their adaptive downloads fetch little more than the new blocks")
+    p.add_argument("--delta-from", action="append", metavar="[CLASS=]PATH",
+                   help="full images: also embed a delta against this older image (repeatable); a device running "
+                        "it that installs adaptively from a server fetches only that delta (docs/adaptive.md)")
     p.add_argument("--no-block-index", dest="block_index", action="store_false",
                    help="full bundles: leave out the block index that adaptive download matches local blocks with")
     p.add_argument("-o", "--output", required=True, help="bundle file to write (.otab)")

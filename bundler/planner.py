@@ -10,7 +10,8 @@ Against a base image (`plan_delta`):
    looked up among the base's 4 KiB-aligned blocks (preferring the block after
    the previous match, then the same offset), so a file that moved inside an
    ext4 image is still copied; runs whose source blocks are contiguous become
-   SOURCE_COPY ops, zero runs ZERO ops;
+   SOURCE_COPY ops, zero runs ZERO ops; so does data that moved unchanged by
+   a shift off that grid (squashfs blocks after a changed file: `bundler.moved`);
 2. what is left (and runs too short to be worth an op of their own; the base
    regions they came from join the stretch's dictionary first) becomes DELTA
    stretches of up to `DELTA_TARGET` bytes, each with a dictionary of up to
@@ -32,20 +33,21 @@ import bisect
 import mmap
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bundler.format.deflate import Codec, inflate
+from bundler.format.deflate import Codec, blocks_prefix, inflate
 from bundler.format.ops import MAX_DICT, MAX_DICT_EXTENTS, MAX_OP_DST, MAX_STREAM_EXTENT, OpType, Origin, Piece
+from bundler.moved import Moved, copied, moved_streams, split, without
 from bundler.similarity import MIN_SCORE, REGION, UnitIndex, score
-from bundler.streams import Stream, find_streams
+from bundler.streams import Stream
 
 SEGMENT = 1 << 20
 CHUNK = MAX_OP_DST
 BLOCK = 4096
 DELTA_TARGET = 4 << 20  # target bytes per DELTA op
 DICT_PER_BYTE = 2  # dictionary budget per byte of a stretch's content (capped at MAX_DICT)
-DICT_MIN = 256 << 10
+DICT_MIN = 128 << 10
 MIN_RUN = 4  # blocks: shorter copy/zero runs inside changed data join the DELTA stretch
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
@@ -63,6 +65,7 @@ class Planned:
     src_offset: int = 0  # SOURCE_COPY: where in the base
     dictionary: tuple[Unit, ...] = ()  # DELTA: its dictionary, in order
     pieces: tuple[Piece, ...] = ()  # DELTA: how its decoded content becomes the extent (none: as it is)
+    blocks: tuple[tuple[int, ...], ...] = ()  # DELTA: the block list of each DEFLATE_BLOCKS piece, in order
 
 
 def plan_full(
@@ -253,22 +256,36 @@ class _Search:
 
     @classmethod
     def build(
-        cls, base: bytes, target: bytes, base_streams: list[Stream], target_streams: list[Stream],
-        changed: list[tuple[int, int]],
+        cls, base: bytes, target: bytes, base_streams: list[Stream],
+        target_streams: list[Stream] | Future[list[Stream]], changed: list[tuple[int, int]], *,
+        copied: Callable[[int, int], bool] = lambda offset, length: False,
     ) -> _Search:
         """Every unit of the base; of the target only those in `changed` runs (the rest
-        equals base data, which the base's units already offer)."""
+        equals base data, which the base's units already offer). Base units that `copied`
+        names (data that moved unchanged: bundler.moved) are units but not indexed. The
+        target's streams may still be verified on the pool while the base is indexed."""
         units = _units(Origin.BASE, base_streams, [(0, len(base))], raw_too=True)
         raw = sorted((u.offset, i) for i, u in enumerate(units) if u.codec is Codec.RAW)
-        units += _units(Origin.TARGET, target_streams, changed)
         index = UnitIndex()
-        for i, unit in enumerate(units):
+
+        def add(i: int) -> None:
+            unit = units[i]
             image = base if unit.origin is Origin.BASE else target
+            if unit.origin is Origin.BASE and copied(unit.offset, unit.length):
+                return
             if unit.codec is Codec.RAW:
                 index.add(i, image, unit.offset, unit.offset + unit.length)
             else:
                 content = unit.content(image)
                 index.add(i, content, 0, len(content))
+
+        for i in range(len(units)):
+            add(i)
+        first_target = len(units)
+        streams = target_streams.result() if isinstance(target_streams, Future) else target_streams
+        units += _units(Origin.TARGET, streams, changed)
+        for i in range(first_target, len(units)):
+            add(i)
         return cls(base, target, units, index, [o for o, _ in raw], [i for _, i in raw])
 
     def regions(self, offsets: Iterable[int]) -> Counter[int]:
@@ -371,7 +388,7 @@ def _stretches(
                 take = min(left, DELTA_TARGET - out, DELTA_TARGET - decoded)
                 size = take
             else:
-                take, size = length, stream.content_length
+                take, size = length, stream.decoded_length
                 if out + take > DELTA_TARGET or decoded + size > DELTA_TARGET:
                     take = 0
             if take == 0:
@@ -394,6 +411,7 @@ def _delta_op(
     target = search.target
     parts: list[bytes] = []
     pieces: list[Piece] = []
+    splits: list[tuple[int, ...]] = []
     for at, n, stream in segments:
         if stream is None:
             parts.append(target[at : at + n])
@@ -402,6 +420,11 @@ def _delta_op(
                 pieces[-1] = Piece(Codec.RAW, last.in_length + n, last.out_length + n)
             else:
                 pieces.append(Piece(Codec.RAW, n, n))
+        elif stream.blocks:
+            parts.append(blocks_prefix(stream.blocks))
+            parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
+            pieces.append(Piece(Codec.DEFLATE_BLOCKS, stream.decoded_length, n, stream.level, stream.mem_level))
+            splits.append(stream.blocks)
         else:
             parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
@@ -414,7 +437,7 @@ def _delta_op(
         pieces = []
     if not dictionary and not pieces:
         return Planned(OpType.REPLACE, first, length)
-    return Planned(OpType.DELTA, first, length, dictionary=dictionary, pieces=tuple(pieces))
+    return Planned(OpType.DELTA, first, length, dictionary=dictionary, pieces=tuple(pieces), blocks=tuple(splits))
 
 
 def plan_delta(
@@ -432,6 +455,8 @@ def plan_delta(
     search: _Search | None = None
     streams: list[Stream] = []
     starts: list[int] = []
+    moved: list[Moved] = []
+    moved_starts: list[int] = []
     for kind, first, count in kinds:
         start = first * BLOCK
         end = min(size, (first + count) * BLOCK)
@@ -444,8 +469,17 @@ def plan_delta(
         else:
             if search is None:
                 changed = [(f * BLOCK, min(size, (f + c) * BLOCK)) for k, f, c in kinds if k == _NEW]
-                streams = find_streams(target, pool, within=changed)
+                base_streams, verifying, moved = moved_streams(target, base, changed, pool)
+                changed = without(changed, moved)
+                moved_starts = [m.offset for m in moved]
+                search = _Search.build(base, target, base_streams, verifying, changed, copied=copied(moved))
+                streams = verifying.result()
                 starts = [s.offset for s in streams]
-                search = _Search.build(base, target, find_streams(base, pool, verify=False), streams, changed)
-            for first_byte, length, segments in _stretches(start, end, streams, starts):
-                yield _delta_op(search, first_byte, length, segments, sources)
+            for at, length, src in split(start, end, moved, moved_starts):
+                if src is not None:  # moved unchanged by a shift (bundler.moved)
+                    for piece in range(0, length, MAX_OP_DST):
+                        n = min(MAX_OP_DST, length - piece)
+                        yield Planned(OpType.SOURCE_COPY, at + piece, n, src_offset=src + piece)
+                    continue
+                for first_byte, n, segments in _stretches(at, at + length, streams, starts):
+                    yield _delta_op(search, first_byte, n, segments, sources)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 REGION_SHIFT = 16  # 64 KiB regions
 REGION = 1 << REGION_SHIFT
 FEATURE_LENGTH = 32
-MAX_REGIONS_PER_FEATURE = 8
+MAX_REGIONS_PER_FEATURE = 16
 MIN_SCORE = 2
 
 # Two byte sets of 32 values each (every 8th value, from two offsets), avoiding
@@ -39,19 +39,32 @@ _ANCHOR = re.compile(b"[" + re.escape(_SET_A) + b"][" + re.escape(_SET_B) + b"]"
 _MULTI = -1  # marks a feature seen in too many regions
 
 
+def _anchored(data: bytes | memoryview, start: int, end: int) -> tuple[bytes, int, int, int]:
+    """(bytes to scan, first and last scan position, offset of those bytes in `data`)."""
+    if isinstance(data, bytes):
+        return data, start, end, 0
+    return bytes(data[start:end]), 0, end - start, start
+
+
 def features(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(position, feature) for every anchor in data[start:end) whose feature
     fits before `end`."""
-    stop = end - FEATURE_LENGTH
-    raw = data if isinstance(data, bytes) else bytes(data[start:end])
-    base = 0 if isinstance(data, bytes) else start
-    lo, hi = (start, end) if isinstance(data, bytes) else (0, end - start)
+    raw, lo, hi, base = _anchored(data, start, end)
+    last = end - FEATURE_LENGTH - base
     for m in _ANCHOR.finditer(raw, lo, hi):
-        p = m.start() + base
-        if p > stop:
-            break
         q = m.start()
-        yield p, hash(raw[q : q + FEATURE_LENGTH])
+        if q > last:
+            break
+        yield q + base, hash(raw[q : q + FEATURE_LENGTH])
+
+
+def feature_hashes(data: bytes | memoryview, start: int, end: int) -> list[int]:
+    """The features of `features`, without their positions, in order: one list made
+    by comprehensions (the index is built and searched over millions of them)."""
+    raw, lo, hi, base = _anchored(data, start, end)
+    last = end - FEATURE_LENGTH - base
+    n = FEATURE_LENGTH
+    return [hash(raw[q : q + n]) for q in [m.start() for m in _ANCHOR.finditer(raw, lo, hi)] if q <= last]
 
 
 class UnitIndex:
@@ -61,13 +74,19 @@ class UnitIndex:
         self.table: dict[int, int | list[int]] = {}
 
     def add(self, unit: int, data: bytes, start: int, end: int) -> None:
+        """Index the features of data[start:end) under `unit`. A feature new to the
+        index maps to the unit; one held by other units gets it added (by the first
+        unit that added it, in the order units were added), until it is held by more
+        than MAX_REGIONS_PER_FEATURE and says nothing."""
         table = self.table
-        for _, feature in features(data, start, end):
-            held = table.get(feature)
-            if held is None:
-                table[feature] = unit
-            elif isinstance(held, int):
-                if held not in {unit, _MULTI}:
+        fresh = set(feature_hashes(data, start, end))
+        known = fresh & table.keys()
+        fresh -= known
+        table.update(dict.fromkeys(fresh, unit))
+        for feature in known:
+            held = table[feature]
+            if isinstance(held, int):
+                if held not in (unit, _MULTI):
                     table[feature] = [held, unit]
             elif unit not in held:
                 if len(held) >= MAX_REGIONS_PER_FEATURE:
@@ -83,10 +102,17 @@ class UnitIndex:
 
 
 def score(content: bytes, index: UnitIndex, allowed: Callable[[int], bool]) -> Counter[int]:
-    """How many features `content` shares with each unit that `allowed` admits."""
-    hits: Counter[int] = Counter()
-    for _, feature in features(content, 0, len(content)):
-        for unit in index.units(feature):
-            if allowed(unit):
-                hits[unit] += 1
-    return hits
+    """How many features `content` shares with each unit that `allowed` admits (a
+    feature `content` holds twice counts twice)."""
+    found: list[int] = []
+    get = index.table.get
+    for feature in feature_hashes(content, 0, len(content)):
+        held = get(feature)
+        if held is None or held == _MULTI:
+            continue
+        if isinstance(held, int):
+            found.append(held)
+        else:
+            found += held
+    counts = Counter(found)
+    return Counter({unit: n for unit, n in counts.items() if allowed(unit)})

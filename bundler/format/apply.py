@@ -22,9 +22,9 @@ recompresses). `op_memory` is that bound per op; the installer runs ops
 concurrently only while the bounds of the ops in flight fit the bound of one
 largest op (agent/oprunner.py, docs/bundle-format.md section 9.1).
 
-`hints` reads, without trusting anything, which source ranges an op will read
-(for read-ahead) and whether it reads the target written so far (which orders
-it after every earlier op).
+`hints` reads, without trusting anything, which base ranges an op will read
+(for read-ahead) and which ranges of the target written so far (it then starts
+after the earlier ops that write them, agent/oprunner.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from bundler.format.deflate import Codec, deflate, inflate
+from bundler.format import x86
+from bundler.format.deflate import Codec, deflate, deflate_blocks, inflate, split_blocks
 from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.ops import (
     DELTA_EXTENT_SIZE,
@@ -264,8 +265,10 @@ def _fill_dictionary(
         for k, extent in enumerate(delta.extents):
             into = view[at : at + extent.produces]
             at += extent.produces
-            if extent.codec is Codec.RAW:
+            if extent.codec in (Codec.RAW, Codec.X86):
                 read_checked(source, extent.origin, extent.offset, into, sha256=extent.sha256, index=index)
+                if extent.codec is Codec.X86:
+                    x86.encode_into(into, extent.start)  # filtered where it was read: no copy
                 continue
             cost = extent.length + extent.produces
             while flight and held + cost > MAX_STREAM_EXTENT:
@@ -378,6 +381,11 @@ def _pieces(
         content = decoded[start : start + piece.in_length]
         if piece.codec is Codec.RAW:
             return content
+        if piece.codec is Codec.X86:
+            return x86.decode(content, op.dst_offset + span[1])  # its start: where it sits in the image
+        if piece.codec is Codec.DEFLATE_BLOCKS:
+            blocks, body = split_blocks(content, f"op {index}: output piece {spans.index(span)}")
+            return deflate_blocks(body, blocks, piece.level, piece.mem_level)
         if reuse is not None:
             packed = reuse(piece, content)
             if packed is not None:
@@ -412,26 +420,27 @@ _ORIGIN_AND_RANGE = struct.Struct("<B7xQQ")  # origin, codec, reserved; offset, 
 _COUNT = struct.Struct("<I")
 
 
-def hints(op: Op, payload: Buffer | None) -> tuple[list[tuple[Origin, int, int]], bool]:
-    """(source ranges the op will read, whether it reads the target written so far),
-    read from the records without trusting them: run_op checks everything itself.
-    A DELTA payload too short to tell is taken to read the target."""
+def hints(op: Op, payload: Buffer | None) -> tuple[list[tuple[Origin, int, int]], list[tuple[int, int]] | None]:
+    """(base ranges the op will read, target ranges it reads from what earlier ops
+    wrote), read from the records without trusting them: run_op checks everything
+    itself. The target ranges are None when a DELTA payload is too short or too
+    malformed to tell: the op is then taken to read anything written so far."""
     if op.type is OpType.SOURCE_COPY:
-        return [(Origin.BASE, op.src_offset, op.src_length)], False
+        return [(Origin.BASE, op.src_offset, op.src_length)], []
     if op.type is not OpType.DELTA or payload is None:
-        return [], False
+        return [], []
     view = memoryview(payload).cast("B")
     if len(view) < 8:
-        return [], True
+        return [], None
     (count,) = _COUNT.unpack_from(view)
     if count > MAX_DICT_EXTENTS or len(view) < 8 + count * DELTA_EXTENT_SIZE:
-        return [], True
+        return [], None
     ranges: list[tuple[Origin, int, int]] = []
-    target = False
+    target: list[tuple[int, int]] = []
     for k in range(count):
         origin, offset, length = _ORIGIN_AND_RANGE.unpack_from(view, 8 + k * DELTA_EXTENT_SIZE)
         if origin == Origin.BASE:
             ranges.append((Origin.BASE, offset, length))
         else:
-            target = True
+            target.append((offset, length))
     return ranges, target

@@ -21,6 +21,9 @@ MAX_MANIFEST = 64 << 10  # 64 KiB: a canonical manifest of 16 images is under 8 
 MAX_SIGNATURE_BLOCK = 2 + 16 * 100  # u16 count + at most 16 entries of 100 bytes
 MAX_OP_TABLE = 4 << 20  # 4 MiB: 32768 ops, e.g. 128 GiB of 4 MiB REPLACE ops; held during install
 MAX_OPS = MAX_OP_TABLE // OP_RECORD_SIZE
+# Ops of a bundle holding a delta image (its table is held while DELTA ops hold their
+# dictionaries; at MAX_OPS records the worst delta bundle peaked at 66.8 MiB RSS): section 9.1.
+MAX_DELTA_OPS = 8192
 MAX_PAYLOAD = (1 << 63) - 1
 
 _STRUCT = struct.Struct("<8sHHIIIQ32s")

@@ -69,6 +69,38 @@ class BlockIndexRef:
         return {"offset": self.offset, "length": self.length, "sha256": self.sha256}
 
 
+MAX_EMBEDDED = 16  # embedded deltas one bundle carries at most (docs/bundle-format.md section 7.3)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedDeltaRef:
+    """A delta of one full image against `base_sha256` carried in the payload of a full
+    bundle (docs/bundle-format.md section 7.3): its op table (`table_count` records at
+    payload offset `table_offset`, hashing to `table_sha256`) and its payload pieces (the
+    `payload_length` bytes at `payload_offset`, hashing to `payload_sha256`); offsets
+    relative to the payload region, the delta ops' own payload offsets relative to
+    `payload_offset`."""
+
+    slot_class: str
+    base_sha256: str
+    base_size: int
+    table_offset: int
+    table_count: int
+    table_sha256: str
+    payload_offset: int
+    payload_length: int
+    payload_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slot_class": self.slot_class,
+            "base_sha256": self.base_sha256,
+            "base_size": self.base_size,
+            "op_table": {"offset": self.table_offset, "count": self.table_count, "sha256": self.table_sha256},
+            "payload": {"offset": self.payload_offset, "length": self.payload_length, "sha256": self.payload_sha256},
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     bundle_version: str
@@ -82,6 +114,7 @@ class Manifest:
     payload_length: int
     format_version: int = FORMAT_VERSION
     block_index: BlockIndexRef | None = None  # optional: per-block hashes for adaptive download
+    embedded_deltas: tuple[EmbeddedDeltaRef, ...] = ()  # optional: deltas of full images for adaptive download
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -97,6 +130,8 @@ class Manifest:
         }
         if self.block_index is not None:
             doc["block_index"] = self.block_index.to_json()
+        if self.embedded_deltas:
+            doc["embedded_deltas"] = [e.to_json() for e in self.embedded_deltas]
         return doc
 
     def encode(self) -> bytes:
@@ -161,6 +196,10 @@ def parse(raw: bytes) -> Manifest:
         b = _Fields(f.obj("block_index"), "manifest.block_index")
         block_index = BlockIndexRef(b.integer("offset", 0, MAX_PAYLOAD), b.integer("length", 1, MAX_PAYLOAD),
                                     b.digest("sha256"))
+    embedded: tuple[EmbeddedDeltaRef, ...] = ()
+    if "embedded_deltas" in f.doc:
+        embedded = tuple(_embedded(_Fields(item, f"manifest.embedded_deltas[{i}]"))
+                         for i, item in enumerate(f.items("embedded_deltas", 1, MAX_EMBEDDED)))
     return Manifest(
         bundle_version=f.name("bundle_version"),
         security_version=f.integer("security_version", 0, MAX_SECURITY_VERSION),
@@ -173,6 +212,23 @@ def parse(raw: bytes) -> Manifest:
         payload_length=payload.integer("length", 0, MAX_PAYLOAD),
         format_version=version,
         block_index=block_index,
+        embedded_deltas=embedded,
+    )
+
+
+def _embedded(f: _Fields) -> EmbeddedDeltaRef:
+    table = _Fields(f.obj("op_table"), f"{f.where}.op_table")
+    payload = _Fields(f.obj("payload"), f"{f.where}.payload")
+    return EmbeddedDeltaRef(
+        slot_class=f.name("slot_class"),
+        base_sha256=f.digest("base_sha256"),
+        base_size=f.integer("base_size", 1, MAX_IMAGE_SIZE),
+        table_offset=table.integer("offset", 0, MAX_PAYLOAD),
+        table_count=table.integer("count", 1, MAX_OPS),
+        table_sha256=table.digest("sha256"),
+        payload_offset=payload.integer("offset", 0, MAX_PAYLOAD),
+        payload_length=payload.integer("length", 0, MAX_PAYLOAD),
+        payload_sha256=payload.digest("sha256"),
     )
 
 
@@ -209,13 +265,25 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 KNOWN_KEYS = {
     "manifest": {
         "format_version", "bundle_version", "security_version", "compatible", "created", "expires",
-        "images", "op_table", "payload", "block_index",
+        "images", "op_table", "payload", "block_index", "embedded_deltas",
     },
+    "embedded": {"slot_class", "base_sha256", "base_size", "op_table", "payload"},
+    "embedded.op_table": {"offset", "count", "sha256"},
+    "embedded.payload": {"offset", "length", "sha256"},
     "manifest.block_index": {"offset", "length", "sha256"},
     "manifest.op_table": {"count", "sha256"},
     "manifest.payload": {"length"},
     "image": {"slot_class", "size", "sha256", "base_sha256", "base_size", "op_first", "op_count"},
 }
+
+
+def _kind(where: str) -> str:
+    """The KNOWN_KEYS entry of an object: list items share one (manifest.images[3] -> image)."""
+    if where.startswith("manifest.images["):
+        return "image"
+    if where.startswith("manifest.embedded_deltas["):
+        return "embedded" + where.partition("]")[2]
+    return where
 
 
 class _Fields:
@@ -224,7 +292,7 @@ class _Fields:
     def __init__(self, doc: Any, where: str) -> None:
         if not isinstance(doc, dict):
             raise FormatError(f"{where} is not an object", region="manifest")
-        known = KNOWN_KEYS["image" if where.startswith("manifest.images[") else where]
+        known = KNOWN_KEYS[_kind(where)]
         unknown = sorted(set(doc) - known)
         if unknown:
             raise FormatError(f"{where} has unknown key {unknown[0]!r}", region="manifest")

@@ -28,7 +28,7 @@ from typing import overload
 
 import zstandard
 
-from bundler.format.deflate import Codec
+from bundler.format.deflate import DEFLATE_CODECS, RECOMPRESSED, Codec
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError
 from bundler.format.header import OP_RECORD_SIZE
 
@@ -77,27 +77,32 @@ class Origin(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class DictExtent:
     """`length` bytes at `offset` of the origin (whose SHA-256 is `sha256`), put into
-    the dictionary as they are (RAW) or inflated (ZLIB, DEFLATE) to `out_length` bytes."""
+    the dictionary as they are (RAW), inflated (ZLIB, DEFLATE) to `out_length` bytes,
+    or x86-filtered (X86: `bundler.format.x86.encode` with `start`, same length)."""
 
     origin: Origin
     offset: int
     length: int
     sha256: bytes
     codec: Codec = Codec.RAW
-    out_length: int = -1  # -1: length (RAW)
+    out_length: int = -1  # -1: length (RAW, X86)
+    start: int = 0  # X86: the filter's start position, a u32 in the record's first reserved bytes
 
     @property
     def produces(self) -> int:
         return self.length if self.out_length < 0 else self.out_length
 
     def pack(self) -> bytes:
-        return _EXTENT.pack(self.origin, self.codec, bytes(6), self.offset, self.length, self.produces, self.sha256)
+        spare = self.start.to_bytes(4, "little") + bytes(2) if self.codec is Codec.X86 else bytes(6)
+        return _EXTENT.pack(self.origin, self.codec, spare, self.offset, self.length, self.produces, self.sha256)
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
     """One stretch of a deflate-aware DELTA's output: `in_length` decoded bytes,
-    copied (RAW) or recompressed (bundler.format.deflate) into `out_length` bytes."""
+    copied (RAW), recompressed (bundler.format.deflate) into `out_length` bytes, or
+    x86-unfiltered (X86: `bundler.format.x86.decode`, same length, its start the
+    piece's own offset in the image)."""
 
     codec: Codec
     in_length: int
@@ -162,9 +167,11 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPay
         kind, codec, reserved, offset, length, produced, digest = _EXTENT.unpack_from(
             view, _COUNTS.size + k * DELTA_EXTENT_SIZE
         )
-        if reserved != bytes(6) or kind not in _ORIGINS or codec not in _CODECS:
+        spare = reserved[4:] if codec == Codec.X86 else reserved  # X86: a u32 start, then 2 reserved
+        if spare != bytes(len(spare)) or kind not in _ORIGINS or codec not in _EXTENT_CODECS:
             raise _bad(index, f"dictionary extent {k} has an unknown origin, codec or reserved bytes")
         origin, how = Origin(kind), Codec(codec)
+        x86_start = int.from_bytes(reserved[:4], "little") if how is Codec.X86 else 0
         limit = base_size if origin is Origin.BASE else op.dst_offset
         if not 1 <= length <= MAX_DICT or offset > limit or length > limit - offset:
             where = "the base image" if origin is Origin.BASE else "the target written before this op"
@@ -172,12 +179,12 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPay
                 f"dictionary extent {k} [{offset}, +{length})", offset + length, 1, limit,
                 region=f"{region} (outside {where})",
             )
-        if how is Codec.RAW and produced != length:
-            raise _bad(index, f"raw dictionary extent {k} of {length} bytes says it yields {produced}")
-        if how is not Codec.RAW and (length > MAX_STREAM_EXTENT or not 1 <= produced <= MAX_DICT):
+        if how in _SAME_LENGTH and produced != length:
+            raise _bad(index, f"{how.name.lower()} dictionary extent {k} of {length} bytes says it yields {produced}")
+        if how in DEFLATE_CODECS and (length > MAX_STREAM_EXTENT or not 1 <= produced <= MAX_DICT):
             raise BoundsError(f"stream extent {k} length", length, 1, MAX_STREAM_EXTENT, region=region)
         total += produced
-        extents.append(DictExtent(origin, offset, length, digest, how, produced))
+        extents.append(DictExtent(origin, offset, length, digest, how, produced, x86_start))
     if total != op.src_length:
         raise _bad(index, f"dictionary extents hold {total} bytes, op says {op.src_length}")
     for origin in Origin:
@@ -193,9 +200,9 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPay
         if codec not in _CODECS or reserved_byte:
             raise _bad(index, f"output piece {k} has an unknown codec or reserved bytes")
         how = Codec(codec)
-        if how is Codec.RAW and (level or mem_level or in_length != out_length):
-            raise _bad(index, f"raw output piece {k} is not a plain copy")
-        if how is not Codec.RAW and not (1 <= level <= 9 and 1 <= mem_level <= 9):
+        if how in _SAME_LENGTH and (level or mem_level or in_length != out_length):
+            raise _bad(index, f"{how.name.lower()} output piece {k} has a level or changes the length")
+        if how in RECOMPRESSED and not (1 <= level <= 9 and 1 <= mem_level <= 9):
             raise _bad(index, f"output piece {k}: deflate level {level} / memLevel {mem_level} outside 1..9")
         if out_length < 1:
             raise _bad(index, f"output piece {k} produces nothing")
@@ -211,6 +218,8 @@ def parse_delta(op: Op, payload: Buffer, index: int, base_size: int) -> DeltaPay
 
 _ORIGINS = frozenset(Origin)
 _CODECS = frozenset(Codec)
+_EXTENT_CODECS = frozenset(Codec) - {Codec.DEFLATE_BLOCKS}
+_SAME_LENGTH = frozenset({Codec.RAW, Codec.X86})
 
 
 @dataclass(frozen=True, slots=True)

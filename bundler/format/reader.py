@@ -30,9 +30,10 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from bundler.format.blockindex import check_index
+from bundler.format.embedded import check_sections, table_length
 from bundler.format.errors import BoundsError, FormatError, HashMismatchError, TruncatedError
-from bundler.format.header import HEADER_SIZE, Header
-from bundler.format.manifest import BlockIndexRef
+from bundler.format.header import HEADER_SIZE, MAX_DELTA_OPS, Header
+from bundler.format.manifest import BlockIndexRef, EmbeddedDeltaRef
 from bundler.format.ops import MAX_DELTA_PAYLOAD, Op, OpTable, OpType, unpack_table, validate_image_ops
 from bundler.format.signing import UnverifiedBundle, VerifiedBundle
 
@@ -49,6 +50,7 @@ class BundleReader:
         self._stream = stream
         self.position = 0
         self.block_index: BlockIndexRef | None = None  # set by read_op_table
+        self.embedded: tuple[EmbeddedDeltaRef, ...] = ()  # set by read_op_table
 
     def _read_into(self, n: int, region: str, stream: Readable | None = None) -> bytearray:
         """Exactly n bytes (n already bounded by the caller) in one buffer, filled
@@ -93,6 +95,10 @@ class BundleReader:
 
     def read_op_table(self, bundle: VerifiedBundle) -> OpTable:
         start, n = self.position, bundle.header.op_table_length
+        count = bundle.header.op_count
+        if count > MAX_DELTA_OPS and any(im.base_sha256 is not None for im in bundle.manifest.images):
+            # Checked before the table is read: a device holds at most this many next to DELTA ops.
+            raise BoundsError("op_count of a delta bundle", count, 1, MAX_DELTA_OPS, region="header")
         raw: bytearray | None = self._read_into(n, "op table")
         tries = 0
         while raw is not None and (actual := hashlib.sha256(raw).hexdigest()) != bundle.manifest.op_table_sha256:
@@ -112,10 +118,16 @@ class BundleReader:
         if next_op != len(ops):
             raise FormatError(f"images use {next_op} of {len(ops)} ops", region="manifest")
         index = bundle.manifest.block_index
+        embedded = bundle.manifest.embedded_deltas
         if index is not None:
-            check_index(ops, index.offset, index.length, cursor, bundle.manifest.payload_length)
+            # With embedded deltas the index ends where the first of them starts (check_sections).
+            end = index.offset + index.length if embedded else bundle.manifest.payload_length
+            check_index(ops, index.offset, index.length, cursor, end)
             cursor += index.length
+        if embedded:
+            cursor = check_sections(bundle.manifest.images, embedded, cursor, bundle.manifest.payload_length)
         self.block_index = index
+        self.embedded = embedded
         if cursor != bundle.manifest.payload_length:
             raise FormatError(
                 f"ops reference {cursor} payload bytes, manifest says {bundle.manifest.payload_length}",
@@ -150,22 +162,30 @@ class BundleReader:
             del view  # do not hold this payload while the next one is read
         if self.block_index is not None:
             self._skip_index(self.block_index)
+        for k, ref in enumerate(self.embedded):
+            self._skip_hashed(table_length(ref), ref.table_sha256, f"embedded delta {k} op table")
+            self._skip_hashed(ref.payload_length, ref.payload_sha256, f"embedded delta {k} payload")
         if self._stream.read(1):
             raise FormatError("data after the end of the payload", region="trailer")
 
     def _skip_index(self, index: BlockIndexRef) -> None:
         """Read the block index after the last op payload (a streaming install has no use
         for it) and check its hash: every byte of a bundle is checked. Held a piece at a time."""
+        self._skip_hashed(index.length, index.sha256, "block index")
+
+    def _skip_hashed(self, length: int, digest: str, region: str) -> None:
+        """Read `length` bytes a piece at a time (a streaming install has no use for the
+        block index or the embedded deltas) and check them against the manifest's SHA-256."""
         h = hashlib.sha256()
-        left = index.length
+        left = length
         while left:
             chunk = self._stream.read(min(left, READ_CHUNK))
             if not chunk:
-                raise TruncatedError("block index", index.length, index.length - left)
+                raise TruncatedError(region, length, length - left)
             if len(chunk) > left:
-                raise FormatError(f"stream returned {len(chunk)} bytes, {left} were asked for", region="block index")
+                raise FormatError(f"stream returned {len(chunk)} bytes, {left} were asked for", region=region)
             h.update(chunk)
             left -= len(chunk)
-        self.position += index.length
-        if h.hexdigest() != index.sha256:
-            raise HashMismatchError("block index", index.sha256, h.hexdigest())
+        self.position += length
+        if h.hexdigest() != digest:
+            raise HashMismatchError(region, digest, h.hexdigest())

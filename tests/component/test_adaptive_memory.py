@@ -12,10 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent import sim
 from bundler.fleet.serve import BundleServer
@@ -23,17 +20,6 @@ from bundler.format.signing import generate_key, load_private_key
 from tests.component._worst_bundles import COMPATIBLE, helper_floor, measure, worst_bundles
 
 LIMIT_MIB = 64.0
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[BundleServer]:
-    (tmp_path / "www").mkdir()
-    srv = BundleServer(tmp_path / "www", quiet=True)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def sha256_of(path: Path, length: int) -> str:

@@ -2,9 +2,10 @@
 
 A signed delta bundle at the delta limits: a maximal SOURCE_COPY, DELTA ops
 whose dictionary is MAX_DICT bytes of the base and whose frame (raw blocks,
-the largest window a DELTA may declare) is padded to the largest payload, and
-a deflate-aware DELTA whose 4 MiB of decoded content is recompressed on the
-device. It is installed with the real `ota-agent` CLI on a simulated device
+the largest window a DELTA may declare) is padded to the largest payload, a
+deflate-aware DELTA whose 4 MiB of decoded content is recompressed on the
+device, and one-byte ops up to the MAX_DELTA_OPS records a delta bundle may
+have. It is installed with the real `ota-agent` CLI on a simulated device
 booted from the base; the child's peak RSS must stay under 64 MiB
 (docs/bundle-format.md section 9.1) and the target slot must hold the image.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from agent import sim
 from bundler.format.deflate import Codec, deflate
+from bundler.format.header import MAX_DELTA_OPS
 from bundler.format.manifest import ImageEntry, Manifest
 from bundler.format.ops import (
     MAX_DELTA_WINDOW,
@@ -70,6 +72,8 @@ def worst_delta(tmp: Path, key: Path) -> tuple[Path, Path, bytes]:
     piece = Piece(Codec.ZLIB, MAX_OP_DST, len(packed), 1, 8)
     deflating = pack_delta([dictionary], [piece], frame)
     pieces.append((Op(OpType.DELTA, 0, len(packed), src_length=MAX_DICT), deflating, packed))
+    # As many ops as a delta bundle may have: the table is held beside the DELTA ops' dictionaries.
+    pieces += [(Op(OpType.ZERO, 0, 1), b"", b"\0")] * (MAX_DELTA_OPS - len(pieces))
     ops: list[Op] = []
     payload = tmp / "payload"
     at = dst = 0

@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.vm.paths import TOP
+
+pytestmark = pytest.mark.xdist_group("checkout-builds")  # builds a wheel in the checkout, as the .deb does
 
 
 def test_make_install_stages_a_working_agent_under_another_prefix(tmp_path: Path) -> None:

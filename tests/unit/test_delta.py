@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from bundler.build import BundleSpec, build_full
+from bundler.build import BuildError, BundleSpec, build_full
 from bundler.executor import Inputs, make_op
 from bundler.format.apply import NoSource, SourceError, apply_op
 from bundler.format.deflate import Codec
@@ -164,6 +164,26 @@ def test_delta_bundle_rebuilds_the_target_from_the_base(
     full = tmp_path / "full.otab"
     build_full(BundleSpec(tmp_path / "v2.img", signing_key.private_path, "2.0", 1, "test-board", level=3), full)
     assert len(data) < full.stat().st_size / 4
+
+
+def test_a_delta_build_refuses_an_image_that_changed_while_it_was_built(
+    tmp_path: Path, signing_key: KeyPair, pair: tuple[bytes, bytes]
+) -> None:
+    v1, v2 = pair
+    base, image, out = tmp_path / "v1.img", tmp_path / "v2.img", tmp_path / "delta.otab"
+    base.write_bytes(v1)
+    image.write_bytes(v2)
+    spec = BundleSpec(
+        image, signing_key.private_path, "2.0", 1, "test-board", level=3, threads=2, base={"rootfs": base}
+    )
+
+    def progress(done: int, total: int) -> None:  # the image is rewritten once its ops are under way
+        with image.open("r+b") as f:
+            f.write(b"changed")
+
+    with pytest.raises(BuildError, match="the image changed while building"):
+        build_full(spec, out, progress)
+    assert not out.exists()
 
 
 def test_delta_install_refuses_a_base_that_differs(
@@ -462,3 +482,14 @@ def test_a_new_compressed_file_is_a_deflate_aware_delta_without_dictionary(
     slot = SimSlot()
     stream_install(data, signing_key.keyring, slot, BytesSource(base, slot))
     assert bytes(slot.data) == target
+
+
+def test_a_delta_needing_more_ops_than_a_device_holds_is_refused_and_nothing_is_written(
+    tmp_path: Path, signing_key: KeyPair, pair: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bundler.build  # noqa: PLC0415
+
+    monkeypatch.setattr(bundler.build, "MAX_DELTA_OPS", 2)  # the corpus pair's ops are far below the real bound
+    with pytest.raises(BuildError, match=r"the delta needs \d+ ops; a delta bundle holds at most 2 .*full bundle"):
+        build_delta(tmp_path, signing_key, *pair)
+    assert not (tmp_path / "delta.otab").exists()

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import zstandard
@@ -157,7 +157,7 @@ def test_the_runner_keeps_op_memory_in_flight_within_its_budget() -> None:
         return b"x"
 
     runner: OpRunner[int] = OpRunner(produce=produce, write=lambda i, op, d: written.append(i),
-                                     done=lambda i, op: None, order_after_earlier=lambda i, op, p: False,
+                                     done=lambda i, op: None, reads_target=lambda i, op, p: [],
                                      workers=4, budget=budget)
     runner.run(stream(ops), ops)
 
@@ -165,25 +165,58 @@ def test_the_runner_keeps_op_memory_in_flight_within_its_budget() -> None:
     assert max(op_memory(op) for op in ops) < flight[1] <= budget
 
 
-def test_an_op_that_reads_the_target_starts_after_every_earlier_op_is_written() -> None:
+def _reader_sees(reads: Sequence[tuple[int, int]] | None) -> tuple[list[int], list[int]]:
+    """Ops 0-3 end late, in reverse order; op 4 reads the target `reads` (None: cannot
+    tell). What had been written when op 4 was produced, and what was written in all."""
     ops = ops_of("SSSSRS", size=4096)
     written: list[int] = []
-    seen_by_reader: list[list[int]] = []
+    lock = threading.Lock()
+    seen_by_reader: list[int] = []
 
     def produce(index: int, op: Op, payload: int) -> bytes:
         if index == 4:
-            seen_by_reader.append(sorted(written))
+            with lock:
+                seen_by_reader.extend(sorted(written))
         elif index < 4:
-            time.sleep(0.02 * (4 - index))  # the earlier ops end late, in reverse order
+            time.sleep(0.05 * (4 - index))
         return b"x"
 
-    runner: OpRunner[int] = OpRunner(produce=produce, write=lambda i, op, d: written.append(i),
-                                     done=lambda i, op: None, order_after_earlier=lambda i, op, p: i == 4,
-                                     workers=4)
-    runner.run(stream(ops), ops)
+    def write(index: int, op: Op, data: object) -> None:
+        with lock:
+            written.append(index)
 
-    assert seen_by_reader == [[0, 1, 2, 3]]
-    assert sorted(written) == list(range(len(ops)))
+    runner: OpRunner[int] = OpRunner(produce=produce, write=write, done=lambda i, op: None,
+                                     reads_target=lambda i, op, p: reads if i == 4 else [], workers=4)
+    runner.run(stream(ops), ops)
+    return seen_by_reader, sorted(written)
+
+
+def test_an_op_whose_target_reads_cannot_be_told_starts_after_every_earlier_op_is_written() -> None:
+    seen, written = _reader_sees(None)
+    assert seen == [0, 1, 2, 3]
+    assert written == list(range(6))
+
+
+def test_an_op_that_reads_the_target_waits_only_for_the_earlier_ops_writing_what_it_reads() -> None:
+    # Op 1 writes [4096, 8192) and op 3 [12288, 16384); the reader needs a byte of
+    # each. Op 0 (the slowest, 0.2 s) and op 2 write elsewhere and may still run.
+    seen, written = _reader_sees([(8191, 1), (12288, 100)])
+    assert {1, 3} <= set(seen)
+    assert 0 not in seen
+    assert written == list(range(6))
+
+
+def test_hints_name_the_target_ranges_a_delta_reads_and_cannot_tell_from_a_short_payload() -> None:
+    digest = bytes(32)
+    extents = [DictExtent(Origin.BASE, 0, 4096, digest), DictExtent(Origin.TARGET, 8192, 100, digest),
+               DictExtent(Origin.BASE, 65536, 512, digest), DictExtent(Origin.TARGET, 0, 4096, digest)]
+    payload = pack_delta(extents, [], b"frame")
+    op = Op(OpType.DELTA, 1 << 20, 4096, 0, len(payload), digest, digest, 0, 4096 + 100 + 512 + 4096)
+    assert apply.hints(op, payload) == ([(Origin.BASE, 0, 4096), (Origin.BASE, 65536, 512)], [(8192, 100), (0, 4096)])
+    assert apply.hints(op, payload[:20]) == ([], None)  # the extent list is cut: taken to read anything
+    assert apply.hints(op, b"") == ([], None)
+    copy = Op(OpType.SOURCE_COPY, 0, 4096, src_offset=8192, src_length=4096)
+    assert apply.hints(copy, None) == ([(Origin.BASE, 8192, 4096)], [])
 
 
 def test_the_failure_of_the_lowest_op_is_raised_after_the_ops_in_flight_end() -> None:
@@ -205,7 +238,7 @@ def test_the_failure_of_the_lowest_op_is_raised_after_the_ops_in_flight_end() ->
 
     done: list[int] = []
     runner: OpRunner[int] = OpRunner(produce=produce, write=lambda i, op, d: None, done=lambda i, op: done.append(i),
-                                     order_after_earlier=lambda i, op, p: False, workers=4)
+                                     reads_target=lambda i, op, p: [], workers=4)
     with pytest.raises(FormatError, match="op 1: broken"):
         runner.run(stream(ops), ops)
     assert 1 in ended

@@ -53,7 +53,8 @@ def test_overlapping_units_never_become_overlapping_extents() -> None:
 
 def test_a_base_stream_the_target_holds_unreproduced_is_matched_as_raw_bytes() -> None:
     """A compressed file the device cannot recompress stays raw bytes in the target; where
-    the base holds the same bytes (moved), they are in the dictionary as raw bytes."""
+    the base holds the same bytes (moved), they are copied from it (bundler.moved) or, where
+    that run is too short, in the dictionary as raw bytes."""
     rng = random.Random(17)
     c = zlib.compressobj(9, zlib.DEFLATED, -15, 8, zlib.Z_FILTERED)  # not what the device runs
     member = c.compress(text_like(rng, 300 * KiB)) + c.flush()
@@ -62,9 +63,10 @@ def test_a_base_stream_the_target_holds_unreproduced_is_matched_as_raw_bytes() -
     target = b"shifted" + gz + rng.randbytes(32 * KiB)
     assert [s.codec for s in find_streams(base, verify=False)] == [Codec.DEFLATE]
     assert find_streams(target) == [], "stays raw in the target"
-    planned = [p for p in plan_delta(target, len(target), base, len(base)) if p.type is OpType.DELTA]
-    assert planned
+    plan = list(plan_delta(target, len(target), base, len(base)))
+    planned = [p for p in plan if p.type is OpType.DELTA]
     raw_held = [(u.offset, u.offset + u.length) for p in planned for u in p.dictionary if u.codec is Codec.RAW]
+    raw_held += [(p.src_offset, p.src_offset + p.dst_length) for p in plan if p.type is OpType.SOURCE_COPY]
     covered = sum(min(b, 64 * KiB + len(gz)) - max(a, 64 * KiB) for a, b in raw_held if b > 64 * KiB)
     assert covered >= len(gz) * 0.9
 
@@ -176,7 +178,9 @@ def test_blocks_known_to_come_from_the_base_are_in_the_dictionary(
     rng = random.Random(16)
     base = no_anchor_bytes(rng, 1 << 20)
     picks = sorted(rng.sample(range(0, 240), 12))
-    target = b"".join(base[p * 4096 : (p + 3) * 4096] + no_anchor_bytes(rng, 4096) for p in picks)
+    # new data between the runs: enough content that the dictionary budget
+    # (planner.DICT_PER_BYTE, DICT_MIN) holds every base region the runs lie in
+    target = b"".join(base[p * 4096 : (p + 3) * 4096] + no_anchor_bytes(rng, 16384) for p in picks)
     planned = list(plan_delta(target, len(target), base, len(base)))
     assert [p.type for p in planned] == [OpType.DELTA]
     held = [(u.offset, u.offset + u.length) for u in planned[0].dictionary if u.origin is Origin.BASE]
@@ -188,4 +192,29 @@ def test_blocks_known_to_come_from_the_base_are_in_the_dictionary(
     slot = SimSlot()
     stream_install(data, signing_key.keyring, slot, BytesSource(base, slot))
     assert bytes(slot.data) == target
-    assert len(data) < len(target) / 2, "the copied blocks cost next to nothing"
+    new, copied = 12 * 16384, 12 * 3 * 4096
+    assert len(data) < new + copied / 8, "the copied blocks cost next to nothing"
+
+
+def test_a_stream_that_moved_unchanged_stays_raw_bytes_and_a_changed_one_is_content() -> None:
+    """A compressed block the base holds byte for byte (it only moved) is matched as raw
+    bytes: no piece, nothing for the device to deflate, and the stream is not verified."""
+    rng = random.Random(23)
+    moved = zlib.compress(text_like(rng, 60 * KiB), 9)
+    content = text_like(rng, 60 * KiB)
+    old, new = zlib.compress(content, 9), zlib.compress(content[:30000] + b"edited" + content[30006:], 9)
+    base = rng.randbytes(64 * KiB) + moved + bytes(1000) + old + rng.randbytes(64 * KiB)
+    target = rng.randbytes(8 * KiB) + bytes(100) + moved + bytes(777) + new + rng.randbytes(8 * KiB)
+    target += bytes(-len(target) % 4096)
+    planned = list(plan_delta(target, len(target), base, len(base)))
+    deltas = [p for p in planned if p.type is OpType.DELTA]
+    streamed = {(p.dst_offset + sum(q.out_length for q in p.pieces[:k]), piece.codec)
+                for p in deltas for k, piece in enumerate(p.pieces)}
+    assert (target.index(new), Codec.ZLIB) in streamed, "the changed block travels as its content"
+    assert not any(at == target.index(moved) for at, codec in streamed if codec is Codec.ZLIB)
+    at, src = target.index(moved), base.index(moved)
+    copied = any(p.type is OpType.SOURCE_COPY and p.dst_offset <= at < p.dst_offset + p.dst_length
+                 and p.src_offset == src - (at - p.dst_offset) for p in planned)  # a run long enough to copy
+    in_dictionary = any(u.codec is Codec.RAW and u.offset <= src < u.offset + u.length
+                        for p in deltas for u in p.dictionary)
+    assert copied or in_dictionary, "the moved block is copied, or its raw bytes are in a dictionary"

@@ -19,7 +19,8 @@ import pytest
 import zstandard
 
 from bundler.format.errors import BoundsError, FormatError
-from bundler.format.header import HEADER_SIZE, MAGIC, MAX_MANIFEST, MAX_OPS, OP_RECORD_SIZE, Header
+from bundler.format.header import HEADER_SIZE, MAGIC, MAX_DELTA_OPS, MAX_MANIFEST, MAX_OPS, OP_RECORD_SIZE, Header
+from bundler.format.manifest import ImageEntry
 from bundler.format.ops import MAX_OP_DST, MAX_OP_PAYLOAD, MAX_WINDOW, Op, OpType, produce, unpack_table
 from bundler.format.reader import READ_CHUNK, BundleReader
 from bundler.format.signing import verify
@@ -55,6 +56,28 @@ def test_eight_mib_op_is_refused_before_its_payload_is_read(signing_key: KeyPair
         reader.read_op_table(verified)
     assert (excinfo.value.field, excinfo.value.value) == ("dst_length", 8 * MiB)
     assert stream.requested == verified.header.payload_offset
+
+
+@pytest.mark.parametrize("count", [MAX_DELTA_OPS + 1, MAX_OPS])
+def test_delta_bundle_with_more_ops_than_a_device_holds_beside_its_dictionaries_is_refused_before_its_table(
+    signing_key: KeyPair, count: int
+) -> None:
+    ops = [Op(OpType.ZERO, i, 1) for i in range(count)]
+    image = ImageEntry("rootfs", count, "ab" * 32, 0, count, "cd" * 32, 4096)
+    data = assemble(manifest_for(ops, 0, images=(image,)), ops, b"", [signing_key.key])
+    stream = RecordingStream(data)
+    reader = BundleReader(stream)
+    verified = verify(reader.read_head(), signing_key.keyring)
+    with pytest.raises(BoundsError, match=rf"op_count of a delta bundle={count} outside \[1, {MAX_DELTA_OPS}\]"):
+        reader.read_op_table(verified)
+    assert stream.requested == verified.header.op_table_offset  # not one byte of the table was read
+
+
+def test_a_full_bundle_may_still_have_max_ops(signing_key: KeyPair) -> None:
+    ops = [Op(OpType.ZERO, i, 1) for i in range(MAX_DELTA_OPS + 1)]
+    data = assemble(manifest_for(ops, 0), ops, b"", [signing_key.key])
+    reader = BundleReader(io.BytesIO(data))
+    assert len(reader.read_op_table(verify(reader.read_head(), signing_key.keyring))) == MAX_DELTA_OPS + 1
 
 
 @pytest.mark.parametrize(
