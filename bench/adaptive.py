@@ -14,10 +14,16 @@ ops, `--no-block-index`), then one per `--chunk SIZE` asked for (the unit an
 adaptive download fetches; each with the block index), with its size against
 the first; with --adaptive-base, one built with `--adaptive-base v1`. A last
 row installs the first --chunk's bundle onto a device whose target slot holds
-the first half of v2 (an attempt cut halfway).
+the first half of v2 (an attempt cut halfway). With --embedded, one more full
+bundle is built with `--delta-from v1` (an embedded delta, docs/adaptive.md;
+default 4 MiB chunks): its size, and what a device holding v1 downloads; the
+embedded delta's section (op table and payloads) is printed too, and stands in
+for "our delta" when neither --delta nor --delta-size gives it (a standalone
+delta bundle is that section plus a head of well under 1 KiB).
 
 Usage: .venv/bin/python -m bench.adaptive [--corpus DIR] [--pair ext4|sqfs ...] [--delta]
-       [--delta-size ext4=3826638 ...] [--chunk 4M --chunk 64K ...] [--adaptive-base] [--workdir DIR]
+       [--delta-size ext4=3826638 ...] [--chunk 4M --chunk 64K ...] [--adaptive-base] [--embedded]
+       [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.install_vs_dd import scratch_dir
 from bundler.fleet.serve import BundleServer
 
 HERE = Path(__file__).resolve().parent
@@ -74,7 +80,7 @@ def install(device: Path, v1: Path, cut: tuple[Path, int] | None, keys: Path, ur
 
 def run_pair(
     work: Path, kind: str, pair: tuple[Path, Path], keys: Path, *, delta_size: int | None, build_delta: bool,
-    chunks: list[str], hint: bool,
+    chunks: list[str], hint: bool, embedded: bool = False,
 ) -> None:
     v1, v2 = pair
     d = work / kind
@@ -109,13 +115,28 @@ def run_pair(
             downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/{cut.name}")
             rows.append((f"--adaptive-base v1 (4M chunks cut to v1) + block index (built in {built:.0f} s)",
                          cut.stat().st_size, downloaded, took))
+        section = None
+        if embedded:
+            emb = d / "www" / "full-embedded.otab"
+            t0 = time.perf_counter()
+            run([tool("ota-bundle"), "create", "--image", str(v2), *key, "--delta-from", str(v1), "-o", str(emb)])
+            built = time.perf_counter() - t0
+            doc = json.loads(run([tool("ota-bundle"), "inspect", str(emb), "--json"]).stdout)
+            ref = doc["embedded_deltas"][0]
+            section = ref["op_table"]["count"] * 128 + ref["payload"]["length"]
+            downloaded, took = install(d / "device", v1, None, keys, f"{server.url}/{emb.name}")
+            rows.append((f"--delta-from v1 (embedded delta of {section:,} bytes) + block index "
+                         f"(built in {built:.0f} s)", emb.stat().st_size, downloaded, took))
+            if delta_size is None:
+                delta_size = section
         half = v2.stat().st_size // 2
         interrupted, _ = install(d / "device-cut", v1, (v2, half), keys, f"{server.url}/full-{chunks[0]}.otab")
     finally:
         server.stop()
     before = rows[0][1]
-    print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); our delta bundle: "
-          f"{delta_size or '-'} bytes; target: downloaded <= {TARGET}x our delta")
+    how = " (the embedded delta's section)" if section is not None and delta_size == section else ""
+    print(f"\n[{kind}] {v1.name} -> {v2.name} ({v2.stat().st_size} bytes); our delta: "
+          f"{delta_size or '-'} bytes{how}; target: downloaded <= {TARGET}x our delta")
     print("| full bundle | bundle bytes | size vs before | adaptive download, device holds v1 | vs bundle "
           "| vs our delta | install s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -135,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--adaptive-base", action="store_true",
                         help="also build the bundle with --adaptive-base v1 (chunks cut to the base)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="also build the full bundle with --delta-from v1 (an embedded delta; minutes)")
     parser.add_argument("--chunk", action="append", metavar="SIZE",
                         help="build the full bundle with this --chunk (repeatable; default 4M)")
     args = parser.parse_args(argv)
@@ -143,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     if not images.is_dir():
         print(f"no corpus at {args.corpus} (bench/delta_corpus/make-corpus.sh builds one)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="adaptive-bench-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "adaptive-bench-")
     try:
         keys = work / "keys"
         run([tool("ota-bundle"), "keygen", str(keys)])
         for kind in args.pair or ["ext4", "sqfs"]:
             pair = (images / f"v1.{kind}", images / f"v2.{kind}")
             run_pair(work, kind, pair, keys, delta_size=sizes.get(kind), build_delta=args.delta,
-                     chunks=args.chunk or ["4M"], hint=args.adaptive_base)
+                     chunks=args.chunk or ["4M"], hint=args.adaptive_base, embedded=args.embedded)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

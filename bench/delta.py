@@ -30,13 +30,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.install_vs_dd import Bench, Sample
-from bundler.format.deflate import Codec
+from bench.install_vs_dd import Bench, Sample, scratch_dir
+from bundler.format.deflate import RECOMPRESSED, Codec
 from bundler.format.header import OP_RECORD_SIZE
 from bundler.format.ops import DELTA_EXTENT_SIZE, PIECE_SIZE, OpType, parse_delta
 from bundler.format.reader import BundleReader
@@ -97,7 +96,7 @@ def where_the_bytes_go(bundle: Path, keyring: Path) -> str:
     uncompressed stream content (deflate-aware) rather than raw bytes."""
     payload = dict.fromkeys(OpType, 0)
     count = dict.fromkeys(OpType, 0)
-    extents = pieces = streamed = raw = 0
+    extents = pieces = streamed = gnu = filtered = raw = 0
     with bundle.open("rb") as f:
         reader = BundleReader(f)
         verified = verify(reader.read_head(), Keyring.load(keyring))
@@ -110,13 +109,16 @@ def where_the_bytes_go(bundle: Path, keyring: Path) -> str:
                 delta = parse_delta(op, data, index, base_size)
                 extents += len(delta.extents)
                 pieces += len(delta.pieces)
-                streamed += sum(p.out_length for p in delta.pieces if p.codec is not Codec.RAW)
+                streamed += sum(p.out_length for p in delta.pieces if p.codec in RECOMPRESSED)
+                gnu += sum(p.out_length for p in delta.pieces if p.codec is Codec.DEFLATE_BLOCKS)
+                filtered += sum(p.out_length for p in delta.pieces if p.codec is Codec.X86)
                 raw += op.dst_length - sum(p.out_length for p in delta.pieces if p.codec is not Codec.RAW)
     parts = [f"{t.name} {count[t]} ops {payload[t]:,} B" for t in OpType if count[t]]
     parts.append(f"op records {len(ops) * OP_RECORD_SIZE:,} B")
     parts.append(f"DELTA extent records {extents} x {DELTA_EXTENT_SIZE} = {extents * DELTA_EXTENT_SIZE:,} B")
     parts.append(f"piece records {pieces * PIECE_SIZE:,} B")
-    parts.append(f"DELTA output: {streamed:,} B as stream content, {raw:,} B as raw bytes")
+    parts.append(f"DELTA output: {streamed:,} B as stream content (of which {gnu:,} B GNU gzip members, "
+                 f"DEFLATE_BLOCKS), {filtered:,} B x86-filtered, {raw:,} B as raw bytes")
     return "; ".join(parts)
 
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ensure_corpus(args.corpus)
     have = ensure_tools()
-    work = Path(tempfile.mkdtemp(prefix="delta-bench-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "delta-bench-")
     bench = Bench(work, Path(sys.executable).parent)
     t0 = time.perf_counter()
     try:

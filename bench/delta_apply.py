@@ -6,7 +6,8 @@ base (`ota-agent sim init`), then per run restores the device's state and
 bootloader, drops the page cache and times `ota-agent install BUNDLE`
 (the base check, every op, fsync, read-back), `dd bs=4M conv=fsync` of the new
 image onto the same slot, `dd` plus an O_DIRECT read-back hashed by OpenSSL (what
-the installer's read-back does), and `ota-agent status` (the CLI's start-up).
+the installer's read-back does), and `ota-agent status` (the CLI's start-up);
+each with its wall time, CPU time (user + system of all its threads) and peak RSS.
 `--compare DIR` also times the install with the code of another checkout
 (PYTHONPATH=DIR, same virtualenv), for before/after tables. Not a pass/fail
 test: it prints the targets (apply <= 2x dd, peak RSS < 64 MiB) next to the
@@ -25,11 +26,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.install_vs_dd import Bench, Sample, digest_tool
+from bench.install_vs_dd import Bench, Sample, compile_bytecode, digest_tool, scratch_dir
 
 MIB = 1 << 20
 TARGET_RATIO = 2.0
@@ -42,10 +42,12 @@ def restore(device: Path) -> None:
     shutil.copyfile(device / "bootloader.json.orig", device / "bootloader.json")
 
 
-def row(name: str, samples: list[Sample]) -> tuple[str, float, str, float]:
+def row(name: str, samples: list[Sample]) -> tuple[str, float, str, float, float]:
+    """(step, median wall s, range, median CPU s, peak RSS MiB)."""
     times = [s.seconds for s in samples]
     spread = f"{min(times):.2f}-{max(times):.2f}" if len(times) > 1 else ""
-    return name, statistics.median(times), spread, max(s.rss_mib for s in samples)
+    cpu = statistics.median(s.cpu_s for s in samples)
+    return name, statistics.median(times), spread, cpu, max(s.rss_mib for s in samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compare", type=Path, help="a checkout whose code is timed too (PYTHONPATH)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="delta-apply-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "delta-apply-")
     try:
         return run(args, work)
     finally:
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     readback = f"dd if={shlex.quote(str(slot))} bs=4M iflag=direct status=none | {digest_tool()} >/dev/null"
     steps: dict[str, list[str]] = {"ota-agent install (this tree)": install}
     if args.compare is not None:
+        compile_bytecode(args.compare)
         steps[f"ota-agent install ({args.compare})"] = ["env", f"PYTHONPATH={args.compare}", *install]
     steps["dd conv=fsync"] = dd
     steps["dd + read-back"] = ["sh", "-c", f"{shlex.join(dd)} && {readback}"]
@@ -99,10 +102,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
           f"{os.cpu_count()} CPUs, load average during the runs {min(loads):.1f}-{max(loads):.1f}, "
           f"page cache dropped before each step: {'yes' if bench.can_drop else 'no (needs root)'}\n")
     rows = [row(name, s) for name, s in samples.items()]
-    print("| step | median s | range s | peak RSS MiB |\n|---|---:|---:|---:|")
-    for name, median, spread, rss in rows:
-        print(f"| {name} | {median:.2f} | {spread} | {rss:.1f} |")
-    by = {name: median for name, median, _, _ in rows}
+    print("| step | median s | range s | CPU s (user + sys) | peak RSS MiB |\n|---|---:|---:|---:|---:|")
+    for name, median, spread, cpu, rss in rows:
+        print(f"| {name} | {median:.2f} | {spread} | {cpu:.2f} | {rss:.1f} |")
+    by = {name: median for name, median, _, _, _ in rows}
     ours, dd_s = by["ota-agent install (this tree)"], by["dd conv=fsync"]
     start = by["ota-agent status (start-up)"]
     rss = max(s.rss_mib for s in samples["ota-agent install (this tree)"])

@@ -32,13 +32,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.install_vs_dd import make_synthetic
+from bench.install_vs_dd import make_synthetic, scratch_dir
 from bundler.fleet.serve import BundleServer
 from tests.fixtures.faultproxy import FaultProxy, Faults
 
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("curl not found: apt-get install curl", file=sys.stderr)
         return 2
     drops = [int(d) for d in args.drops.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="bench-http-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "bench-http-")
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=False).stdout.split()[1]
     print(f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, curl {curl}; "
           f"scratch {work}", flush=True)

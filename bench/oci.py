@@ -33,10 +33,11 @@ import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from bench.install_vs_dd import scratch_dir
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/var/tmp", help="parent of the scratch directory")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-oci-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "bench-oci-")
     try:
         base, upper = work / "base.tar", work / "upper.tar"
         files, data = base_layer(base, args.size_mib * MIB)

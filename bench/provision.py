@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.devices.split(",")]
+    if args.workdir:  # one that does not exist yet is made
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         image = work / "image.img"
