@@ -12,7 +12,7 @@ APT_TEST_PACKAGES := e2fsprogs zstd libubootenv-tool u-boot-tools grub-common gr
 	debootstrap lintian man-db python3-venv qemu-system-x86 grub-pc-bin xorriso
 APT_DEMO_PACKAGES := e2fsprogs
 
-.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts fuzz deb install vm vm-test vm-demo reliability soak
+.PHONY: demo test venv lint typecheck bench bench-fleet bench-console bench-http bench-delta bench-oci clean apt-test apt-demo bootscripts bytecode fuzz deb install vm vm-test vm-demo reliability soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +51,20 @@ lint: venv
 	$(BIN)/ruff check agent bundler hw ota_common tests bench
 	$(BIN)/mypy
 
-test: apt-test venv bootscripts lint
-	$(BIN)/python -m pytest tests
+# The project's bytecode, compiled as the .deb's postinst does: every `ota-agent`
+# a test or the demo starts then loads it instead of compiling each module from
+# source (which it does at every start where PYTHONDONTWRITEBYTECODE is set).
+bytecode: $(BIN)/python
+	$(BIN)/python -m compileall -q -j 0 agent bundler hw ota_common bench tests >/dev/null
 
-demo: apt-demo $(VENV)/.installed-run
+# The suite runs on TEST_JOBS worker processes (pytest-xdist); tests that build
+# from the checkout (the .deb, make install, the VM image) share one worker.
+TEST_JOBS ?= 2
+
+test: apt-test venv bootscripts lint bytecode
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup tests
+
+demo: apt-demo $(VENV)/.installed-run bytecode
 	$(BIN)/python -m agent.demo
 
 bench: venv

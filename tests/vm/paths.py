@@ -27,6 +27,8 @@ def base_tarball() -> Path:
 
 
 def build_deb(outdir: Path) -> Path:
-    """The edge-ota .deb of this checkout, built into `outdir`."""
-    out = subprocess.run(["sh", str(BUILD_DEB), str(outdir)], check=True, capture_output=True, text=True)
+    """The edge-ota .deb of this checkout, built into `outdir` (a failure carries the script's own words)."""
+    out = subprocess.run(["sh", str(BUILD_DEB), str(outdir)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"packaging/build-deb.sh exited {out.returncode}:\n{out.stderr[-3000:]}{out.stdout[-1000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
