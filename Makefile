@@ -57,12 +57,15 @@ lint: venv
 bytecode: $(BIN)/python
 	$(BIN)/python -m compileall -q -j 0 agent bundler hw ota_common bench tests >/dev/null
 
-# The suite runs on TEST_JOBS worker processes (pytest-xdist); tests that build
-# from the checkout (the .deb, make install, the VM image) share one worker.
+# The suite runs on TEST_JOBS worker processes (pytest-xdist). `--dist loadfile`
+# keeps each file's tests, in order, with their module fixtures in one worker (the
+# VM cycle's steps build on each other); tests that build from the checkout or
+# into the VM cache wait for each other on host-wide locks (tests/vm/paths.py),
+# so nothing depends on how the scheduler groups them.
 TEST_JOBS ?= 2
 
 test: apt-test venv bootscripts lint bytecode
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadgroup tests
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile tests
 
 demo: apt-demo $(VENV)/.installed-run bytecode
 	$(BIN)/python -m agent.demo

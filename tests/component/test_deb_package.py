@@ -19,7 +19,6 @@ from tests.vm import paths
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("checkout-builds"),  # one worker: they build from the checkout and share the VM cache
     pytest.mark.skipif(os.geteuid() != 0, reason="dpkg -i in a chroot needs root"),
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap absent"),
     pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no Debian /usr/bin/python3 to build the venv"),

@@ -11,32 +11,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.vm.paths import TOP
-
-pytestmark = pytest.mark.xdist_group("checkout-builds")  # builds a wheel in the checkout, as the .deb does
+from tests.vm.paths import CHECKOUT, TOP, exclusive
 
 
 def test_make_install_stages_a_working_agent_under_another_prefix(tmp_path: Path) -> None:
     dest = tmp_path / "image"
     host_script = Path(sys.executable).parent / "ota-agent"
     host_had_it = host_script.exists()
-    done = subprocess.run(
-        [
-            "make",
-            "-s",
-            "-C",
-            str(TOP),
-            "install",
-            f"DESTDIR={dest}",
-            "PREFIX=/opt/ota",
-            f"INSTALL_PYTHON={sys.executable}",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with exclusive(CHECKOUT):  # pip builds a wheel in the checkout, as the .deb build does
+        done = subprocess.run(
+            [
+                "make",
+                "-s",
+                "-C",
+                str(TOP),
+                "install",
+                f"DESTDIR={dest}",
+                "PREFIX=/opt/ota",
+                f"INSTALL_PYTHON={sys.executable}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     assert done.returncode == 0, done.stdout + done.stderr
     # Staging for an image leaves the build host's own installation alone.
     assert host_script.exists() == host_had_it

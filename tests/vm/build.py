@@ -345,19 +345,20 @@ def _prune(keep: Path, count: int = 2) -> None:
 def ensure_image() -> Image:
     """The cached image for this checkout, built when its inputs changed."""
     base = paths.base_tarball()
-    keys = signing_keys()
-    out = paths.cache_dir() / f"vm-{inputs_key(base)}"
-    if (out / "image.json").exists():
-        return Image.load(out)
-    tmp = Path(tempfile.mkdtemp(prefix="build.", dir=paths.cache_dir()))
-    try:
-        staging = tmp / "out"
-        build(staging, base, keys, tmp)
-        staging.rename(out)
-        _prune(keep=out)
-        return Image.load(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with paths.exclusive(paths.IMAGE):  # another worker building the same image: wait, then load it
+        keys = signing_keys()
+        out = paths.cache_dir() / f"vm-{inputs_key(base)}"
+        if (out / "image.json").exists():
+            return Image.load(out)
+        tmp = Path(tempfile.mkdtemp(prefix="build.", dir=paths.cache_dir()))
+        try:
+            staging = tmp / "out"
+            build(staging, base, keys, tmp)
+            staging.rename(out)
+            _prune(keep=out)
+            return Image.load(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:

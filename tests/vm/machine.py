@@ -41,6 +41,11 @@ def kvm_usable() -> bool:
     guests): a GRUB rescue image that halts, booted once per host kernel."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which("grub-mkrescue") is None:
         return False
+    with paths.exclusive(paths.KVM_PROBE):  # one probe per host, whichever worker asks first
+        return _probe_kvm()
+
+
+def _probe_kvm() -> bool:
     marker = paths.cache_dir() / f"kvm-{os.uname().release}"
     if marker.exists():
         return marker.read_text().strip() == "yes"

@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.vm.build import COMPATIBLE, GUEST, Image
 from tests.vm.machine import GuestError, Machine, kvm_usable
-from tests.vm.paths import TOP
+from tests.vm.paths import IMAGE, TOP, exclusive
 
 BOOT_TIMEOUT = 900.0  # TCG on a busy 2-core host
 
@@ -96,10 +96,15 @@ def _debugfs_write(image: Path, path: str, text: str, work: Path) -> None:
 
 
 def bundle(image: Image, v: Variant) -> Path:
-    """The signed bundle of `v` (cached beside the image)."""
+    """The signed bundle of `v` (cached beside the image; another worker building it is waited for)."""
     out = Path(image.directory) / "bundles" / v.filename
-    if out.exists():
-        return out
+    with exclusive(IMAGE):
+        if not out.exists():
+            _build_bundle(image, v, out)
+    return out
+
+
+def _build_bundle(image: Image, v: Variant, out: Path) -> None:
     out.parent.mkdir(exist_ok=True)
     work = out.parent / f"work-{v.filename}"
     shutil.rmtree(work, ignore_errors=True)
@@ -142,7 +147,6 @@ def bundle(image: Image, v: Variant) -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 @contextmanager

@@ -41,7 +41,6 @@ from tests.vm.machine import Machine
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("checkout-builds"),  # one worker: they build from the checkout and share the VM cache
     pytest.mark.skipif(os.geteuid() != 0, reason="building the VM image needs root (chroot)"),
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 absent"),
     pytest.mark.skipif(shutil.which("grub-mkimage") is None, reason="grub-pc-bin absent"),
