@@ -23,14 +23,19 @@ from cryptography.hazmat.primitives import serialization
 from agent.events import Event
 from agent.outbox import EventLog
 from agent.state import AgentState, SlotRecord, StateStore, Trial
+from bundler import executor
+from bundler.executor import Inputs, make_op
 from bundler.format.manifest import ImageEntry, Manifest
 from bundler.format.ops import Op, OpType, pack_table
 from bundler.format.writer import write_bundle
+from bundler.planner import plan_delta
 from ota_common.frames import encode as encode_frame
+from tests.fuzz import delta_pair
 from tests.fuzz._harness import TEST_KEY
 
 HARNESSES = (
-    "bundle", "resigned", "manifest", "ops", "keys", "config", "state", "outbox", "console", "mqtt", "media", "oci",
+    "bundle", "resigned", "manifest", "ops", "delta", "keys", "config", "state", "outbox", "console", "mqtt", "media",
+    "oci",
 )
 
 
@@ -161,6 +166,19 @@ def _oci_seeds() -> list[bytes]:
             b"\x02oci://registry.example:5000/edge/gw@sha256:" + b"cd" * 32, b"\x02oci://localhost/a/b:1.0"]
 
 
+def _delta_seeds() -> list[bytes]:
+    """Every DELTA op the bundler plans for tests.fuzz.delta_pair, record then payload,
+    made with the x86 filter on (so X86 pieces and extents are among them)."""
+    base, target = delta_pair.pair()
+    planned = [p for p in plan_delta(target, len(target), base, len(base)) if p.type is OpType.DELTA]
+    was, executor.X86_FILTER = executor.X86_FILTER, True
+    try:
+        made = [make_op(p, Inputs(target, base), 3) for p in planned]
+    finally:
+        executor.X86_FILTER = was
+    return [op.pack() + payload for op, payload in made if op.type is OpType.DELTA]
+
+
 def seeds() -> dict[str, list[bytes]]:
     made = bundles()
     frames = [zstandard.ZstdCompressor(level=1).compress(b"x" * 5000), zstandard.ZstdCompressor().compress(b"")]
@@ -208,6 +226,7 @@ def seeds() -> dict[str, list[bytes]]:
         "resigned": [data for _, data in made],
         "manifest": [m.encode() for m, _ in made],
         "ops": ops_seeds,
+        "delta": _delta_seeds(),
         "keys": keys,
         "config": [CONFIG],
         "state": state,

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import random
 import shutil
-import subprocess
 import zlib
 from dataclasses import replace
 
@@ -31,25 +30,10 @@ from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.ops import DictExtent, Op, OpType, Origin, Piece, pack_delta, parse_delta
 from bundler.planner import Unit, plan_delta
 from bundler.streams import find_streams
+from tests.fixtures.synthetic import gnu_gzip, prose
 
 KiB = 1024
 pytestmark = pytest.mark.skipif(shutil.which("gzip") is None, reason="needs GNU gzip (apt-get install gzip)")
-
-
-def prose(seed: int, n: int) -> bytes:
-    """Changelog-like text: words of a Zipf-distributed vocabulary. Like real text (and
-    unlike uniformly drawn words) it makes gzip end a block early, where zlib would not."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choice(b"etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
-    weights = [1 / (k + 1) for k in range(len(words))]
-    out = bytearray()
-    while len(out) < n:
-        out += b" ".join(rng.choices(words, weights, k=12)) + b".\n"
-    return bytes(out[:n])
-
-
-def gnu_gzip(content: bytes) -> bytes:
-    return subprocess.run(["gzip", "-9n"], input=content, capture_output=True, check=True).stdout
 
 
 def body(member: bytes) -> bytes:

@@ -28,6 +28,7 @@ from bundler.format.deflate import Codec
 from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.ops import DictExtent, Op, OpType, Origin, Piece, pack_delta, parse_delta
 from bundler.planner import Planned, Unit, plan_delta
+from tests.fixtures.synthetic import program
 
 KiB = 1024
 
@@ -63,32 +64,6 @@ def test_the_filter_makes_a_relative_call_absolute() -> None:
     call = b"\xe8" + (0x100).to_bytes(4, "little", signed=True)
     encoded = x86.encode(bytes(16) + call, 1000)
     assert int.from_bytes(encoded[17:21], "little", signed=True) == 0x100 + 1000 + 16 + 5
-
-
-def program(seed: int, grow: int, functions: int = 200) -> bytes:
-    """An x86-like executable: 64 PLT stubs, then functions whose bytes call stubs and
-    other functions with E8 rel32. `grow` bytes are added to the first function, so every
-    function after it moves: its calls into the stubs change displacement."""
-    rng = random.Random(seed)
-    filler = bytes(b for b in range(256) if b not in (0xE8, 0xE9))
-    sizes = [rng.randint(600, 2000) for _ in range(functions)]
-    sizes[0] += grow
-    stubs = 64 * 16
-    starts = [stubs]
-    for size in sizes[:-1]:
-        starts.append(starts[-1] + size)
-    out = bytearray()
-    for k in range(64):
-        out += b"\xff\x25" + rng.randbytes(4) + b"\x68" + k.to_bytes(4, "little") + b"\xe9\x00\x00\x00\x00\x90"
-    rng = random.Random(seed + 1)  # the same bodies in both versions
-    for k, size in enumerate(sizes):
-        body = bytearray()
-        while len(body) < size - 5:
-            body += bytes(rng.choice(filler) for _ in range(rng.randint(8, 40)))
-            target = rng.randrange(64) * 16 if rng.random() < 0.8 else rng.choice(starts)
-            body += b"\xe8" + (target - (starts[k] + len(body) + 5)).to_bytes(4, "little", signed=True)
-        out += body[:size - 5].ljust(size, b"\x90")
-    return bytes(out)
 
 
 class Images:
