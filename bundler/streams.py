@@ -34,6 +34,7 @@ _MEM_LEVELS = (8, 9)
 _MAX_BLOCKS = 4096  # a longer block list is not worth its bytes
 _STEP = 64 << 10  # content bytes fed per step when a (level, memLevel) is tried in steps
 _MIN_PART = 4 << 20  # a smaller scan is not split across the pool
+_MAX_PARTS = 8  # parts of one scan queued on the pool (more than its workers keeps them all busy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,17 +210,17 @@ def _disjoint(results: Iterable[Stream | None]) -> list[Stream]:
 
 
 def _scan(data: bytes, within: Sequence[tuple[int, int]] | None, pool: ThreadPoolExecutor | None) -> list[Candidate]:
-    """`_candidates` over the whole of `data`, in as many parts as the pool has workers, each
-    scanned on the pool (inflating releases the GIL). A part's first candidates may lie inside
-    a stream that began in the part before: they do not inflate (a zlib stream ends with
-    its Adler-32) or, if they did, `_disjoint` keeps the stream that starts first."""
+    """`_candidates` over the whole of `data`, in parts of at least `_MIN_PART` bytes (at most
+    `_MAX_PARTS`), each scanned on the pool (inflating releases the GIL). A part's first
+    candidates may lie inside a stream that began in the part before: they do not inflate (a
+    zlib stream ends with its Adler-32) or, if they did, `_disjoint` keeps the stream that
+    starts first."""
     lo, hi = (within[0][0], within[-1][1]) if within else (0, len(data))
-    workers = pool._max_workers if pool is not None else 1
-    if workers < 2 or hi - lo < _MIN_PART * 2:
+    count = min(_MAX_PARTS, (hi - lo) // _MIN_PART)
+    if pool is None or count < 2:
         return list(_candidates(data, within))
-    cuts = [lo + (hi - lo) * k // workers for k in range(workers + 1)]
-    assert pool is not None
-    parts = pool.map(lambda k: list(_candidates(data, within, (cuts[k], cuts[k + 1]))), range(workers))
+    cuts = [lo + (hi - lo) * k // count for k in range(count + 1)]
+    parts = pool.map(lambda k: list(_candidates(data, within, (cuts[k], cuts[k + 1]))), range(count))
     return [c for part in parts for c in part]
 
 

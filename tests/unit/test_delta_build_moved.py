@@ -103,13 +103,14 @@ def test_a_scan_split_across_the_pool_finds_what_one_scan_finds_streams_across_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(streams, "_MIN_PART", 64 * KiB)  # split this small image too
+    monkeypatch.setattr(streams, "_MAX_PARTS", 3)  # in thirds
     rng = random.Random(5)
     files = [text_like(rng, 300 * KiB) for _ in range(8)]
     blocks = [zlib.compress(f[at : at + 128 * KiB], 9) for f in files for at in range(0, len(f), 128 * KiB)]
     gz_body = zlib.compressobj(9, zlib.DEFLATED, -15, 8)
     member = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03" + gz_body.compress(files[0][:50000]) + gz_body.flush()
     first, rest = b"".join(blocks[:4]), b"".join(blocks[4:])
-    # Three workers cut the image in thirds: pad its start until the first cut falls
+    # Three parts cut the image in thirds: pad its start until the first cut falls
     # inside the gzip member's magic bytes (between two zlib blocks); the second cut then
     # falls inside a zlib block.
     pad = next(p for p in range(1 << 20) if (p + len(first) + len(member) + len(rest)) // 3 == p + len(first) + 1)
