@@ -34,37 +34,37 @@ MIN_SCORE = 2
 # digits and punctuation.
 _SET_A = bytes(range(0x03, 0x100, 8))
 _SET_B = bytes(range(0x05, 0x100, 8))
-_ANCHOR = re.compile(b"[" + re.escape(_SET_A) + b"][" + re.escape(_SET_B) + b"]")
+# Anchors are found as the literal b"ab" in the bytes mapped through _MARKS (set A to
+# "a", set B to "b", the rest to "."): the same positions as the character classes
+# `[A][B]` (the sets are disjoint, so no two anchors overlap), in a third of the time.
+_MARKS = bytes(0x61 if b in _SET_A else 0x62 if b in _SET_B else 0x2E for b in range(256))
+_ANCHOR = re.compile(b"ab")
 
 _MULTI = -1  # marks a feature seen in too many regions
 
 
-def _anchored(data: bytes | memoryview, start: int, end: int) -> tuple[bytes, int, int, int]:
-    """(bytes to scan, first and last scan position, offset of those bytes in `data`)."""
-    if isinstance(data, bytes):
-        return data, start, end, 0
-    return bytes(data[start:end]), 0, end - start, start
+def _anchors(data: bytes | memoryview, start: int, end: int) -> tuple[bytes, list[int]]:
+    """(data[start:end) as bytes, the anchors in it whose feature fits before its end,
+    as offsets into it)."""
+    raw = bytes(data[start:end])
+    last = len(raw) - FEATURE_LENGTH
+    return raw, [q for q in [m.start() for m in _ANCHOR.finditer(raw.translate(_MARKS))] if q <= last]
 
 
 def features(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(position, feature) for every anchor in data[start:end) whose feature
     fits before `end`."""
-    raw, lo, hi, base = _anchored(data, start, end)
-    last = end - FEATURE_LENGTH - base
-    for m in _ANCHOR.finditer(raw, lo, hi):
-        q = m.start()
-        if q > last:
-            break
-        yield q + base, hash(raw[q : q + FEATURE_LENGTH])
+    raw, anchors = _anchors(data, start, end)
+    for q in anchors:
+        yield q + start, hash(raw[q : q + FEATURE_LENGTH])
 
 
 def feature_hashes(data: bytes | memoryview, start: int, end: int) -> list[int]:
     """The features of `features`, without their positions, in order: one list made
     by comprehensions (the index is built and searched over millions of them)."""
-    raw, lo, hi, base = _anchored(data, start, end)
-    last = end - FEATURE_LENGTH - base
+    raw, anchors = _anchors(data, start, end)
     n = FEATURE_LENGTH
-    return [hash(raw[q : q + n]) for q in [m.start() for m in _ANCHOR.finditer(raw, lo, hi)] if q <= last]
+    return [hash(raw[q : q + n]) for q in anchors]
 
 
 class UnitIndex:
