@@ -37,6 +37,9 @@ SCENARIOS = {
         rollback="did not commit", tries=1, pre_boots=1,
     ),
     "replace-pending": Scenario("replace-pending", ("install", "{v3}"), ("A",), frozenset({"factory", "2.0", "3.0"})),
+    # A delta read from the booted slot A (the factory image) while B is written.
+    "install-delta": Scenario("install-delta", ("install", "{delta}"), ("A",), frozenset({"factory", "2.1"}),
+                              pending=False),
 }
 
 
@@ -77,7 +80,8 @@ def explorer_for(
         install_bundle(directory, releases.v2.bundle)  # installed, not booted yet
     for _ in range(scenario.pre_boots):
         power_on_without_boot_check(directory)
-    argv = tuple(a.format(v2=releases.v2.bundle, v3=releases.v3.bundle, dir="{dir}") for a in scenario.argv)
+    argv = tuple(a.format(v2=releases.v2.bundle, v3=releases.v3.bundle, delta=releases.delta.bundle, dir="{dir}")
+                 for a in scenario.argv)
     concrete = dataclasses.replace(scenario, argv=argv)
     fresh = (releases.v4.bundle, releases.v4.image)
     return Explorer(directory, concrete, backend, releases.images, fresh, installs=installs, tracer_args=tracer_args)
