@@ -140,9 +140,7 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
     """One image's ops (destination offsets from 0, payload offsets in the spool) and its entry
     (op_first still 0)."""
     if base is not None:
-        with _mapped(source.path, size, "image") as target:
-            target_bytes = bytes(target)
-        return _build_delta_image(source, size, base, target_bytes, run)
+        return _build_delta_image(source, size, base, run)
     with _mapped(source.path, size, "image") as target:
         digest = _sha256(target, size)
         held = _held(run.hint) if run.hint is not None else None
@@ -156,28 +154,34 @@ def _build_image(source: ImageSource, size: int, base: Path | None, run: _Run) -
         return ops, ImageEntry(source.slot_class, size, digest, 0, len(ops))
 
 
-def _delta_in_flight(run: _Run) -> int:
-    """Ops a delta build keeps submitted ahead of the oldest unfinished one. A pending
-    DELTA holds its plan (offsets) until a worker runs it and its frame after, so many
-    cost little; with `run.in_flight` (2 per thread) the planner waited on one slow
-    large op while the other worker idled: ext4 24 s instead of 30-35 s at 32, the
-    same peak RSS (1.2 GB, both images and the index)."""
-    return max(run.in_flight, DELTA_IN_FLIGHT)
+def _copied(path: Path, size: int, what: str) -> bytes:
+    """The file's bytes in memory (a delta's similarity search scans both images)."""
+    with _mapped(path, size, what) as data:
+        return bytes(data)
 
 
-def _build_delta_image(
-    source: ImageSource, size: int, base: Path, target_bytes: bytes, run: _Run
-) -> tuple[list[Op], ImageEntry]:
-    """`_build_image` against `base`: both images are copied into memory (the similarity
-    search scans both), hashed on the pool while the planner starts, and the target hashed
-    again at the end (the image must not have changed while it was read)."""
+def _delta_ops(target: bytes, base: bytes, spool: _Payload, run: _Run) -> list[Op]:
+    """The ops of `target` against `base`, their payloads in `spool`. Up to DELTA_IN_FLIGHT
+    ops are kept submitted ahead of the oldest unfinished one: a pending DELTA holds its
+    plan (offsets) until a worker runs it and its frame after, so many cost little; with
+    `run.in_flight` (2 per thread) the planner waited on one slow large op while the other
+    worker idled: ext4 24 s instead of 30-35 s at 32, the same peak RSS (1.2 GB, both
+    images and the index)."""
+    plan = plan_delta(target, len(target), base, len(base), run.pool)
+    return execute(plan, Inputs(target, base), spool, run.pool, level=run.level,
+                   in_flight=max(run.in_flight, DELTA_IN_FLIGHT), tick=run.tick)
+
+
+def _build_delta_image(source: ImageSource, size: int, base: Path, run: _Run) -> tuple[list[Op], ImageEntry]:
+    """`_build_image` against `base`: both images are copied into memory, hashed on the
+    pool while the planner starts, and the target hashed again at the end (the image
+    must not have changed while it was read)."""
     base_size = base.stat().st_size
-    with _mapped(base, base_size, "base image") as old:
-        base_bytes = bytes(old)
+    target_bytes = _copied(source.path, size, "image")
+    base_bytes = _copied(base, base_size, "base image")
     digests = [run.pool.submit(_sha256_bytes, data) for data in (target_bytes, base_bytes)]
-    plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
-    inputs = Inputs(target_bytes, base_bytes)
-    ops = execute(plan, inputs, run.spool, run.pool, level=run.level, in_flight=_delta_in_flight(run), tick=run.tick)
+    ops = _delta_ops(target_bytes, base_bytes, run.spool, run)
+    del target_bytes, base_bytes
     digest, base_digest = (d.result() for d in digests)
     with _mapped(source.path, size, "image") as target:
         if _sha256(target, size) != digest:
@@ -220,16 +224,14 @@ def _build_embedded(
     spool = _Payload(out)
     try:
         base_size = old.stat().st_size
-        with _mapped(source.path, size, "image") as target, _mapped(old, base_size, "--delta-from image") as base:
-            base_digest = _sha256(base, base_size)
-            target_bytes, base_bytes = bytes(target), bytes(base)
+        target_bytes = _copied(source.path, size, "image")
+        base_bytes = _copied(old, base_size, "--delta-from image")
+        base_digest = _sha256_bytes(base_bytes)
         if _sha256_bytes(target_bytes) != digest:
             raise BuildError(f"{source.path}: the image changed while building")
         if base_digest == digest:
             raise OptionError("--delta-from", f"{old} is the {source.slot_class} image itself")
-        plan = plan_delta(target_bytes, size, base_bytes, base_size, run.pool)
-        ops = execute(plan, Inputs(target_bytes, base_bytes), spool, run.pool, level=run.level,
-                      in_flight=_delta_in_flight(run), tick=run.tick)
+        ops = _delta_ops(target_bytes, base_bytes, spool, run)
         del target_bytes, base_bytes
         if first + len(ops) > embedded_mod.MAX_EMBEDDED_OPS:
             raise OptionError("--delta-from", f"the delta from {old} needs {len(ops)} ops, the other images' largest "
