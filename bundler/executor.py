@@ -29,9 +29,9 @@ from typing import Protocol
 import zstandard
 
 from bundler.format import x86
-from bundler.format.deflate import Codec, blocks_prefix, inflate
+from bundler.format.deflate import Codec, inflate
 from bundler.format.ops import MAX_DELTA_WINDOW, DictExtent, Op, OpType, Origin, Piece, pack_delta
-from bundler.planner import Buffer, Planned
+from bundler.planner import Buffer, Planned, decoded_content
 from bundler.similarity import features
 
 DELTA_LEVEL = 19
@@ -87,25 +87,6 @@ def _delta_frame(data: bytes, dictionary: bytes, level: int = DELTA_LEVEL) -> by
         return zstandard.ZstdCompressor(compression_params=params).compress(data)
     raw = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     return zstandard.ZstdCompressor(compression_params=params, dict_data=raw).compress(data)
-
-
-def _content(data: bytes, pieces: tuple[Piece, ...], blocks: tuple[tuple[int, ...], ...] = ()) -> bytes:
-    """What a deflate-aware DELTA's frame decodes to: raw pieces as they are, streams inflated
-    (a DEFLATE_BLOCKS piece's after its block list, the next of `blocks`)."""
-    parts: list[bytes] = []
-    lists = iter(blocks)
-    at = 0
-    for piece in pieces:
-        raw = data[at : at + piece.out_length]
-        if piece.codec is Codec.RAW:
-            parts.append(raw)
-        elif piece.codec is Codec.DEFLATE_BLOCKS:
-            prefix = blocks_prefix(next(lists))
-            parts += [prefix, inflate(raw, Codec.DEFLATE, piece.in_length - len(prefix), "piece")]
-        else:
-            parts.append(inflate(raw, piece.codec, piece.in_length, "piece"))
-        at += piece.out_length
-    return b"".join(parts)
 
 
 def make_op(planned: Planned, inputs: Inputs, level: int) -> tuple[Op, bytes]:
@@ -194,7 +175,7 @@ def _delta_inputs(planned: Planned, inputs: Inputs, data: bytes, *, filtered: bo
             raise AssertionError(f"x86 filter does not invert at {planned.dst_offset}")
         pieces = (Piece(Codec.X86, len(data), len(data)),)
     else:
-        content = data if not pieces else _content(data, pieces, planned.blocks)
+        content = data if not pieces else decoded_content(data, pieces, planned.blocks)
     return extents, pieces, b"".join(parts), content
 
 

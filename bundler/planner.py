@@ -405,30 +405,43 @@ def _stretches(
         yield first, out, tuple(pieces)
 
 
+def decoded_content(data: bytes, pieces: tuple[Piece, ...], blocks: tuple[tuple[int, ...], ...] = ()) -> bytes:
+    """What a deflate-aware DELTA's frame decodes to: raw pieces as they are, streams inflated
+    (a DEFLATE_BLOCKS piece's after its block list, the next of `blocks`)."""
+    parts: list[bytes] = []
+    lists = iter(blocks)
+    at = 0
+    for piece in pieces:
+        raw = data[at : at + piece.out_length]
+        if piece.codec is Codec.RAW:
+            parts.append(raw)
+        elif piece.codec is Codec.DEFLATE_BLOCKS:
+            prefix = blocks_prefix(next(lists))
+            parts += [prefix, inflate(raw, Codec.DEFLATE, piece.in_length - len(prefix), "piece")]
+        else:
+            parts.append(inflate(raw, piece.codec, piece.in_length, "piece"))
+        at += piece.out_length
+    return b"".join(parts)
+
+
 def _delta_op(
     search: _Search, first: int, length: int, segments: tuple[Segment, ...], sources: list[int]
 ) -> Planned:
-    target = search.target
-    parts: list[bytes] = []
     pieces: list[Piece] = []
     splits: list[tuple[int, ...]] = []
-    for at, n, stream in segments:
+    for _, n, stream in segments:
         if stream is None:
-            parts.append(target[at : at + n])
             if pieces and pieces[-1].codec is Codec.RAW:
                 last = pieces[-1]
                 pieces[-1] = Piece(Codec.RAW, last.in_length + n, last.out_length + n)
             else:
                 pieces.append(Piece(Codec.RAW, n, n))
         elif stream.blocks:
-            parts.append(blocks_prefix(stream.blocks))
-            parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(Codec.DEFLATE_BLOCKS, stream.decoded_length, n, stream.level, stream.mem_level))
             splits.append(stream.blocks)
         else:
-            parts.append(inflate(target[at : at + n], stream.codec, stream.content_length, "stream"))
             pieces.append(Piece(stream.codec, stream.content_length, n, stream.level, stream.mem_level))
-    content = b"".join(parts)
+    content = decoded_content(search.target[first : first + length], tuple(pieces), tuple(splits))
     # Blocks of the stretch that equal base blocks (runs too short for a SOURCE_COPY of
     # their own): the base regions holding them belong in the dictionary, whatever they score.
     blocks = sources[first // BLOCK : -(-(first + length) // BLOCK)]
