@@ -193,9 +193,6 @@ def moved_streams(
     return base_streams, verifying(target, rest, pool), moved
 
 
-INDEX_COPIED = False  # whether the similarity index offers base data that moved runs copy
-
-
 def copied(runs: Sequence[Moved]) -> Callable[[int, int], bool]:
     """Whether base[offset : offset + length] lies wholly inside the source of one run: data
     the target holds unchanged elsewhere, so the target's changed data likely came from
@@ -205,6 +202,6 @@ def copied(runs: Sequence[Moved]) -> Callable[[int, int], bool]:
 
     def inside(offset: int, length: int) -> bool:
         k = bisect.bisect_right(starts, offset) - 1
-        return not INDEX_COPIED and k >= 0 and offset + length <= spans[k][1]
+        return k >= 0 and offset + length <= spans[k][1]
 
     return inside

@@ -45,7 +45,7 @@ class Stream:
     level: int
     mem_level: int
     content_length: int
-    levels: tuple[int, ...] = ()  # unverified (level 0): the levels `verified` tries, likeliest first
+    levels: tuple[int, ...] = ()  # unverified (level 0): the levels `verifying` tries, likeliest first
     blocks: tuple[int, ...] = ()  # where zlib must end blocks to reproduce it (a DEFLATE_BLOCKS piece)
 
     @property
@@ -234,7 +234,7 @@ def find_streams(
 ) -> list[Stream]:
     """Non-overlapping streams of `data`, in offset order: verified ones (the device's
     deflate reproduces them; level and memLevel set), or with `verify` False every
-    stream that inflates (level 0: good for a dictionary, which is only inflated; `verified`
+    stream that inflates (level 0: good for a dictionary, which is only inflated; `verifying`
     checks them later). `within` (sorted, disjoint spans): only streams wholly inside one
     are inflated and kept; `skip`: the `hash()` of compressed bytes not wanted (a stream the
     base holds byte for byte stays raw bytes: nothing to verify, nothing to recompress)."""
@@ -256,15 +256,11 @@ def _check(view: memoryview, s: Stream) -> Stream | None:
     return _verify(view, (s.offset, s.length, content, s.codec, s.levels))
 
 
-def verified(data: bytes, streams: Sequence[Stream], pool: ThreadPoolExecutor | None = None) -> list[Stream]:
-    """Those of the unverified `streams` (from `find_streams(verify=False)`) that the device's
-    deflate reproduces, with their level and memLevel: what `find_streams` would have kept."""
-    return verifying(data, streams, pool).result()
-
-
 def verifying(data: bytes, streams: Sequence[Stream], pool: ThreadPoolExecutor | None = None) -> Future[list[Stream]]:
-    """`verified` running on `pool` (one task per stream; zlib releases the GIL), so the
-    caller can do other work meanwhile; without a pool it is done on return."""
+    """Those of the unverified `streams` (from `find_streams(verify=False)`) that the device's
+    deflate reproduces, with their level and memLevel (what `find_streams` would have kept),
+    found on `pool` (one task per stream; zlib releases the GIL) while the caller does other
+    work; without a pool it is done on return."""
     view = memoryview(data)
     done: Future[list[Stream]] = Future()
     if pool is None or not streams:

@@ -17,7 +17,7 @@ from bundler.format.deflate import Codec
 from bundler.format.ops import OpType
 from bundler.moved import MIN_MOVED, Moved, find_moved, moved_streams, split, without
 from bundler.planner import plan_delta
-from bundler.streams import Stream, find_streams, verified, verifying
+from bundler.streams import Stream, find_streams, verifying
 from tests.unit.conftest import KeyPair, SimSlot, stream_install
 from tests.unit.test_delta import BytesSource, build_delta, text_like
 
@@ -95,7 +95,7 @@ def test_verified_keeps_exactly_what_a_verifying_scan_keeps() -> None:
     data = b"x" * 99 + zlib.compress(content, 9) + b"y" * 7 + filtered + gz + zlib.compress(content[:9000], 1)
     unverified = find_streams(data, verify=False)
     assert len(unverified) == 4
-    assert verified(data, unverified) == find_streams(data)
+    assert verifying(data, unverified).result() == find_streams(data)
     assert [s.level for s in find_streams(data)] == [9, 6, 1]
 
 
