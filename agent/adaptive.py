@@ -56,7 +56,7 @@ from bundler.format.blockindex import BLOCK, HASH_LENGTH, op_blocks
 from bundler.format.errors import FormatError, HashMismatchError, TruncatedError
 from bundler.format.manifest import BlockIndexRef
 from bundler.format.ops import Op, OpType
-from bundler.format.reader import READ_CHUNK, REFETCHES, Readable
+from bundler.format.reader import READ_CHUNK, REFETCHES, Readable, read_into
 
 log = logging.getLogger(__name__)
 
@@ -314,17 +314,6 @@ def read_exact(stream: Readable, n: int, region: str) -> bytearray:
     buf = bytearray(n)
     read_into(stream, memoryview(buf), region)
     return buf
-
-
-def read_into(stream: Readable, into: memoryview, region: str) -> None:
-    """Fill `into` from `stream`, READ_CHUNK at a time; TruncatedError if it ends first."""
-    n, done = len(into), 0
-    while done < n:
-        chunk = stream.read(min(n - done, READ_CHUNK))
-        if not chunk:
-            raise TruncatedError(region, n, done)
-        into[done : done + len(chunk)] = chunk
-        done += len(chunk)
 
 
 class Fetcher:

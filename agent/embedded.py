@@ -40,7 +40,7 @@ from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.header import OP_RECORD_SIZE
 from bundler.format.manifest import EmbeddedDeltaRef
 from bundler.format.ops import OpTable, unpack_table
-from bundler.format.reader import REFETCHES, Readable
+from bundler.format.reader import REFETCHES, Readable, read_into
 from bundler.format.signing import VerifiedBundle
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _fetch_table(ranges: ResumableSource, ref: EmbeddedDeltaRef, k: int, ip: Ima
     region = f"embedded delta {k} op table"
     for tries in range(REFETCHES + 1):
         with ranges.fetch(payload_start + ref.table_offset, n) as part:
-            adaptive.read_into(part, into, region)
+            read_into(part, into, region)
         try:
             return format_embedded.load_table(into, ref, k, ip.image)
         except HashMismatchError:

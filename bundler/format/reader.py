@@ -45,6 +45,20 @@ class Readable(Protocol):
     def read(self, n: int, /) -> bytes: ...
 
 
+def read_into(stream: Readable, into: memoryview, region: str) -> None:
+    """Fill `into` by reads of at most READ_CHUNK; a stream that ends early is truncated,
+    one that returns more than was asked for is refused."""
+    n, done = len(into), 0
+    while done < n:
+        chunk = stream.read(min(n - done, READ_CHUNK))
+        if not chunk:
+            raise TruncatedError(region, n, done)
+        if len(chunk) > n - done:
+            raise FormatError(f"stream returned {len(chunk)} bytes, {n - done} were asked for", region=region)
+        into[done : done + len(chunk)] = chunk
+        done += len(chunk)
+
+
 class BundleReader:
     def __init__(self, stream: Readable) -> None:
         self._stream = stream
@@ -53,19 +67,9 @@ class BundleReader:
         self.embedded: tuple[EmbeddedDeltaRef, ...] = ()  # set by read_op_table
 
     def _read_into(self, n: int, region: str, stream: Readable | None = None) -> bytearray:
-        """Exactly n bytes (n already bounded by the caller) in one buffer, filled
-        by reads of at most READ_CHUNK; a stream that ends early is truncated."""
+        """Exactly n bytes (n already bounded by the caller) in one buffer (`read_into`)."""
         buf = bytearray(n)
-        done = 0
-        source = stream or self._stream
-        while done < n:
-            chunk = source.read(min(n - done, READ_CHUNK))
-            if not chunk:
-                raise TruncatedError(region, n, done)
-            if len(chunk) > n - done:
-                raise FormatError(f"stream returned {len(chunk)} bytes, {n - done} were asked for", region=region)
-            buf[done : done + len(chunk)] = chunk
-            done += len(chunk)
+        read_into(stream or self._stream, memoryview(buf), region)
         if stream is None:
             self.position += n
         return buf
