@@ -18,8 +18,6 @@ from bundler.oci.registry import Registry, RegistryOptions
 from tests.oci._registry import running_registry
 from tests.oci._throttle import Refusal, ThrottlingProxy
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners are kept")
-
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
