@@ -409,8 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kind == "auto":
         kind = "ext4" if shutil.which("mkfs.ext4") else "synthetic"
     sizes = sorted({s for s in (args.small_size, args.size) if s > 0})
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="edge-ota-bench-", dir=args.workdir))
+    work = scratch_dir(args.workdir, "edge-ota-bench-")
     bench = Bench(work, Path(sys.executable).parent)
     try:
         return run(bench, args, kind, sizes)

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import os
 import random
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,15 +34,9 @@ from bundler.format.signing import generate_key
 from hw.bootloader.model import SlotBootState, next_boot
 from hw.readback import OverlappedReadBack
 from hw.slot import SlotWriter, read_back_sha256
+from tests.component.test_slot_media import needs_loop
 
 MiB = 1 << 20
-
-
-def _can_loop() -> bool:
-    return os.geteuid() == 0 and shutil.which("losetup") is not None and Path("/dev/loop-control").exists()
-
-
-needs_loop = pytest.mark.skipif(not _can_loop(), reason="loop devices need root and losetup")
 
 
 @pytest.fixture

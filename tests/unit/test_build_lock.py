@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.paths import TOP
+from tests.vm.paths import TOP, lock_file
 
 HOLD = """
 import sys, time
@@ -44,7 +43,7 @@ def fresh() -> Iterator[Callable[[], str]]:
 
     yield make
     for name in names:
-        (Path(tempfile.gettempdir()) / f"edge-ota-{name}.lock").unlink(missing_ok=True)
+        lock_file(name).unlink(missing_ok=True)
 
 
 def holder(resource: str, log: Path, hold: float) -> subprocess.Popen[bytes]:

@@ -60,6 +60,16 @@ class BytesSource:
         buf[:] = piece
 
 
+class Images:
+    """An ExtentSource over a base and a target image in memory, both fixed."""
+
+    def __init__(self, base: bytes, target: bytes) -> None:
+        self.images = {Origin.BASE: base, Origin.TARGET: target}
+
+    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
+        buf[:] = self.images[origin][offset : offset + len(buf)]
+
+
 def text_like(rng: random.Random, n: int) -> bytes:
     """Compressible, varied bytes (words from a small vocabulary, some random binary)."""
     words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]

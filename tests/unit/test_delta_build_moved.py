@@ -24,7 +24,7 @@ from tests.unit.test_delta import BytesSource, build_delta, text_like
 KiB = 1 << 10
 
 
-def squashfs_like(rng: random.Random, files: list[bytes]) -> bytes:
+def squashfs_like(files: list[bytes]) -> bytes:
     """Back-to-back zlib blocks of 128 KiB of each file (level 9, as mksquashfs writes them),
     no gaps: an edit to one file shifts every block after it by an odd number of bytes."""
     return b"".join(zlib.compress(f[at : at + 128 * KiB], 9) for f in files for at in range(0, len(f), 128 * KiB))
@@ -36,8 +36,8 @@ def shifted_pair() -> tuple[bytes, bytes, list[bytes]]:
     files = [text_like(rng, 300 * KiB) for _ in range(8)]
     edited = list(files)
     edited[2] = edited[2][:7000] + b"a security fix" + edited[2][7000:]
-    v1 = rng.randbytes(4096) + squashfs_like(rng, files)
-    v2 = rng.randbytes(4096) + squashfs_like(rng, edited)
+    v1 = rng.randbytes(4096) + squashfs_like(files)
+    v2 = rng.randbytes(4096) + squashfs_like(edited)
     return v1, v2, edited
 
 

@@ -31,6 +31,7 @@ from bundler.format.ops import DictExtent, Op, OpType, Origin, Piece, pack_delta
 from bundler.planner import Unit, plan_delta
 from bundler.streams import find_streams
 from tests.fixtures.synthetic import gnu_gzip, prose
+from tests.unit.test_delta import Images
 
 KiB = 1024
 pytestmark = pytest.mark.skipif(shutil.which("gzip") is None, reason="needs GNU gzip (apt-get install gzip)")
@@ -65,14 +66,6 @@ def test_zlib_reproduces_gnu_gzip_once_told_where_its_blocks_end() -> None:
 def test_block_ends_reads_nothing_from_bytes_that_are_not_deflate() -> None:
     assert block_ends(b"\xff" * 64) is None  # reserved block type
     assert block_ends(body(members()[2])[:100]) is None  # cut inside its first block
-
-
-class Images:
-    def __init__(self, base: bytes, target: bytes) -> None:
-        self.images = {Origin.BASE: base, Origin.TARGET: target}
-
-    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
-        buf[:] = self.images[origin][offset : offset + len(buf)]
 
 
 @functools.cache

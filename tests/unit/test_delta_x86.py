@@ -29,6 +29,7 @@ from bundler.format.errors import FormatError, HashMismatchError
 from bundler.format.ops import DictExtent, Op, OpType, Origin, Piece, pack_delta, parse_delta
 from bundler.planner import Planned, Unit, plan_delta
 from tests.fixtures.synthetic import program
+from tests.unit.test_delta import Images
 
 KiB = 1024
 
@@ -64,14 +65,6 @@ def test_the_filter_makes_a_relative_call_absolute() -> None:
     call = b"\xe8" + (0x100).to_bytes(4, "little", signed=True)
     encoded = x86.encode(bytes(16) + call, 1000)
     assert int.from_bytes(encoded[17:21], "little", signed=True) == 0x100 + 1000 + 16 + 5
-
-
-class Images:
-    def __init__(self, base: bytes, target: bytes) -> None:
-        self.images = {Origin.BASE: base, Origin.TARGET: target}
-
-    def readinto(self, origin: Origin, offset: int, buf: memoryview, /) -> None:
-        buf[:] = self.images[origin][offset : offset + len(buf)]
 
 
 def test_moved_code_becomes_a_smaller_filtered_delta_that_the_device_rebuilds() -> None:

@@ -31,14 +31,18 @@ IMAGE = "vm-image"  # the cached VM image and the bundles cached beside it
 KVM_PROBE = "vm-kvm-probe"  # the once-per-kernel probe of whether KVM guests run
 
 
+def lock_file(resource: str) -> Path:
+    """The file `exclusive` locks for `resource`."""
+    return Path(tempfile.gettempdir()) / f"edge-ota-{resource}.lock"
+
+
 @contextmanager
 def exclusive(resource: str) -> Iterator[None]:
     """Hold the host-wide lock on `resource` (one of the names above) for the block.
     An flock on a file in the temporary directory: the kernel drops it when the
     holder dies, so a killed build never leaves it taken. Not reentrant: never
     take the same resource twice in one process."""
-    lock_path = Path(tempfile.gettempdir()) / f"edge-ota-{resource}.lock"
-    with lock_path.open("a") as lock:
+    with lock_file(resource).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
